@@ -1,0 +1,110 @@
+"""The DeepSeek-V3 language model: embedding -> decoder layers -> norm -> head (+ MTP).
+
+Layers are built from ModuleSpecs (`spec.py`), so each can be swapped without touching this file.
+Called with tokens [batch, seq] it returns logits [batch, seq, vocab]; with labels it returns
+an `LMOutput` whose `loss` is LM loss + lambda/D * sum of MTP losses + balance losses.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import nn
+
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.model.common import RMSNorm
+from megatron_dsv3.model.mla import InferenceCache
+from megatron_dsv3.model.moe.layer import DeepSeekMoE
+from megatron_dsv3.model.moe.router import Router
+from megatron_dsv3.model.mtp import MTPModule, mtp_loss
+from megatron_dsv3.model.rope import RotaryEmbedding
+from megatron_dsv3.model.spec import decoder_layer_spec
+from megatron_dsv3.parallel import groups
+
+LayerSpecFn = Callable[[DSV3Config, int], ModuleSpec]
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor  # what backward() is called on
+    lm_loss: torch.Tensor
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    balance_loss: Optional[torch.Tensor] = None  # sum over MoE layers (its gradient is attached in-layer)
+
+    @property
+    def mtp_loss(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.mtp_losses).mean() if self.mtp_losses else None
+
+
+class DSV3Model(nn.Module):
+    def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(build_module(layer_spec(config, i)) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config, layer_spec(config, config.num_layers + k))
+                                 for k in range(config.mtp_num_modules))
+        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.yarn)
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """N(0, init_std) for every matrix, ones for norms. Each parameter draws from its own
+        generator keyed by (seed, name, shard), so tensor- and expert-parallel shards differ and
+        the result does not depend on construction order."""
+        tp_rank, ep_rank = groups.rank(groups.tp_group()), groups.rank(groups.ep_group())
+        for name, param in self.named_parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)
+                continue
+            shard = ep_rank if getattr(param, "expert_parallel", False) else (
+                tp_rank if getattr(param, "tensor_parallel_dim", None) is not None else 0)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()) * 131 + shard)
+            param.copy_(torch.randn(param.shape, generator=generator) * self.config.init_std)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                cache: Optional[InferenceCache] = None):
+        """tokens [b, s] -> logits [b, s, vocab] (no labels) or LMOutput (labels [b, s])."""
+        offset = cache.offset if cache is not None else 0
+        cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
+        hidden = self.embed_tokens(tokens)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, cache)
+        if cache is not None:
+            cache.offset += tokens.shape[1]
+        logits = self.lm_head(self.norm(hidden))
+        if labels is None:
+            return logits
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        loss = lm_loss
+        mtp_losses = []
+        if len(self.mtp) and self.config.mtp_loss_weight > 0:
+            mtp_losses = mtp_loss(self.mtp, hidden, tokens, labels, self.embed_tokens, self.lm_head, cos, sin)
+            loss = loss + self.config.mtp_loss_weight / len(self.mtp) * sum(mtp_losses)
+        balance = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
+        balance_loss = torch.stack(balance).sum() if balance and self.training else None
+        if balance_loss is not None:
+            loss = loss + balance_loss  # value only: the gradient was attached inside each MoE layer
+        for m in self.moe_layers():
+            m.last_balance_loss = None
+        return LMOutput(loss, lm_loss.detach(), [l.detach() for l in mtp_losses],
+                        balance_loss)
+
+    def moe_layers(self) -> list[DeepSeekMoE]:
+        return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
+
+    def routers(self) -> list[Router]:
+        return [m.router for m in self.moe_layers()]
+
+
+def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0) -> DSV3Model:
+    """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups."""
+    lay = groups.layout()
+    config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert)
+    return DSV3Model(config, layer_spec, seed)

@@ -1,0 +1,88 @@
+"""Token dispatch to the experts and combine back, over expert-parallel ranks (no dropping).
+
+With tensor parallelism every TP rank holds the same tokens; each TP rank dispatches only its
+share of them and the per-slot expert outputs are gathered back, so each (token, expert) pair is
+computed exactly once. Expert e lives on expert-parallel rank e // experts_per_rank.
+
+Flow for `run(x, expert_ids, experts)`:
+  take this TP rank's tokens -> sort (token, slot) pairs by expert -> all-to-all counts, then
+  tokens -> regroup by local expert -> experts -> undo regroup -> all-to-all back -> unsort ->
+  all-gather over TP -> [tokens, top_k, hidden].
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel.collectives import all_to_all
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather dim 0 over TP; backward keeps this rank's slice (downstream grads are replicated)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+class TokenDispatcher:
+    def __init__(self, num_experts: int, ep_group: Optional[dist.ProcessGroup], tp_group: Optional[dist.ProcessGroup]):
+        self.ep_group, self.tp_group = ep_group, tp_group
+        self.ep_size, self.tp_size = groups.size(ep_group), groups.size(tp_group)
+        self.num_experts = num_experts
+        self.experts_per_rank = num_experts // self.ep_size
+
+    def run(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
+            experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Unweighted expert outputs for every (token, slot): [tokens, top_k, hidden]."""
+        tokens, top_k = expert_ids_TK.shape
+        if self.tp_size > 1:
+            if tokens % self.tp_size:
+                raise ValueError(f"batch*seq={tokens} tokens must divide by tensor_parallel_size={self.tp_size} for MoE")
+            share = tokens // self.tp_size
+            start = groups.rank(self.tp_group) * share
+            x_TH, expert_ids_TK = x_TH[start:start + share], expert_ids_TK[start:start + share]
+        local_tokens = x_TH.shape[0]
+
+        flat_experts = expert_ids_TK.flatten()  # pair p = token p // top_k, slot p % top_k
+        order = torch.argsort(flat_experts, stable=True)
+        x_sorted = x_TH.index_select(0, order // top_k)
+        counts_E = torch.bincount(flat_experts, minlength=self.num_experts)
+
+        if self.ep_size == 1:
+            out_sorted = experts(x_sorted, counts_E)
+        else:
+            out_sorted = self._exchange(x_sorted, counts_E, experts)
+
+        out_pairs = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+        out_TKH = out_pairs.view(local_tokens, top_k, -1)
+        if self.tp_size > 1:
+            out_TKH = _GatherTokens.apply(out_TKH, self.tp_group)
+        return out_TKH
+
+    def _exchange(self, x_sorted: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
+        """All-to-all to the ranks owning the experts, compute, all-to-all back."""
+        send_counts = counts_E.view(self.ep_size, self.experts_per_rank)  # [dest rank, local expert]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [source rank, local expert]
+        input_splits = send_counts.sum(1).tolist()
+        output_splits = recv_counts.sum(1).tolist()
+        received = all_to_all(x_sorted, output_splits, input_splits, self.ep_group)
+        # Received rows are ordered (source rank, local expert); the experts want (local expert, source rank).
+        block_expert = torch.arange(self.experts_per_rank, device=x_sorted.device).repeat(self.ep_size)
+        row_block = torch.repeat_interleave(torch.arange(block_expert.numel(), device=x_sorted.device),
+                                            recv_counts.flatten())
+        regroup = torch.argsort(block_expert[row_block], stable=True)
+        out = experts(received.index_select(0, regroup), recv_counts.sum(0))
+        out = torch.empty_like(out).index_copy(0, regroup, out)
+        return all_to_all(out, input_splits, output_splits, self.ep_group)

@@ -1,0 +1,66 @@
+"""The DeepSeekMoE layer: shared experts + routed experts (report section 2.1.2, eq. 12).
+
+  h' = u + sum_shared FFN_s(u) + sum_{i in top-k} g_i FFN_i(u)
+(the residual `u +` is added by the decoder layer).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.model.common import SwiGLU
+from megatron_dsv3.model.moe.dispatch import TokenDispatcher
+from megatron_dsv3.model.moe.experts import RoutedExperts, bf16_batched_matmul
+from megatron_dsv3.model.moe.router import Router
+from megatron_dsv3.parallel import groups
+
+
+class BalanceLossAttach(torch.autograd.Function):
+    """Returns `output` unchanged; in backward, feeds gradient `loss_scale` to the balance loss.
+
+    This lets a balance loss computed inside any pipeline stage reach the optimizer without
+    being threaded through the stage outputs. The trainer sets `loss_scale` to the same factor
+    it applies to the main loss (1 / micro-batches).
+    """
+
+    loss_scale = 1.0
+
+    @staticmethod
+    def forward(ctx, output, balance_loss):
+        ctx.save_for_backward(balance_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (balance_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(balance_loss, BalanceLossAttach.loss_scale)
+
+
+class DeepSeekMoE(nn.Module):
+    def __init__(self, config: DSV3Config, layer_number: int = 0):
+        super().__init__()
+        self.layer_number = layer_number
+        ep_group = groups.ep_group()
+        ep = groups.size(ep_group)
+        self.router = Router(config)
+        matmul = bf16_batched_matmul
+        if config.fp8 == "tile":
+            from megatron_dsv3.fp8 import fp8_batched_matmul as matmul
+        self.experts = RoutedExperts(config.num_routed_experts // ep, config.hidden_size,
+                                     config.moe_ffn_hidden_size, matmul)
+        self.shared_experts = (SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_ffn_hidden_size)
+                               if config.num_shared_experts else None)
+        self.dispatcher = TokenDispatcher(config.num_routed_experts, ep_group, groups.tp_group())
+        self.last_balance_loss = None  # detached, for logging
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, seq, hidden] -> [batch, seq, hidden]."""
+        routing = self.router(x)
+        per_slot_TKH = self.dispatcher.run(x.flatten(0, 1), routing.expert_ids, self.experts)
+        routed = (per_slot_TKH * routing.gates.unsqueeze(-1).to(x.dtype)).sum(dim=1).view_as(x)
+        out = routed if self.shared_experts is None else routed + self.shared_experts(x)
+        if routing.balance_loss is not None:
+            self.last_balance_loss = routing.balance_loss.detach()
+            out = BalanceLossAttach.apply(out, routing.balance_loss)
+        return out

@@ -1,0 +1,57 @@
+"""Multi-Token Prediction (report section 2.2, eq. 21-25).
+
+Module k (1-based) sees the previous depth's hidden state h^{k-1} and the embedding of the token
+k positions ahead, and predicts the token k+1 ahead:
+  h'_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]     (eq. 21; concatenation in the
+                                                              order of DeepSeek's checkpoints)
+  h^k = TRM_k(h')                                              (eq. 22)
+  P^k = OutHead(norm(h^k))                                     (eq. 23, head shared)
+  L_MTP = lambda / D * sum_k CE(P^k, t_{i+k+1})                (eq. 24-25)
+The embedding and output head are the main model's; the last k positions have no target.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import nn
+
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.model.common import RMSNorm
+
+
+class MTPModule(nn.Module):
+    def __init__(self, config: DSV3Config, layer_spec: ModuleSpec):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.layer = build_module(layer_spec)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, hidden: torch.Tensor, future_embedding: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """hidden, future_embedding [b, s, hidden] -> (h^k [b, s, hidden], normed for the head)."""
+        merged = self.eh_proj(torch.cat([self.enorm(future_embedding), self.hnorm(hidden)], dim=-1))
+        h = self.layer(merged, cos, sin)
+        return h, self.norm(h)
+
+
+def shift_left(tokens_BS: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """tokens[:, i + k], padded with `fill` past the end."""
+    return F.pad(tokens_BS[:, k:], (0, k), value=fill)
+
+
+def mtp_loss(modules: nn.ModuleList, hidden: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+             embed: nn.Module, head, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    """Per-depth mean cross-entropies [L^1, ..., L^D] (unweighted).
+
+    tokens [b, s] are the inputs t_1..t_s, labels [b, s] = t_2..t_{s+1}; depth k at position i
+    embeds t_{i+k+1} = labels[i + k - 1] and predicts labels[i + k]."""
+    losses = []
+    for k, module in enumerate(modules, start=1):
+        future = embed(shift_left(labels, k - 1, fill=0))
+        hidden, normed = module(hidden, future, cos, sin)
+        target = shift_left(labels, k, fill=-100)  # the last k positions have no target
+        losses.append(F.cross_entropy(head(normed).flatten(0, 1).float(), target.flatten(), ignore_index=-100))
+    return losses

@@ -1,0 +1,163 @@
+"""Where metrics go: JSONL file, wandb, TensorBoard, console.
+
+Every sink has ``write(step, scalars, arrays=None)`` and ``close()``. ``scalars`` maps
+names to numbers; ``arrays`` maps names to per-expert lists (``moe/layer_NN/load`` and
+``moe/layer_NN/bias``, see ``ExpertLoadTracker.histograms``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>load|bias)$")
+
+
+class JsonlSink:
+    """One JSON object per line, ``{"step": .., "time": .., **scalars, **arrays}``.
+
+    Opens in append mode, so a resumed run continues the same file; flushes every line.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
+        record = {"step": int(step), "time": time.time(), **scalars, **(arrays or {})}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """Scalars as wandb history; per-expert load and bias as one ``wandb.Table`` per step.
+
+    The table is long-format (step, layer, expert, load, bias), ready for custom charts and
+    heatmaps; ``bar_charts=True`` also logs a ``wandb.plot.bar`` per layer
+    (``{prefix}layer_NN/load_bar``). ``mode="offline"`` writes under ``dir`` without an
+    account; ``mode=None`` leaves it to ``WANDB_MODE``.
+    """
+
+    def __init__(self, project: str, run_name: Optional[str] = None, config: Optional[dict] = None,
+                 mode: Optional[str] = None, dir: Optional[str | os.PathLike] = None,
+                 bar_charts: bool = False, **init_kwargs: Any):
+        import wandb
+
+        self._wandb = wandb
+        self.bar_charts = bar_charts
+        if dir is not None:
+            os.makedirs(dir, exist_ok=True)
+            dir = os.fspath(dir)
+        self.run = wandb.init(project=project, name=run_name, config=config, mode=mode, dir=dir,
+                              **init_kwargs)
+
+    def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
+        data: dict[str, Any] = dict(scalars)
+        if arrays:
+            data.update(self._expert_tables(step, arrays))
+        self.run.log(data, step=int(step))
+
+    def _expert_tables(self, step: int, arrays: dict[str, list]) -> dict[str, Any]:
+        wandb = self._wandb
+        layers: dict[tuple[str, str], dict[str, list]] = {}
+        for key, values in arrays.items():
+            m = _LAYER_KEY.match(key)
+            if m:
+                layers.setdefault((m["prefix"], m["layer"]), {})[m["stat"]] = values
+        rows, out = [], {}
+        for (prefix, layer), stats in layers.items():
+            load, bias = stats.get("load"), stats.get("bias")
+            n = len(load if load is not None else bias)
+            layer_rows = [[int(step), layer, e, load[e] if load else None, bias[e] if bias else None]
+                          for e in range(n)]
+            rows += layer_rows
+            if self.bar_charts and load is not None:
+                table = wandb.Table(columns=["expert", "load"], data=[[r[2], r[3]] for r in layer_rows])
+                out[f"{prefix}{layer}/load_bar"] = wandb.plot.bar(
+                    table, "expert", "load", title=f"{layer} expert load (step {step})")
+        if rows:
+            prefix = next(iter(layers))[0]
+            out[f"{prefix}expert_load"] = wandb.Table(
+                columns=["step", "layer", "expert", "load", "bias"], data=rows)
+        return out
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardSink:
+    """Scalars via ``add_scalar``; per-expert arrays via ``add_histogram``."""
+
+    def __init__(self, logdir: str | os.PathLike):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("TensorBoard logging needs the `tensorboard` package "
+                              "(pip install tensorboard), or set logging.tensorboard: false") from e
+        self.writer = SummaryWriter(log_dir=os.fspath(logdir))
+
+    def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
+        import numpy as np
+
+        for key, value in scalars.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, int(step))
+        for key, values in (arrays or {}).items():
+            self.writer.add_histogram(key, np.asarray(values, dtype=np.float64), int(step))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+CONSOLE_FIELDS = (  # key, format of the console line
+    ("loss", "loss {:.3f}"),
+    ("mtp_loss", "mtp {:.3f}"),
+    ("balance_loss", "bal {:.2g}"),
+    ("tokens_per_s", "{:.0f} tok/s"),
+    ("grad_norm", "grad {:.2f}"),
+    ("lr", "lr {:.1e}"),
+    ("moe/max_vio_mean", "maxvio {:.2f}"),
+)
+
+
+def format_console_line(step: int, metrics: dict[str, Any], total_steps: Optional[int] = None) -> str:
+    """``step 10/200 | loss 4.512 | mtp 4.801 | ... | maxvio 0.42`` from the keys present."""
+    parts = [f"step {step}/{total_steps}" if total_steps else f"step {step}"]
+    parts += [fmt.format(float(metrics[key])) for key, fmt in CONSOLE_FIELDS if metrics.get(key) is not None]
+    return " | ".join(parts)
+
+
+class ConsoleSink:
+    """Prints the compact line for plain metric records.
+
+    Expert-load records print nothing; their ``max_vio_mean`` joins the next line, so call
+    ``log_expert_load`` before ``log`` for the same step.
+    """
+
+    def __init__(self, total_steps: Optional[int] = None, stream: Optional[TextIO] = None,
+                 max_vio_key: str = "moe/max_vio_mean"):
+        self.total_steps = total_steps
+        self.stream = stream
+        self.max_vio_key = max_vio_key
+        self._max_vio: Optional[float] = None
+
+    def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
+        if arrays is not None:
+            self._max_vio = scalars.get(self.max_vio_key, self._max_vio)
+            return
+        metrics = dict(scalars)
+        if self._max_vio is not None:
+            metrics.setdefault("moe/max_vio_mean", self._max_vio)
+        stream = self.stream or sys.stdout
+        print(format_console_line(step, metrics, self.total_steps), file=stream, flush=True)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,266 @@
+"""Expert-load statistics, metric sinks and the dsv3-report command."""
+import glob
+import io
+import json
+import struct
+
+import pytest
+import torch
+
+from megatron_dsv3.cli import report
+from megatron_dsv3.monitor import (ConsoleSink, ExpertLoadTracker, JsonlSink, MetricsLogger, WandbSink,
+                                   build_logger, format_console_line, is_logging_rank, max_vio)
+
+
+def test_max_vio_is_zero_when_balanced_and_E_minus_1_when_collapsed():
+    assert max_vio(torch.tensor([10, 10, 10, 10])) == 0.0
+    assert max_vio(torch.tensor([40, 0, 0, 0])) == pytest.approx(3.0)
+    assert max_vio(torch.tensor([20, 10, 5, 5])) == pytest.approx(20 / 10 - 1)
+
+
+def test_summary_has_every_key_per_layer_and_overall():
+    t = ExpertLoadTracker(2, 4, layer_numbers=[3, 12])
+    t.update(3, torch.tensor([10, 10, 10, 10]), torch.zeros(4))
+    t.update(12, torch.tensor([40, 0, 0, 0]), torch.tensor([-0.5, 0.1, 0.2, 0.2]))
+    s = t.summary()
+    stats = ["max_vio", "max_vio_batch", "load_min", "load_max", "load_p50", "load_p90", "load_p99",
+             "load_cv", "dead_experts", "bias_mean", "bias_std", "bias_min", "bias_max"]
+    for layer in ("layer_03", "layer_12"):
+        assert {f"moe/{layer}/{k}" for k in stats} <= set(s)
+    overall = ["max_vio_mean", "max_vio_max", "max_vio_batch_mean", "load_cv_mean", "dead_experts",
+               "load_p50", "load_p99", "bias_min", "bias_max"]
+    assert {f"moe/{k}" for k in overall} <= set(s)
+    assert s["moe/layer_03/max_vio"] == 0.0 and s["moe/layer_12/max_vio"] == pytest.approx(3.0)
+    assert s["moe/max_vio_mean"] == pytest.approx(1.5) and s["moe/max_vio_max"] == pytest.approx(3.0)
+    assert s["moe/layer_12/bias_min"] == pytest.approx(-0.5) and s["moe/bias_max"] == pytest.approx(0.2)
+    assert s["moe/layer_03/load_cv"] == 0.0
+    assert s["moe/layer_12/load_cv"] == pytest.approx(3 ** 0.5)  # population std 17.32 / mean 10
+    assert all(isinstance(v, (int, float)) for v in s.values())
+
+
+def test_percentiles_match_numpy_linear_interpolation():
+    np = pytest.importorskip("numpy")
+    counts = torch.arange(1, 101)  # fractions i / 5050
+    t = ExpertLoadTracker(1, 100)
+    t.update(0, counts)
+    s = t.summary(prefix="x/")
+    frac = counts.numpy() / counts.sum().item()
+    for p in (50, 90, 99):
+        assert s[f"x/layer_00/load_p{p}"] == pytest.approx(np.percentile(frac, p))
+    assert s["x/layer_00/load_min"] == pytest.approx(1 / 5050)
+    assert s["x/layer_00/load_max"] == pytest.approx(100 / 5050)
+
+
+def test_dead_experts_count_the_experts_with_no_tokens():
+    t = ExpertLoadTracker(2, 6)
+    t.update(0, torch.tensor([5, 0, 3, 0, 0, 1]))
+    t.update(1, torch.tensor([1, 1, 1, 1, 1, 0]))
+    s = t.summary()
+    assert s["moe/layer_00/dead_experts"] == 3
+    assert s["moe/layer_01/dead_experts"] == 1
+    assert s["moe/dead_experts"] == 4
+
+
+def test_counts_accumulate_until_reset_and_batch_max_vio_averages_steps():
+    t = ExpertLoadTracker(1, 4)
+    t.update(0, torch.tensor([40, 0, 0, 0]))
+    t.update(0, torch.tensor([0, 40, 0, 0]), torch.ones(4))
+    s = t.summary()
+    assert s["moe/layer_00/max_vio"] == pytest.approx(1.0)  # summed [40, 40, 0, 0]
+    assert s["moe/layer_00/max_vio_batch"] == pytest.approx(3.0)  # each step alone
+    assert s["moe/layer_00/dead_experts"] == 2
+    assert t.histograms() == {"moe/layer_00/load": [0.5, 0.5, 0.0, 0.0], "moe/layer_00/bias": [1.0] * 4}
+    t.reset()
+    assert t.summary() == {} and t.histograms() == {}
+
+
+def test_update_rejects_unknown_layer_and_wrong_shape():
+    t = ExpertLoadTracker(2, 4, [5, 6])
+    with pytest.raises(KeyError, match="layer 0"):
+        t.update(0, torch.ones(4))
+    with pytest.raises(ValueError, match="shape"):
+        t.update(5, torch.ones(8))
+    with pytest.raises(ValueError, match="layer_numbers"):
+        ExpertLoadTracker(3, 4, [1, 2])
+
+
+def test_for_config_names_moe_layers_by_decoder_index():
+    class Cfg:
+        num_layers, num_routed_experts = 5, 8
+
+        def is_moe_layer(self, i):
+            return i >= 2
+
+    t = ExpertLoadTracker.for_config(Cfg())
+    assert t.layer_numbers == [2, 3, 4] and t.num_experts == 8
+
+
+def test_jsonl_sink_writes_one_object_per_line_and_appends_on_resume(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    sink = JsonlSink(path)
+    sink.write(1, {"loss": 4.5})
+    assert json.loads(path.read_text())["loss"] == 4.5  # flushed before close
+    sink.write(2, {"loss": 4.0}, {"moe/layer_00/load": [0.5, 0.5]})
+    sink.close()
+    sink = JsonlSink(path)
+    sink.write(3, {"loss": 3.5})
+    sink.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert lines[1]["moe/layer_00/load"] == [0.5, 0.5]
+    assert all("time" in r for r in lines)
+
+
+def test_console_line_format():
+    metrics = {"loss": 4.5123, "mtp_loss": 4.8009, "balance_loss": 0.0012, "tokens_per_s": 1234.4,
+               "grad_norm": 0.8312, "lr": 3e-3, "moe/max_vio_mean": 0.4213}
+    assert format_console_line(10, metrics, 200) == (
+        "step 10/200 | loss 4.512 | mtp 4.801 | bal 0.0012 | 1234 tok/s | grad 0.83 | lr 3.0e-03 | maxvio 0.42")
+    assert format_console_line(7, {"loss": 2.0, "other": 1}) == "step 7 | loss 2.000"
+
+
+def test_logger_prints_expert_max_vio_on_the_next_console_line(tmp_path):
+    stream = io.StringIO()
+    tracker = ExpertLoadTracker(1, 4)
+    tracker.update(0, torch.tensor([40, 0, 0, 0]))
+    with MetricsLogger([ConsoleSink(total_steps=20, stream=stream), JsonlSink(tmp_path / "m.jsonl")]) as logger:
+        summary = logger.log_expert_load(10, tracker)
+        logger.log(10, {"loss": torch.tensor(3.25)})
+    assert summary["moe/max_vio_mean"] == pytest.approx(3.0)
+    assert tracker.summary() == {}  # reset after logging
+    assert stream.getvalue() == "step 10/20 | loss 3.250 | maxvio 3.00\n"
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert records[0]["moe/layer_00/load"] == [1.0, 0.0, 0.0, 0.0] and records[1]["loss"] == 3.25
+
+
+def test_build_logger_from_logging_section(tmp_path):
+    logger = build_logger({"interval": 5, "console": False}, tmp_path, {"train": {"steps": 100}})
+    assert logger.interval == 5 and logger.should_log(10) and not logger.should_log(11)
+    assert [type(s).__name__ for s in logger.sinks] == ["JsonlSink"]
+    logger.log(5, {"loss": 1.0})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 5
+    console = build_logger({"jsonl": False}, tmp_path, {"train": {"steps": 100}}).sinks[0]
+    assert console.total_steps == 100
+    with pytest.raises(ValueError, match="wandb_projct"):
+        build_logger({"wandb_projct": "x"}, tmp_path, {})
+
+
+def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            build_logger({"tensorboard": True, "console": False, "jsonl": False}, tmp_path, {})
+        return
+    logger = build_logger({"tensorboard": True, "console": False, "jsonl": False}, tmp_path, {})
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_is_logging_rank_without_distributed():
+    assert is_logging_rank() and is_logging_rank(-1)
+
+
+def _read_wandb_records(path):
+    """Records of a .wandb file: ':W&B' header, then LevelDB-log framed protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = open(path, "rb").read(), 32768
+    assert data[:4] == b":W&B"
+    pos, buf, records = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+            buf = b""
+    return records
+
+
+def test_wandb_offline_run_holds_scalars_and_expert_table(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = ExpertLoadTracker(2, 4, [3, 4])
+    tracker.update(3, torch.tensor([10, 20, 30, 40]), torch.tensor([0.1, 0.0, -0.1, -0.2]))
+    tracker.update(4, torch.tensor([25, 25, 25, 25]))
+    sink = WandbSink("dsv3-test", "offline-run", {"lr": 3e-3}, mode="offline", dir=tmp_path, bar_charts=True,
+                     settings=wandb.Settings(x_disable_stats=True, console="off"))
+    logger = MetricsLogger([sink])
+    logger.log_expert_load(10, tracker)
+    logger.log(10, {"loss": 4.5})
+    logger.log(20, {"loss": 4.0})
+    logger.close()
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    history = {}
+    for rec in _read_wandb_records(files[0]):
+        if rec.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            history[rec.history.step.num] = row
+    assert history[10]["loss"] == 4.5 and history[20]["loss"] == 4.0
+    assert history[10]["moe/layer_03/max_vio"] == pytest.approx(40 / 25 - 1)
+    assert history[10]["moe/layer_03/bias_min"] == pytest.approx(-0.2)
+    assert history[10]["moe/expert_load/_type"] == "table-file"
+    assert history[10]["moe/expert_load/nrows"] == 8
+    table = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "moe" / "expert_load*"))
+    rows = json.load(open(table[0]))["data"]
+    assert rows[0] == [10, "layer_03", 0, pytest.approx(0.1), pytest.approx(0.1)]
+    assert any(k.startswith("moe/layer_04/load_bar") for k in history[10])
+
+
+def _synthetic_jsonl(path):
+    sink = JsonlSink(path)
+    tracker = ExpertLoadTracker(2, 4, [3, 4])
+    for step, (a, b) in enumerate([([40, 0, 0, 0], [10, 10, 10, 10]), ([12, 10, 9, 9], [10, 10, 10, 10])], 1):
+        tracker.update(3, torch.tensor(a), torch.tensor([-0.01, 0.0, 0.01, 0.02]) * step)
+        tracker.update(4, torch.tensor(b))
+        MetricsLogger([sink]).log_expert_load(step * 10, tracker)
+        sink.write(step * 10, {"loss": 5.0 - step, "tokens_per_s": 1000.0 * step})
+    sink.close()
+
+
+def test_report_shows_losses_expert_table_and_per_expert_bars(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _synthetic_jsonl(path)
+    out = tmp_path / "report.md"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| loss | 4 (step 10) | 3 (step 20) |" in md
+    assert "| tokens_per_s | 1000 (step 10) | 2000 (step 20) |" in md
+    assert "| layer_03 | 3 | 0.2 | 0.2 | " in md  # MaxVio 3 at start, 12/10 - 1 at end
+    assert "| 0 | -0.02 | 0.04 |" in md  # dead experts, bias range at the end
+    assert "| layer_04 | 0 | 0 |" in md
+    assert "| **all** | 1.5 | 0.1 |" in md
+    assert "layer_03 step 20 (load / balanced load)" in md
+    assert "  e0 |" + "#" * 40 + "| 1.20" in md
+    spark = report.build_report(str(path), style="spark")
+    assert "layer_04 step 20 |====| min 1.00 max 1.00" in spark  # balanced: mid-ramp
+
+
+def test_report_drops_records_of_steps_abandoned_by_a_resume(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 9.0}, {"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 40, "lo')
+    records, bad = report.read_records(str(path))
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 3.0), (20, 2.0), (30, 1.0)]
+    assert bad == 1
+
+
+def test_report_refuses_missing_or_empty_file(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics file at .*nowhere"):
+        report.main([str(tmp_path / "nowhere.jsonl")])
+    with pytest.raises(SystemExit, match="no metrics file at .*metrics.jsonl"):
+        report.main([str(tmp_path)])
+    (tmp_path / "metrics.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match="holds no metrics records"):
+        report.main([str(tmp_path)])
