@@ -1,0 +1,217 @@
+"""Megatron-Core GPT datasets from the run's `data:` section, and the data-parallel iterator.
+
+`data_cfg` keys (all optional): `paths` (prefixes, or `[w, prefix, w, prefix, ...]` as in
+Megatron's --data-path; empty means the embedded stdlib corpus), `cache_dir`, `tokenizer`
+("byte" or tokenizer.json), `backend` ("megatron" or "dali"), `split` ("train,valid,test"
+weights), `valid_samples`, `corpus_max_bytes`.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+from typing import Iterator, Optional
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES, ensure_default_dataset
+from megatron_dsv3.data.indexed import DataError, validate_prefix
+from megatron_dsv3.data.tokenizer import load_tokenizer
+
+DEFAULTS = {
+    "paths": [],
+    "cache_dir": DEFAULT_CACHE_DIR,
+    "tokenizer": "byte",
+    "backend": "megatron",
+    "split": "100,0,0",
+    "corpus_max_bytes": DEFAULT_MAX_BYTES,
+}
+BACKENDS = ("megatron", "dali")
+
+
+def resolve_data_config(data_cfg: Optional[dict]) -> dict:
+    """`data_cfg` over the defaults, with unknown keys and backends refused."""
+    cfg = dict(DEFAULTS, **(data_cfg or {}))
+    unknown = set(cfg) - set(DEFAULTS) - {"valid_samples"}
+    if unknown:
+        raise DataError(f"unknown data option(s): {sorted(unknown)}")
+    if cfg["backend"] not in BACKENDS:
+        raise DataError(f"data.backend must be one of {BACKENDS}, got {cfg['backend']!r}")
+    cfg["paths"] = list(cfg["paths"] or [])
+    cfg["cache_dir"] = os.path.expanduser(cfg["cache_dir"])
+    return cfg
+
+
+def _is_weight(item) -> bool:
+    if isinstance(item, numbers.Number) and not isinstance(item, bool):
+        return True
+    try:
+        float(item)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_blend(paths: list) -> tuple[list[str], Optional[list[float]]]:
+    """Prefixes and weights from `[p1, p2]` or `[w1, p1, w2, p2]`."""
+    if len(paths) % 2 == 0 and all(_is_weight(w) for w in paths[0::2]):
+        prefixes = [os.path.expanduser(str(p)) for p in paths[1::2]]
+        weights = [float(w) for w in paths[0::2]]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise DataError(f"data.paths weights must be >= 0 with a positive sum: {weights}")
+        return prefixes, weights
+    if any(_is_weight(p) for p in paths):
+        raise DataError(f"data.paths mixes weights and prefixes unevenly: {paths}")
+    return [os.path.expanduser(str(p)) for p in paths], None
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _rank_zero_first(fn, *args, **kwargs):
+    """Run `fn` on rank 0, then on the other ranks (which find rank 0's files)."""
+    result = fn(*args, **kwargs) if _is_rank_zero() else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if not _is_rank_zero():
+            result = fn(*args, **kwargs)
+    return result
+
+
+@contextlib.contextmanager
+def _single_process_rank():
+    """megatron-core 0.16's BlendedDataset calls `torch.distributed.get_rank()` unguarded when
+    it writes its cache; without a process group, let it read rank 0 for the build only."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+def resolve_prefixes(cfg: dict, seq_length: int, vocab_size: int):
+    """(prefixes, weights, tokens per prefix), each prefix validated for this model."""
+    tokenizer = load_tokenizer(cfg["tokenizer"])
+    if cfg["paths"]:
+        prefixes, weights = parse_blend(cfg["paths"])
+    else:
+        prefix = _rank_zero_first(
+            ensure_default_dataset, cfg["cache_dir"], tokenizer, cfg["corpus_max_bytes"]
+        )
+        prefixes, weights = [prefix], None
+    tokens = [validate_prefix(p, vocab_size, seq_length) for p in prefixes]
+    return prefixes, weights, tokens
+
+
+def _gpt_config(cfg: dict, prefixes, weights, seq_length: int, seed: int) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=cfg["split"],
+        path_to_cache=os.path.join(cfg["cache_dir"], "indices"),
+        tokenizer=load_tokenizer(cfg["tokenizer"]),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+
+
+def build_datasets(data_cfg, seq_length: int, num_samples: int, seed: int, vocab_size: int):
+    """(train, valid) Megatron datasets (valid is None when the split gives it no weight).
+
+    Call on every rank: rank 0 writes the sample indices to the cache, the others read them.
+    """
+    cfg = resolve_data_config(data_cfg)
+    prefixes, weights, _ = resolve_prefixes(cfg, seq_length, vocab_size)
+    return _build(cfg, prefixes, weights, seq_length, num_samples, seed)
+
+
+def _build(cfg, prefixes, weights, seq_length, num_samples, seed):
+    config = _gpt_config(cfg, prefixes, weights, seq_length, seed)
+    has_valid = config.split_matrix[1] is not None
+    valid_samples = cfg.get("valid_samples") or max(1, num_samples // 10)
+    sizes = [num_samples, valid_samples if has_valid else 0, 0]
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
+    with _single_process_rank():
+        train, valid, _ = builder.build()
+    if train is None or len(train) == 0:
+        raise DataError(f"data.split {cfg['split']!r} leaves no training samples")
+    return train, valid
+
+
+def micro_batch_indices(
+    n: int, start_sample: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+    dp_size: int,
+) -> range:
+    """Dataset indices of this rank's `n`-th micro-batch.
+
+    Global batch k holds samples [start + k*G, start + (k+1)*G); rank r reads its contiguous
+    G/dp chunk of it, `micro_batch_size` samples at a time.
+    """
+    per_rank = global_batch_size // dp_size
+    step, micro = divmod(n, per_rank // micro_batch_size)
+    first = start_sample + step * global_batch_size + dp_rank * per_rank + micro * micro_batch_size
+    return range(first, first + micro_batch_size)
+
+
+def _megatron_batches(dataset, index_fn) -> Iterator[dict]:
+    n = 0
+    while True:
+        samples = [dataset[i % len(dataset)] for i in index_fn(n)]
+        yield {
+            "tokens": torch.stack([s["tokens"] for s in samples]).long(),
+            "labels": torch.stack([s["labels"] for s in samples]).long(),
+        }
+        n += 1
+
+
+def build_train_iterator(
+    data_cfg,
+    seq_length: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    vocab_size: int,
+    start_sample: int = 0,
+    num_samples: Optional[int] = None,
+) -> Iterator[dict]:
+    """Endless `{"tokens", "labels"}` LongTensor[mbs, seq] micro-batches for one DP rank.
+
+    `start_sample` is the number of samples already consumed (by all ranks): a resumed run
+    passes it to continue exactly where it stopped. `num_samples` (default: about one epoch)
+    is how many samples Megatron indexes; past it the iterator wraps around.
+    """
+    if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise DataError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} of {dp_size}")
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise DataError(
+            f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+            f"{micro_batch_size} x data-parallel size {dp_size}"
+        )
+    cfg = resolve_data_config(data_cfg)
+    prefixes, weights, tokens = resolve_prefixes(cfg, seq_length, vocab_size)
+    if num_samples is None:
+        num_samples = max(global_batch_size, sum(tokens) // seq_length - len(prefixes))
+    train, _ = _build(cfg, prefixes, weights, seq_length, num_samples, seed)
+
+    def index_fn(n):
+        return micro_batch_indices(
+            n, start_sample, global_batch_size, micro_batch_size, dp_rank, dp_size
+        )
+
+    if cfg["backend"] == "dali":
+        from megatron_dsv3.data.dali import dali_batches
+
+        return dali_batches(train, index_fn, micro_batch_size)
+    return _megatron_batches(train, index_fn)
