@@ -57,12 +57,22 @@ class WandbSink:
             dir = os.fspath(dir)
         self.run = wandb.init(project=project, name=run_name, config=config, mode=mode, dir=dir,
                               **init_kwargs)
+        self._pending_step: Optional[int] = None
+        self._pending: dict[str, Any] = {}
 
     def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
-        data: dict[str, Any] = dict(scalars)
+        """Everything written for one step goes to wandb as a single history row."""
+        if self._pending_step is not None and int(step) != self._pending_step:
+            self._flush()
+        self._pending_step = int(step)
+        self._pending.update(scalars)
         if arrays:
-            data.update(self._expert_tables(step, arrays))
-        self.run.log(data, step=int(step))
+            self._pending.update(self._expert_tables(step, arrays))
+
+    def _flush(self) -> None:
+        if self._pending_step is not None:
+            self.run.log(self._pending, step=self._pending_step)
+        self._pending_step, self._pending = None, {}
 
     def _expert_tables(self, step: int, arrays: dict[str, list]) -> dict[str, Any]:
         wandb = self._wandb
@@ -89,6 +99,7 @@ class WandbSink:
         return out
 
     def close(self) -> None:
+        self._flush()
         self.run.finish()
 
 
