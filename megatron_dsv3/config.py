@@ -232,5 +232,5 @@ PRESETS: dict[str, DSV3Config] = {
         max_position_embeddings=512, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_routed_experts=8, num_shared_experts=1,
         num_experts_per_token=2, moe_ffn_hidden_size=64, num_expert_groups=4, num_limited_groups=2,
-        routed_scaling_factor=2.5, init_std=0.02, bias_update_rate=0.001),
+        routed_scaling_factor=2.5, init_std=0.02, bias_update_rate=0.01),
 }

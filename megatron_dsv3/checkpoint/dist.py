@@ -1,0 +1,127 @@
+"""Checkpoints through megatron.core.dist_checkpointing, resharded on load.
+
+Every parameter, persistent buffer (the routing bias) and Adam moment is saved as a
+ShardedTensor whose global shape is the unsharded one, so a run saved with one tensor/expert
+parallel layout loads under another. A checkpoint is written to `iter_NNNNNNN.tmp` and renamed
+only once complete, then `latest` is replaced atomically: a crash in the middle of a save leaves
+the previous checkpoint as the one that loads.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from torch import nn
+
+from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel.sharding import named_tensors, split_of
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def _replica_id(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Zero on exactly one holder of each shard (the one that writes it)."""
+    dim, group = split_of(tensor)
+    if getattr(tensor, "expert_parallel", False):
+        return (groups.rank(groups.expert_dp_group()),)
+    dp_rank = groups.rank(groups.dp_group())
+    if dim is not None:
+        return (dp_rank,)
+    return (groups.rank(groups.tp_group()), dp_rank)
+
+
+def _sharded(key: str, data: torch.Tensor, like: torch.Tensor) -> ShardedTensor:
+    dim, group = split_of(like)
+    offsets = [(dim, groups.rank(group), groups.size(group))] if dim is not None else []
+    return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=_replica_id(like))
+
+
+def sharded_state_dict(model: nn.Module, optimizer: Optional[Any] = None) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for name, tensor in named_tensors(model).items():
+        state[f"model.{name}"] = _sharded(f"model.{name}", tensor.data, tensor)
+    if optimizer is not None:
+        for name, param in model.named_parameters():
+            for moment, value in optimizer.state[param].items():
+                state[f"optimizer.{moment}.{name}"] = _sharded(f"optimizer.{moment}.{name}", value, param)
+    return state
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"iter_{step:07d}"
+
+
+def list_checkpoints(directory: str | Path) -> list[int]:
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER.match(p.name)))
+
+
+def latest_step(directory: str | Path) -> Optional[int]:
+    """The step named in `latest`, or the newest complete checkpoint if `latest` is absent."""
+    marker = Path(directory) / "latest"
+    if marker.is_file():
+        step = int(marker.read_text().strip())
+        if checkpoint_path(directory, step).is_dir():
+            return step
+    steps = list_checkpoints(directory)
+    return steps[-1] if steps else None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(directory: str | Path, step: int, model: nn.Module, optimizer: Any, common: dict[str, Any],
+         keep: int = 3) -> Path:
+    """Write a checkpoint of `step` collectively; returns its path."""
+    final = checkpoint_path(directory, step)
+    tmp = final.with_name(final.name + ".tmp")
+    is_writer = not dist.is_initialized() or dist.get_rank() == 0
+    if is_writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = sharded_state_dict(model, optimizer)
+    state["common"] = common
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if is_writer:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        marker = Path(directory) / "latest"
+        marker_tmp = marker.with_suffix(".tmp")
+        marker_tmp.write_text(f"{step}\n")
+        os.replace(marker_tmp, marker)
+        for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+            shutil.rmtree(checkpoint_path(directory, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+@torch.no_grad()
+def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) -> dict[str, Any]:
+    """Load `path` into model (and optimizer) under the current layout; returns the common dict."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = sharded_state_dict(model, optimizer)
+    state["common"] = {}
+    loaded = dist_checkpointing.load(state, str(path))
+    targets = {f"model.{n}": t for n, t in named_tensors(model).items()}
+    if optimizer is not None:
+        for name, param in model.named_parameters():
+            for moment, value in optimizer.state[param].items():
+                targets[f"optimizer.{moment}.{name}"] = value
+    for key, target in targets.items():
+        target.copy_(loaded[key])
+    return loaded.get("common") or dist_checkpointing.load_common_state_dict(str(path)).get("common", {})

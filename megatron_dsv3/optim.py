@@ -1,0 +1,128 @@
+"""Optimizer side of a step: gradient averaging over data-parallel ranks, global-norm clipping,
+AdamW with FP32 master weights and optional BF16 moments (report section 3.3.3), and the
+warmup + cosine learning rate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_dsv3.parallel import groups
+
+
+def _all_reduce(tensors: list[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
+    if not tensors or groups.size(group) == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@torch.no_grad()
+def average_gradients(model: nn.Module) -> None:
+    """Mean of the data-parallel replicas' gradients.
+
+    Dense parameters are summed over the data-parallel group. An expert's gradient already holds
+    the contributions of every token its expert-parallel group dispatched to it; summing over the
+    expert-data-parallel group adds the other replicas' tokens. Both are divided by the
+    data-parallel size, since each replica's loss is a mean over its own tokens."""
+    dp_size = groups.size(groups.dp_group())
+    dense = [p.grad for p in model.parameters() if p.grad is not None and not getattr(p, "expert_parallel", False)]
+    experts = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "expert_parallel", False)]
+    _all_reduce(dense, groups.dp_group())
+    _all_reduce(experts, groups.expert_dp_group())
+    if dp_size > 1:
+        for grad in dense + experts:
+            grad.div_(dp_size)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip by the norm of the whole (unsharded) gradient; returns that norm before clipping."""
+    tp_rank = groups.rank(groups.tp_group())
+    local = {"replicated": torch.zeros((), dtype=torch.float64), "tensor": torch.zeros((), dtype=torch.float64),
+             "expert": torch.zeros((), dtype=torch.float64)}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        square = p.grad.double().pow(2).sum().cpu()
+        if getattr(p, "expert_parallel", False):
+            local["expert"] += square
+        elif getattr(p, "tensor_parallel_dim", None) is not None:
+            local["tensor"] += square
+        elif tp_rank == 0:  # identical on every tensor-parallel rank: count it once
+            local["replicated"] += square
+    dense = (local["replicated"] + local["tensor"]).reshape(1)
+    if groups.size(groups.tp_group()) > 1:
+        dist.all_reduce(dense, group=groups.tp_group())
+    expert = local["expert"].reshape(1)
+    if groups.size(groups.ep_group()) > 1:
+        dist.all_reduce(expert, group=groups.ep_group())
+    norm = float((dense + expert).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam on FP32 master parameters; moments in `moment_dtype`.
+
+    State is created eagerly so a checkpoint can be loaded before the first step."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, moment_dtype: torch.dtype = torch.float32):
+        super().__init__(list(params), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.step_count = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {"exp_avg": torch.zeros_like(p, dtype=moment_dtype),
+                                 "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.step_count += 1
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            correction1 = 1 - beta1 ** self.step_count
+            correction2 = 1 - beta2 ** self.step_count
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                grad = p.grad.float()
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+                if group["weight_decay"] and p.dim() > 1:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                denom = (exp_avg_sq / correction2).sqrt_().add_(group["eps"])
+                p.addcdiv_(exp_avg, denom, value=-group["lr"] / correction1)
+
+
+def learning_rate(step: int, total: int, peak: float, minimum: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to `minimum` at `total` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
+
+
+def scheduled(value_schedule: Optional[list], tokens_seen: float, default: float) -> float:
+    """Piecewise-constant schedule [[tokens_from, value], ...] evaluated at `tokens_seen`."""
+    if not value_schedule:
+        return default
+    value = default
+    for start, v in sorted(value_schedule, key=lambda item: float(item[0])):
+        if tokens_seen >= float(start):
+            value = float(v)
+    return value

@@ -1,0 +1,254 @@
+"""dsv3-train: config -> process groups -> model -> data -> steps -> logs and checkpoints.
+
+    dsv3-train                                   # tiny preset on the embedded corpus
+    dsv3-train --config run.yaml train.steps=50  # YAML plus dotted overrides
+    torchrun --nproc-per-node 4 -m megatron_dsv3.train parallel.tensor=2 parallel.expert=2
+
+Exit codes: 0 done, 2 refused input, 3 diverged (NaN or exploding loss), 75 preempted after
+saving a checkpoint (SIGTERM / SIGUSR1; Slurm requeues on it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+EXIT_REFUSED, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _log(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def init_distributed(device: str) -> None:
+    """torchrun's variables, else Slurm's, else a one-process world (Megatron's groups need one)."""
+    env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    backend = "nccl" if device == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=int(env.get("DSV3_DIST_TIMEOUT", "600")))
+    if "RANK" in env:
+        if device == "cuda":
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at the end of each step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _reduce_mean(values: list[float], group) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return t.tolist()
+
+
+def train(run: dict[str, Any]) -> int:
+    """Run the configured training; returns the process exit code."""
+    from megatron_dsv3.checkpoint import dist as ckpt
+    from megatron_dsv3.data import build_train_iterator
+    from megatron_dsv3.model.gpt import build_model
+    from megatron_dsv3.model.moe.layer import BalanceLossAttach
+    from megatron_dsv3.model.moe.router import update_expert_bias
+    from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
+    from megatron_dsv3.optim import AdamW, average_gradients, clip_grad_norm, learning_rate, scheduled
+    from megatron_dsv3.parallel import groups, initialize_parallel
+    from megatron_dsv3.run_config import RunConfigError, model_config
+
+    tcfg, pcfg, ccfg = run["train"], run["parallel"], run["checkpoint"]
+    if pcfg["pipeline"] != 1:
+        raise RunConfigError(f"parallel.pipeline={pcfg['pipeline']}: pipeline-parallel training is not available yet; "
+                         "use tensor, expert and data parallelism")
+    config = model_config(run)
+    layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"])
+    config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert)
+    dp_rank, dp_size = groups.rank(groups.dp_group()), layout.data
+    gbs, mbs, seq = tcfg["global_batch_size"], tcfg["micro_batch_size"], tcfg["seq_length"]
+    if gbs % (mbs * dp_size):
+        raise RunConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size={mbs} x "
+                         f"data-parallel size {dp_size}")
+    num_micro = gbs // (mbs * dp_size)
+    device = torch.device("cuda" if torch.cuda.is_available() and tcfg["device"] != "cpu" else "cpu")
+
+    ckpt_dir = Path(ccfg["dir"])
+    resume_step = ckpt.latest_step(ckpt_dir) if ccfg["resume"] else None
+    consumed = 0
+    if resume_step is not None:
+        consumed = resume_step * gbs
+    # Data first: a missing path or a vocabulary larger than the model's is refused before any compute.
+    batches = build_train_iterator(run["data"], seq, mbs, gbs, dp_rank, dp_size, tcfg["seed"],
+                                   config.vocab_size, start_sample=consumed, num_samples=tcfg["steps"] * gbs)
+
+    torch.manual_seed(tcfg["seed"])
+    model = build_model(config, seed=tcfg["seed"]).to(device)
+    if config.fp8 == "tile":
+        from megatron_dsv3.fp8 import apply_fp8, describe_backend
+
+        replaced = apply_fp8(model)
+        _log(f"fp8: {len(replaced)} linears with 1x128/128x128 scaling; backend {describe_backend()}")
+    optimizer = AdamW(model.parameters(), lr=tcfg["lr"], betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]),
+                      weight_decay=tcfg["weight_decay"],
+                      moment_dtype=torch.bfloat16 if tcfg["bf16_adam_moments"] else torch.float32)
+    step = 0
+    if resume_step is not None:
+        common = ckpt.load(ckpt.checkpoint_path(ckpt_dir, resume_step), model, optimizer)
+        step, optimizer.step_count = common["step"], common["optimizer_steps"]
+        _log(f"resumed from step {step} ({ckpt.checkpoint_path(ckpt_dir, resume_step)})")
+    is_rank0 = dist.get_rank() == 0
+    if is_rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    logger = build_logger(run["logging"], ckpt_dir.parent, run) if is_rank0 else None
+    moe_layers = model.moe_layers()
+    routers = [moe.router for moe in moe_layers]
+    tracker = ExpertLoadTracker(len(moe_layers), config.num_routed_experts, [m.layer_number for m in moe_layers])
+    preempt = PreemptionFlag()
+    params = sum(p.numel() for p in model.parameters())
+    _log(f"training {run['model']['preset']} ({params / 1e6:.2f}M params on this rank) for {tcfg['steps']} steps: "
+         f"world {dist.get_world_size()} = TP{layout.tensor} x DP{layout.data} (EP{layout.expert}), "
+         f"{num_micro} micro-batches of {mbs}x{seq} per rank, device {device}")
+
+    def save(at_step: int) -> Path:
+        common = {"step": at_step, "optimizer_steps": optimizer.step_count, "consumed_samples": at_step * gbs,
+                  "model_config": config.to_dict()}
+        return ckpt.save(ckpt_dir, at_step, model, optimizer, common, keep=ccfg["keep"])
+
+    progress = None
+    if is_rank0 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=tcfg["steps"], initial=step, unit="step", dynamic_ncols=True)
+    first_loss = last_loss = None
+    window_start, window_tokens = time.perf_counter(), 0
+    model.train()
+    while step < tcfg["steps"]:
+        tokens_seen = step * gbs * seq
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, tcfg["steps"], tcfg["lr"], tcfg["min_lr"], tcfg["warmup_steps"])
+        config.mtp_loss_weight = scheduled(tcfg["mtp_loss_weight_schedule"], tokens_seen, config.mtp_loss_weight)
+        gamma = scheduled(tcfg["bias_update_rate_schedule"], tokens_seen, config.bias_update_rate)
+        BalanceLossAttach.loss_scale = 1.0 / num_micro
+        sums = [0.0, 0.0, 0.0]  # lm, mtp, balance
+        for _ in range(num_micro):
+            batch = next(batches)
+            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device))
+            (out.loss / num_micro).backward()
+            sums[0] += float(out.lm_loss) / num_micro
+            sums[1] += float(out.mtp_loss) / num_micro if out.mtp_loss is not None else 0.0
+            sums[2] += float(out.balance_loss) / num_micro if out.balance_loss is not None else 0.0
+        average_gradients(model)
+        grad_norm = clip_grad_norm(model, tcfg["clip_grad"])
+        lm, mtp, bal = _reduce_mean(sums, groups.dp_group())
+        if not (lm == lm and abs(lm) != float("inf")) or lm > tcfg["max_loss"] or grad_norm != grad_norm:
+            last = ckpt.latest_step(ckpt_dir)
+            where = ckpt.checkpoint_path(ckpt_dir, last) if last is not None else "none saved yet"
+            raise TrainingDiverged(f"loss diverged at step {step + 1}: loss={lm:.4g}, grad norm={grad_norm:.4g}; "
+                                   f"the last good checkpoint is {where}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loads = update_expert_bias(routers, gamma, groups.dp_group())
+        for moe, load in zip(moe_layers, loads):
+            tracker.update(moe.layer_number, load, moe.router.expert_bias)
+        step += 1
+        window_tokens += gbs * seq
+        first_loss = lm if first_loss is None else first_loss
+        last_loss = lm
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{lm:.3f}")
+        if step % tcfg["log_interval"] == 0 or step == tcfg["steps"]:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"loss": lm, "mtp_loss": mtp, "balance_loss": bal, "grad_norm": grad_norm,
+                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / elapsed,
+                       "bias_update_rate": gamma, "mtp_loss_weight": config.mtp_loss_weight}
+            if logger is not None:
+                logger.log_expert_load(step, tracker)
+                logger.log(step, metrics)
+            else:
+                tracker.reset()
+            window_start, window_tokens = time.perf_counter(), 0
+        if ccfg["save_interval"] and step % ccfg["save_interval"] == 0 and step < tcfg["steps"]:
+            save(step)
+        if preempt.agreed():
+            path = save(step)
+            _log(f"preempted: saved {path} at step {step}; exiting with {EXIT_PREEMPTED} to be requeued")
+            return EXIT_PREEMPTED
+    if progress is not None:
+        progress.close()
+    path = save(step) if ccfg["save_interval"] else None
+    if logger is not None:
+        logger.close()
+    if first_loss is not None:
+        _log(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}" + (f", saved {path}" if path else ""))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsv3-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="run YAML (default: the tiny preset on the embedded corpus)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.expert=2")
+    args = parser.parse_args(argv)
+    from megatron_dsv3.config import ConfigError
+    from megatron_dsv3.data import DataError
+    from megatron_dsv3.parallel.groups import ParallelConfigError
+    from megatron_dsv3.run_config import RunConfigError, load_run_config
+
+    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError)
+    try:
+        run = load_run_config(args.config, tuple(args.overrides))
+    except refused as error:
+        print(f"dsv3-train: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    from patches.megatron_cpu import cpu_shims
+
+    device = "cuda" if torch.cuda.is_available() and run["train"]["device"] != "cpu" else "cpu"
+    init_distributed(device)
+    try:
+        with cpu_shims() if device == "cpu" else contextlib.nullcontext():
+            return train(run)
+    except TrainingDiverged as error:
+        print(f"dsv3-train: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except refused as error:
+        print(f"dsv3-train: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

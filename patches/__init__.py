@@ -1,0 +1,34 @@
+"""Version- and device-specific workarounds for Megatron-Core, kept out of the model.
+
+Each workaround is scoped and undoable:
+
+    from patches import cpu_shims, applied
+    with cpu_shims():          # no-op when CUDA is available
+        print(applied())       # ['megatron.core.tensor_parallel.random:cpu-rng-tracker', ...]
+        ...                    # build and run Megatron-Core modules on CPU
+    assert applied() == []     # everything restored
+
+`megatron_api` holds the API-drift helpers (building configs across Megatron-Core releases).
+"""
+from __future__ import annotations
+
+_ACTIVE: list[str] = []
+
+
+def applied() -> list[str]:
+    """Names of the patches active right now, in the order they were applied."""
+    return list(_ACTIVE)
+
+
+def _mark(name: str) -> None:
+    _ACTIVE.append(name)
+
+
+def _unmark(name: str) -> None:
+    _ACTIVE.remove(name)
+
+
+from patches.megatron_api import build_megatron_config, config_value  # noqa: E402
+from patches.megatron_cpu import cpu_shims  # noqa: E402
+
+__all__ = ["applied", "build_megatron_config", "config_value", "cpu_shims"]
