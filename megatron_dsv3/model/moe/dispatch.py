@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.parallel import groups
-from megatron_dsv3.parallel.collectives import all_to_all
+from megatron_dsv3.parallel.collectives import all_to_all, copy_to_group
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -51,6 +51,8 @@ class TokenDispatcher:
                 raise ValueError(f"batch*seq={tokens} tokens must divide by tensor_parallel_size={self.tp_size} for MoE")
             share = tokens // self.tp_size
             start = groups.rank(self.tp_group) * share
+            # Each TP rank back-propagates only its share of tokens: sum the shares in backward.
+            x_TH = copy_to_group(x_TH, self.tp_group)
             x_TH, expert_ids_TK = x_TH[start:start + share], expert_ids_TK[start:start + share]
         local_tokens = x_TH.shape[0]
 

@@ -1,0 +1,136 @@
+"""One rank of a parallel-correctness run (driven by tests/test_parallel.py through tests/distributed.py).
+
+`step`: one training step of the tiny model on a fixed global batch under TP x EP x DP, writing
+the loss, every full (gathered) gradient, the grad norm and the updated routing bias. With one
+rank and `--write-state` it is the single-process reference and also writes the initial weights
+that the parallel runs load.
+
+`node_limited`: expert-parallel over every rank, with emulated nodes of `--ranks-per-node`
+ranks; records, for every dispatched token, how many nodes its experts live on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_dsv3 import DSV3Config, build_model
+from megatron_dsv3.model.moe import dispatch
+from megatron_dsv3.model.moe.layer import BalanceLossAttach
+from megatron_dsv3.model.moe.router import update_expert_bias
+from megatron_dsv3.optim import average_gradients, clip_grad_norm
+from megatron_dsv3.parallel import groups, initialize_parallel
+from megatron_dsv3.parallel.sharding import gather_full, load_full
+from patches.megatron_cpu import cpu_shims
+
+GLOBAL_BATCH, SEQ = 8, 16
+MODEL = dict(seq_aux_loss_coeff=1e-3, mtp_num_modules=1, mtp_loss_weight=0.3, bias_update_rate=0.01)
+
+
+def global_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
+    return data[:, :-1], data[:, 1:]
+
+
+def record_dispatch(log: list) -> None:
+    """Wrap the dispatcher and its all-to-all to log (expert ids, experts per rank) and rows sent."""
+    run, exchange = dispatch.TokenDispatcher.run, dispatch.all_to_all
+
+    def recording_run(self, x, expert_ids, experts):
+        log.append(("route", expert_ids.clone(), self.experts_per_rank))
+        return run(self, x, expert_ids, experts)
+
+    def recording_all_to_all(x, output_splits, input_splits, group):
+        log.append(("send", list(input_splits)))
+        return exchange(x, output_splits, input_splits, group)
+
+    dispatch.TokenDispatcher.run, dispatch.all_to_all = recording_run, recording_all_to_all
+
+
+def step(args, out: Path) -> None:
+    layout = initialize_parallel(args.tensor, 1, args.expert)
+    config = DSV3Config.preset("tiny", **MODEL)
+    model = build_model(config, seed=3)
+    if args.write_state:
+        torch.save(model.state_dict(), out / "state.pt")
+    else:
+        load_full(model, torch.load(out / "state.pt"))
+    log: list = []
+    record_dispatch(log)
+
+    tokens, labels = global_batch(config.vocab_size)
+    per_rank = GLOBAL_BATCH // layout.data
+    dp_rank = groups.rank(groups.dp_group())
+    tokens, labels = (t[dp_rank * per_rank:(dp_rank + 1) * per_rank] for t in (tokens, labels))
+    micro = 2  # gradient accumulation over micro-batches of 2 sequences
+    num_micro = per_rank // micro
+    BalanceLossAttach.loss_scale = 1.0 / num_micro
+    loss = torch.zeros((), dtype=torch.float64)
+    for i in range(num_micro):
+        o = model(tokens[i * micro:(i + 1) * micro], labels=labels[i * micro:(i + 1) * micro])
+        (o.loss / num_micro).backward()
+        loss += o.loss.detach().double() / num_micro
+    average_gradients(model)
+    if layout.data > 1:
+        dist.all_reduce(loss, group=groups.dp_group())
+        loss /= layout.data
+    grad_norm = clip_grad_norm(model, 1e9)
+    grads = gather_full(model, use_grad=True)
+    update_expert_bias(model.routers(), config.bias_update_rate, groups.dp_group())
+    bias = torch.stack([r.expert_bias for r in model.routers()])
+    rank = dist.get_rank()
+    sent_away = sum(n for kind, *rest in log if kind == "send"
+                    for r, n in enumerate(rest[0]) if r != groups.rank(groups.ep_group()))
+    torch.save({"loss": loss.item(), "grad_norm": grad_norm, "bias": bias, "sent_away": sent_away,
+                **({"grads": grads} if rank == 0 else {})}, out / f"rank{rank}.pt")
+
+
+def node_limited(args, out: Path) -> None:
+    initialize_parallel(1, 1, dist.get_world_size())
+    results = {}
+    for limited in (2, 4):
+        config = DSV3Config.preset("tiny", num_experts_per_token=4, num_expert_groups=4, num_limited_groups=limited)
+        model = build_model(config, seed=3)
+        log: list = []
+        record_dispatch(log)
+        tokens, _ = global_batch(config.vocab_size)
+        with torch.no_grad():
+            model(tokens)
+        nodes = []
+        for kind, *rest in log:
+            if kind == "route":
+                expert_ids, experts_per_rank = rest
+                node_of = expert_ids // experts_per_rank // args.ranks_per_node
+                nodes += [len(set(row.tolist())) for row in node_of]
+        results[limited] = nodes
+        dispatch.TokenDispatcher.run, dispatch.all_to_all = _ORIGINAL
+    torch.save(results, out / f"nodes{dist.get_rank()}.pt")
+
+
+_ORIGINAL = (dispatch.TokenDispatcher.run, dispatch.all_to_all)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["step", "node_limited"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--expert", type=int, default=1)
+    parser.add_argument("--ranks-per-node", type=int, default=1)
+    parser.add_argument("--write-state", action="store_true")
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ["DSV3_DIST_TIMEOUT"])))
+    try:
+        with cpu_shims():
+            (step if args.scenario == "step" else node_limited)(args, args.out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
