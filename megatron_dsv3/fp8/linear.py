@@ -102,11 +102,12 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(p == s or p.endswith(s) for s in skip for p in parts)
 
 
-def apply_fp8(model: nn.Module, skip: Iterable[str] = ("embedding", "output_layer", "router", "gate", "norm"),
+def apply_fp8(model: nn.Module, skip: Iterable[str] = ("embed_tokens", "lm_head", "embedding", "output_layer", "router", "gate", "norm"),
               power_of_two: Iterable[str] = ("linear_proj", "o_proj")) -> list[str]:
     """Swap nn.Linear submodules for Fp8Linear in place (report section 3.3.1); returns their names.
 
-    Embedding, output head, MoE gating and norms stay in higher precision. Parameters are the
+    Embedding, output head (ours: embed_tokens/lm_head; Megatron-Core's: embedding/output_layer),
+    MoE gating and norms stay in higher precision. Parameters are the
     same objects, so optimizer state and state_dict keys are unchanged. Linears named in
     `power_of_two` (the projection after attention) get power-of-two activation scales.
     """

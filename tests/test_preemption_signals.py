@@ -1,0 +1,51 @@
+"""Slurm's srun delivers a forwarded SIGUSR1 to every process of the job step, and keeps
+repeating it in our sbatch script. The trainer, and the helper processes Megatron-Core's
+checkpoint writer starts, must survive that: the run saves, exits 75 and resumes."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributed import ROOT
+
+
+@pytest.mark.timeout(240)
+def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = [sys.executable, "-m", "megatron_dsv3.train", "train.steps=400", "train.seq_length=32",
+            "train.micro_batch_size=2", "train.global_batch_size=2", "train.log_interval=1",
+            "checkpoint.save_interval=2", f"checkpoint.dir={ckpt}", "logging.jsonl=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out = []
+    try:
+        for line in proc.stdout:  # wait until a checkpoint exists: the writer's helper process is up
+            out.append(line)
+            if re.match(r"step [3-9]/", line):
+                break
+        for _ in range(20):  # like the sbatch script: repeat the signal to the whole process group
+            if proc.poll() is not None:
+                break
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(0.5)
+        out.append(proc.stdout.read())
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(out)
+    assert proc.returncode == 75, text[-3000:]
+    saved = re.search(r"preempted: saved \S+iter_(\d+) at step (\d+)", text)
+    assert saved, text[-3000:]
+
+    resumed = subprocess.run(args[:3] + ["train.steps=" + str(int(saved.group(2)) + 2)] + args[4:], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resumed from step {int(saved.group(2))}" in resumed.stdout
