@@ -56,6 +56,12 @@ def _register_builtins() -> None:
     from megatron_dsv3.pipeline import SCHEDULES
 
     register("layer_spec", "dsv3", decoder_layer_spec, overwrite=True)
+    # Megatron-Core GPTModel specs (megatron_dsv3.model.mcore): unlike "dsv3" (DSV3Config, layer
+    # index -> ModuleSpec), these take a Megatron TransformerConfig.
+    from megatron_dsv3.model.mcore import get_dsv3_decoder_block_spec, get_dsv3_mtp_block_spec
+
+    register("layer_spec", "megatron-gpt", get_dsv3_decoder_block_spec, overwrite=True)
+    register("layer_spec", "megatron-gpt-mtp", get_dsv3_mtp_block_spec, overwrite=True)
     for name, config in PRESETS.items():
         register("preset", name, config, overwrite=True)
     for name, schedule in SCHEDULES.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -139,11 +140,15 @@ def _is_cuda(device: Any) -> bool:
         return device.type == "cuda"
     if isinstance(device, str):
         return device.split(":")[0] == "cuda"
-    return False
+    # A bare int is a CUDA ordinal to torch factories and Tensor.to (device=0 means cuda:0).
+    return isinstance(device, int) and not isinstance(device, bool)
 
 
 class CUDAToCPUMode(TorchFunctionMode):
-    """Sends tensors that Megatron-Core places on CUDA to the CPU instead."""
+    """Sends tensors that Megatron-Core places on CUDA to the CPU instead.
+
+    Torch function modes are per thread: the redirect covers the thread that entered the shims
+    (Megatron's checkpoint writer processes and other threads are not covered)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -167,10 +172,23 @@ def _shim_cuda_factories() -> Callable[[], None]:
 
     def undo() -> None:
         stack = torch.overrides._get_current_function_mode_stack()
-        if not stack or stack[-1] is not mode:
-            raise RuntimeError("cpu_shims: another TorchFunctionMode was entered inside the shims and is "
-                               "still active; exit it before leaving cpu_shims()")
-        mode.__exit__(None, None, None)
+        if stack and stack[-1] is mode:
+            mode.__exit__(None, None, None)
+            return
+        if not any(m is mode for m in stack):
+            return
+        # A mode entered inside the shims is still active: take ours out from under it and put
+        # the others back, so the redirect does not outlive the shims.
+        above = []
+        while True:
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+        for other in reversed(above):
+            torch._C._push_on_torch_function_stack(other)
+        warnings.warn("cpu_shims: a TorchFunctionMode entered inside the shims was still active at exit; "
+                      "the CUDA redirect was removed from beneath it", RuntimeWarning, stacklevel=3)
 
     return undo
 

@@ -78,7 +78,8 @@ class DSV3Model(nn.Module):
             hidden = layer(hidden, cos, sin, cache)
         if cache is not None:
             cache.offset += tokens.shape[1]
-        logits = self.lm_head(self.norm(hidden))
+        hidden = self.norm(hidden)  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do
+        logits = self.lm_head(hidden)
         if labels is None:
             return logits
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

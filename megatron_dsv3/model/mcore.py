@@ -4,13 +4,15 @@ An organisation on Megatron-Core keeps its model code and swaps ModuleSpecs:
 
     config = megatron_config_from_dsv3(DSV3Config.preset("deepseek-v3-671b"))  # or their own MLATransformerConfig
     model = GPTModel(config, transformer_layer_spec=get_dsv3_decoder_block_spec(config),
+                     mtp_block_spec=get_dsv3_mtp_block_spec(config),
                      vocab_size=129280, max_sequence_length=4096, position_embedding_type="rope")
 
 The adapters here translate Megatron's call conventions ([seq, batch, hidden] tensors, `(output,
 bias)` returns, constructor keywords) to this project's MLA (`mla.py`) and DeepSeekMoE
 (`moe/layer.py`); the mathematics lives there, not here. Parameter names inside a layer are the
 same as in `DSV3Model`, so weights move between the two with a prefix rename
-(`megatron_state_dict_to_dsv3` / `dsv3_state_dict_to_megatron`).
+(`megatron_state_dict_to_dsv3` / `dsv3_state_dict_to_megatron`); tests/test_mcore_spec.py
+checks that both models then give the same logits.
 
 First-k-dense is expressed as Megatron does it: `config.moe_layer_freq` as a list
 ([0]*k + [1]*(L-k)); the block spec holds one layer spec per layer. For Megatron-LM's
@@ -18,17 +20,29 @@ First-k-dense is expressed as Megatron does it: `config.moe_layer_freq` as a lis
 module-level `dsv3_layer_spec` is a single layer spec whose layer class picks dense or MoE from
 `moe_layer_freq` by its global layer number.
 
-Not supported through these adapters (each raises): sequence / context parallelism, packed
-sequences, Megatron's inference contexts. `attention_mask` is ignored: attention is causal.
+MTP: Megatron's MTP layer and `DSV3Model` both feed depth 1 the final-normed main hidden state.
+
+Not supported through these adapters (`check_supported` raises, naming the field): sequence /
+context parallelism, attention dropout, FP8/FP4, tensor-sharded experts, token dropping and
+Megatron's other router extras. Packed sequences and Megatron inference contexts raise at
+forward. `attention_mask` and `position_ids` are ignored: attention is causal over positions
+0..s-1.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Optional, Union
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
+    save_to_aux_losses_tracker,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -44,7 +58,7 @@ from megatron_dsv3.config import ConfigError, DSV3Config, YarnConfig
 from megatron_dsv3.model.common import RMSNorm, SwiGLU
 from megatron_dsv3.model.mla import MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
-from megatron_dsv3.model.moe.router import Router
+from megatron_dsv3.model.moe.router import Router, Routing
 from megatron_dsv3.model.rope import rope_frequencies
 from patches.megatron_api import build_megatron_config, config_value
 
@@ -105,6 +119,9 @@ def dsv3_config_from_megatron(config: TransformerConfig, **overrides: Any) -> DS
     if unsupported:
         raise ConfigError(f"moe_router_load_balancing_type {unsupported} is not implemented; use 'seq_aux_loss' "
                           "(complementary sequence-wise loss) or 'none' (bias only)")
+    if not getattr(config, "qk_layernorm", False):
+        raise ConfigError("qk_layernorm=False: DeepSeek-V3 normalises the query and KV latents "
+                          "(q_a_layernorm, kv_a_layernorm); set qk_layernorm=True (--qk-layernorm)")
     if not config.gated_linear_unit or config.add_bias_linear:
         raise ConfigError("DeepSeek-V3 feed-forwards are SwiGLU without biases: set gated_linear_unit=True, "
                           "add_bias_linear=False")
@@ -153,7 +170,9 @@ def megatron_config_from_dsv3(cfg: DSV3Config, **overrides: Any) -> MLATransform
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         ffn_hidden_size=cfg.dense_ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=cfg.norm_eps,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        init_method_std=cfg.init_std, multi_latent_attention=True, q_lora_rank=cfg.q_lora_rank or None,
+        hidden_dropout=0.0, attention_dropout=0.0,  # DeepSeek-V3 trains without dropout
+        init_method_std=cfg.init_std, multi_latent_attention=True, qk_layernorm=True,
+        q_lora_rank=cfg.q_lora_rank or None,
         kv_lora_rank=cfg.kv_lora_rank, qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
         v_head_dim=cfg.v_head_dim, rotary_base=cfg.rope_theta, rope_type="yarn" if cfg.yarn else "rope",
         num_moe_experts=cfg.num_routed_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
@@ -174,17 +193,47 @@ def megatron_config_from_dsv3(cfg: DSV3Config, **overrides: Any) -> MLATransform
                       beta_fast=cfg.yarn.beta_fast, beta_slow=cfg.yarn.beta_slow, mscale=cfg.yarn.mscale,
                       mscale_all_dim=cfg.yarn.mscale_all_dim)
     if cfg.fp8 == "tile":
+        if importlib.util.find_spec("transformer_engine") is None:
+            # Megatron-Core's config checks the Transformer Engine version for FP8 MoE configs.
+            raise ConfigError("fp8='tile' maps to Megatron fp8='e4m3', fp8_recipe='blockwise', which "
+                              "Megatron-Core accepts only with Transformer Engine installed")
         values.update(fp8="e4m3", fp8_recipe="blockwise")
     values.update(overrides)
     return build_megatron_config(MLATransformerConfig, **values)
 
 
 # ----------------------------------------------------------------------- adapters
-def _check_supported(config: TransformerConfig) -> None:
-    if config.sequence_parallel:
-        raise NotImplementedError("sequence_parallel is not supported by the DeepSeek-V3 adapters")
-    if config.context_parallel_size > 1:
-        raise NotImplementedError("context parallelism is not supported by the DeepSeek-V3 adapters")
+def check_supported(config: TransformerConfig) -> None:
+    """Refuse Megatron-Core settings the adapters do not implement, naming the field.
+
+    Called by the spec builders and by every adapter constructor (so Megatron-LM's `--spec`
+    path, which calls no builder, is covered too). Architecture mismatches (softmax routing,
+    non-first-k-dense layouts, ...) are refused by `dsv3_config_from_megatron`.
+    """
+    refused = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            refused.append(message)
+
+    need(not config.sequence_parallel, "sequence_parallel=True (--sequence-parallel)")
+    need(config.context_parallel_size == 1,
+         f"context_parallel_size={config.context_parallel_size} (--context-parallel-size)")
+    need(not config.attention_dropout, f"attention_dropout={config.attention_dropout} (MLA applies no "
+         "attention dropout; set --attention-dropout 0)")
+    need(not (config.fp8 or getattr(config, "fp4", None)),
+         f"fp8={config.fp8!r} / fp4: FP8 through these adapters is untested; train FP8 with DSV3Model")
+    need(config.tensor_model_parallel_size == 1 or config.expert_tensor_parallel_size == 1,
+         f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} (routed experts are not "
+         "tensor-sharded; set --expert-tensor-parallel-size 1)")
+    need(config.moe_expert_capacity_factor is None,
+         f"moe_expert_capacity_factor={config.moe_expert_capacity_factor} (DeepSeekMoE drops no tokens)")
+    for name in ("moe_shared_expert_gate", "moe_shared_expert_overlap", "moe_router_force_load_balancing"):
+        need(not getattr(config, name, False), f"{name}=True")
+    for name in ("moe_z_loss_coeff", "moe_input_jitter_eps", "moe_router_topk_limited_devices"):
+        need(getattr(config, name, None) in (None, 0, 0.0), f"{name}={getattr(config, name)}")
+    if refused:
+        raise ConfigError("not supported by the DeepSeek-V3 Megatron-Core adapters: " + "; ".join(refused))
 
 
 @torch.no_grad()
@@ -231,7 +280,7 @@ class MegatronMLA(_ShardedByAttributes, MultiLatentAttention):
 
     def __init__(self, config: TransformerConfig, layer_number: int = 1, pg_collection: Any = None,
                  attn_mask_type: Any = None, cp_comm_type: Any = None, **unused: Any):
-        _check_supported(config)
+        check_supported(config)
         dsv3 = dsv3_config_from_megatron(config)
         super().__init__(dsv3, layer_number - 1)  # Megatron numbers layers from 1, DSV3Model from 0
         # Kept out of the buffers so a bf16 cast of the model leaves the frequencies in FP32.
@@ -255,30 +304,51 @@ class MegatronMLA(_ShardedByAttributes, MultiLatentAttention):
         return out.transpose(0, 1).contiguous(), None
 
 
+# The name Megatron's own router logs the sequence-wise balance loss under.
+BALANCE_LOSS_NAME = "seq_load_balancing_loss"
+
+
 class _MegatronRouter(Router):
-    """Our router, plus the attribute name Megatron's finalize_model_grads reads
-    (`_update_router_expert_bias` / `reset_model_temporary_tensors`): with
-    moe_router_enable_expert_bias=True Megatron applies the aux-loss-free bias step itself."""
+    """Our router, plus what Megatron-Core's training loop expects of a router:
+
+    * `local_tokens_per_expert`, read by finalize_model_grads (`_update_router_expert_bias`,
+      `reset_model_temporary_tensors`): with moe_router_enable_expert_bias=True Megatron applies
+      the aux-loss-free bias step (b_i += rate * sign(mean load - load_i)) to `expert_bias` itself.
+    * the sequence-wise balance loss is handed to the MoE adapter (`pending_balance_loss`) instead
+      of being attached by DeepSeekMoE, so the adapter can attach it the Megatron way.
+    """
+
+    pending_balance_loss: Optional[torch.Tensor] = None
 
     @property
     def local_tokens_per_expert(self) -> torch.Tensor:
         return self.tokens_per_expert
 
+    def forward(self, x_SBH: torch.Tensor) -> Routing:
+        routing = super().forward(x_SBH)
+        self.pending_balance_loss, routing.balance_loss = routing.balance_loss, None
+        return routing
+
 
 class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
     """DeepSeekMoE (`moe/layer.py`) as Megatron's `mlp` submodule: [s, b, h] -> (output, None).
 
-    The sequence-wise balance loss is attached inside the layer (`BalanceLossAttach`); set
-    `BalanceLossAttach.loss_scale` to the factor the main loss gets (1 / micro-batches).
-    `padding_mask` is accepted and ignored (no padding tokens in pretraining batches).
+    The complementary sequence-wise balance loss (report eq. 17-20, coefficient
+    moe_aux_loss_coeff with moe_router_load_balancing_type='seq_aux_loss') is attached with
+    Megatron's `MoEAuxLossAutoScaler`, so its gradient gets the scale Megatron's schedules set for
+    the main loss (loss_scale / micro-batches, or per-token with calculate_per_token_loss), and is
+    logged in Megatron's aux-loss tracker as 'seq_load_balancing_loss' (divided by the coefficient,
+    as Megatron logs it). `padding_mask` is accepted and ignored (no padding in pretraining batches).
     """
 
     def __init__(self, config: TransformerConfig, submodules: Any = None, layer_number: Optional[int] = None,
                  pg_collection: Any = None, **unused: Any):
-        _check_supported(config)
+        check_supported(config)
         dsv3 = dsv3_config_from_megatron(config)
         super().__init__(dsv3, 0 if layer_number is None else layer_number - 1)
         self.router = _MegatronRouter(dsv3)
+        self.per_token_loss = bool(getattr(config, "calculate_per_token_loss", False))
+        self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
         _init_like_megatron(self, config)
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -288,7 +358,23 @@ class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **unused: Any):
         # [s, b, h] -> [b, s, h]: the sequence-wise balance loss is computed per sequence.
         out = super().forward(hidden_states.transpose(0, 1))
+        balance_loss, self.router.pending_balance_loss = self.router.pending_balance_loss, None
+        if balance_loss is not None:
+            self.last_balance_loss = balance_loss.detach()
+            self._log_balance_loss(balance_loss.detach() / self.router.config.seq_aux_loss_coeff)
+            if self.per_token_loss:  # Megatron divides every gradient by the token count later
+                balance_loss = balance_loss * (out.shape[0] * out.shape[1])
+            out = MoEAuxLossAutoScaler.apply(out, balance_loss)
         return out.transpose(0, 1).contiguous(), None
+
+    def _log_balance_loss(self, value: torch.Tensor) -> None:
+        # Megatron sizes each tracker entry on first use; a model with more layers (MTP) built
+        # later in the same process would index past it, so grow the entry first.
+        entry = get_moe_layer_wise_logging_tracker().get(BALANCE_LOSS_NAME)
+        if entry is not None and entry["values"].numel() < self.tracked_layers:
+            entry["values"] = torch.nn.functional.pad(entry["values"],
+                                                      (0, self.tracked_layers - entry["values"].numel()))
+        save_to_aux_losses_tracker(BALANCE_LOSS_NAME, value, self.layer_number + 1, self.tracked_layers)
 
 
 class MegatronSwiGLU(_ShardedByAttributes, SwiGLU):
@@ -296,7 +382,7 @@ class MegatronSwiGLU(_ShardedByAttributes, SwiGLU):
 
     def __init__(self, config: TransformerConfig, submodules: Any = None, tp_group: Any = None,
                  ffn_hidden_size: Optional[int] = None, **unused: Any):
-        _check_supported(config)
+        check_supported(config)
         super().__init__(config.hidden_size, ffn_hidden_size or config.ffn_hidden_size)
         _init_like_megatron(self, config)
 
@@ -315,7 +401,8 @@ class DSV3TransformerLayer(TransformerLayer):
         pp_group = getattr(pg_collection, "pp", None) if pg_collection is not None else None
         pp_rank = get_pg_rank(pp_group) if pp_group is not None else parallel_state.get_pipeline_model_parallel_rank()
         global_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
-        if dense_mlp is not None and _moe_pattern(config)[global_number - 1] == 0:
+        dense = global_number <= config.num_layers and _moe_pattern(config)[global_number - 1] == 0
+        if dense_mlp is not None and dense:
             submodules = dataclasses.replace(submodules, mlp=dense_mlp)
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
@@ -324,7 +411,9 @@ class DSV3TransformerLayer(TransformerLayer):
 # -------------------------------------------------------------------------- specs
 def _layer_submodules(mlp: ModuleSpec) -> TransformerLayerSubmodules:
     return TransformerLayerSubmodules(
-        input_layernorm=MegatronRMSNorm, self_attention=ModuleSpec(module=MegatronMLA),
+        input_layernorm=MegatronRMSNorm,
+        # attn_mask_type is read by Megatron's MTP layer (which refuses specs without one); MLA is causal.
+        self_attention=ModuleSpec(module=MegatronMLA, params={"attn_mask_type": AttnMaskType.causal}),
         self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=MegatronRMSNorm, mlp=mlp,
         mlp_bda=get_bias_dropout_add)
 
@@ -352,6 +441,7 @@ def get_dsv3_decoder_block_spec(config: TransformerConfig, vp_stage: Optional[in
     """The decoder block of the layers this pipeline stage builds, plus the final RMSNorm:
     pass it as `GPTModel(config, transformer_layer_spec=...)`."""
     dsv3_config_from_megatron(config)  # refuse unsupported settings before building anything
+    check_supported(config)
     specs = get_dsv3_layer_specs(config)
     layout = getattr(config, "pipeline_model_parallel_layout", None)
     if layout is not None:
@@ -365,15 +455,26 @@ def get_dsv3_decoder_block_spec(config: TransformerConfig, vp_stage: Optional[in
     return TransformerBlockSubmodules(layer_specs=local, layer_norm=MegatronRMSNorm)
 
 
-def get_dsv3_mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
+def get_dsv3_mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
+                            pp_rank: Optional[int] = None):
     """Megatron's Multi-Token Prediction block (`mtp_num_layers`) around the DeepSeek-V3 MoE layer
-    spec; None when the config has no MTP layers."""
+    spec, for `GPTModel(..., mtp_block_spec=...)`; None when the config has no MTP layers or this
+    pipeline stage builds none. Megatron's MTP layer supplies the projection (`eh_proj`, a
+    ColumnParallelLinear) and the embedding/label shifting; its three norms are this module's
+    FP32 RMSNorm, like the rest of the model."""
     if not config.mtp_num_layers:
         return None
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-    return get_gpt_mtp_block_spec(config, get_dsv3_layer_spec(config, config.num_layers),
-                                  use_transformer_engine=False, vp_stage=vp_stage)
+    check_supported(config)
+    block = get_gpt_mtp_block_spec(config, get_dsv3_layer_spec(config, config.num_layers),
+                                   use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+    if block is None:
+        return None
+    norms = dict(enorm=MegatronRMSNorm, hnorm=MegatronRMSNorm, layer_norm=MegatronRMSNorm)
+    block.layer_specs = [dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+                         for spec in block.layer_specs]
+    return block
 
 
 # Megatron-LM: `--spec megatron_dsv3.model.mcore dsv3_layer_spec` (imported, not called).
@@ -388,29 +489,61 @@ def megatron_lm_spec(args: Any, config: TransformerConfig, vp_stage: Optional[in
 
 
 # ------------------------------------------------------------------ weight names
+# Whole-model names (PP=1, or a gathered full state dict). Inside a decoder layer the names are
+# DSV3Model's except for the four submodule prefixes below; experts, router (weight and
+# expert_bias) and every MLA projection keep their DeepSeek names.
 _TOP_LEVEL = {"embed_tokens.weight": "embedding.word_embeddings.weight",
               "norm.weight": "decoder.final_layernorm.weight", "lm_head.weight": "output_layer.weight"}
 _IN_LAYER = {"self_attn.": "self_attention.", "post_attention_layernorm.": "pre_mlp_layernorm.",
              "input_layernorm.": "input_layernorm.", "mlp.": "mlp."}
+# Inside one MTP module: ours (mtp.K.<name>) -> Megatron (mtp.layers.K.<name>).
+_IN_MTP = {"enorm.": "enorm.", "hnorm.": "hnorm.", "eh_proj.": "eh_proj.", "norm.": "final_layernorm.",
+           "layer.": "transformer_layer."}
+
+
+def _swap_prefix(rest: str, table: dict[str, str], name: str) -> str:
+    prefix = next((p for p in table if rest.startswith(p)), None)
+    if prefix is None:
+        raise KeyError(f"no Megatron/DSV3 name mapping for {name!r}")
+    return table[prefix] + rest[len(prefix):]
+
+
+def _layer_to_megatron(rest: str, name: str) -> str:
+    return _swap_prefix(rest, _IN_LAYER, name)
+
+
+def _layer_to_dsv3(rest: str, name: str) -> str:
+    return _swap_prefix(rest, {v: k for k, v in _IN_LAYER.items()}, name)
 
 
 def dsv3_state_dict_to_megatron(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DSV3Model names -> GPTModel (with this module's spec) names. MTP entries are skipped."""
+    """DSV3Model state-dict names -> GPTModel names (this module's decoder and MTP specs).
+
+    Tensors are passed through unchanged (same shapes and layouts on both sides). Raises
+    KeyError for a name it cannot place."""
     out = {}
     for name, value in state.items():
         if name in _TOP_LEVEL:
             out[_TOP_LEVEL[name]] = value
         elif name.startswith("layers."):
             _, index, rest = name.split(".", 2)
-            prefix = next(p for p in _IN_LAYER if rest.startswith(p))
-            out[f"decoder.layers.{index}.{_IN_LAYER[prefix]}{rest[len(prefix):]}"] = value
+            out[f"decoder.layers.{index}.{_layer_to_megatron(rest, name)}"] = value
+        elif name.startswith("mtp."):
+            _, index, rest = name.split(".", 2)
+            rest = _swap_prefix(rest, _IN_MTP, name)
+            if rest.startswith("transformer_layer."):
+                rest = "transformer_layer." + _layer_to_megatron(rest[len("transformer_layer."):], name)
+            out[f"mtp.layers.{index}.{rest}"] = value
+        else:
+            raise KeyError(f"no Megatron name for DSV3Model entry {name!r}")
     return out
 
 
 def megatron_state_dict_to_dsv3(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPTModel (this module's spec) names -> DSV3Model names; Megatron's `_extra_state` skipped."""
+    """GPTModel names (this module's specs) -> DSV3Model names; Megatron's `_extra_state`
+    entries (Transformer Engine / FP8 metadata) are dropped."""
     top = {v: k for k, v in _TOP_LEVEL.items()}
-    in_layer = {v: k for k, v in _IN_LAYER.items()}
+    in_mtp = {v: k for k, v in _IN_MTP.items()}
     out = {}
     for name, value in state.items():
         if name.endswith("_extra_state"):
@@ -419,6 +552,14 @@ def megatron_state_dict_to_dsv3(state: dict[str, torch.Tensor]) -> dict[str, tor
             out[top[name]] = value
         elif name.startswith("decoder.layers."):
             _, _, index, rest = name.split(".", 3)
-            prefix = next(p for p in in_layer if rest.startswith(p))
-            out[f"layers.{index}.{in_layer[prefix]}{rest[len(prefix):]}"] = value
+            out[f"layers.{index}.{_layer_to_dsv3(rest, name)}"] = value
+        elif name.startswith("mtp.layers."):
+            _, _, index, rest = name.split(".", 3)
+            if rest.startswith("transformer_layer."):
+                rest = "layer." + _layer_to_dsv3(rest[len("transformer_layer."):], name)
+            else:
+                rest = _swap_prefix(rest, in_mtp, name)
+            out[f"mtp.{index}.{rest}"] = value
+        else:
+            raise KeyError(f"no DSV3Model name for Megatron entry {name!r}")
     return out

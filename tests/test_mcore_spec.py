@@ -1,0 +1,406 @@
+"""DeepSeek-V3 through Megatron-Core's own GPTModel (megatron_dsv3.model.mcore), on one CPU process.
+
+A single-rank gloo world, Megatron's parallel state at TP=PP=EP=1 and `patches.megatron_cpu`'s
+shims stand in for the GPU cluster. The central check: with DSV3Model's weights renamed into a
+GPTModel built from our specs, both models give the same logits. Measured max |diff| on torch 2.13
+CPU, fp32: 0.0 (bit-identical) for the tiny preset, with and without YaRN / q_lora_rank=0; the
+test allows 1e-5.
+"""
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
+    save_to_aux_losses_tracker,
+)
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+import megatron_dsv3
+from megatron_dsv3 import ConfigError, DSV3Config, YarnConfig, build_model
+from megatron_dsv3.model import mcore
+from megatron_dsv3.model.moe.layer import BalanceLossAttach
+from megatron_dsv3.model.moe.router import update_expert_bias
+from patches import megatron_cpu
+
+pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_world():
+    """One gloo rank, Megatron's groups at size 1, CPU shims active for the whole module."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    megatron_cpu.apply()
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    megatron_cpu.undo()
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _clean_megatron_globals():
+    yield
+    MTPLossLoggingHelper.tracker.clear()
+    get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    BalanceLossAttach.loss_scale = 1.0
+
+
+def tiny(**overrides) -> DSV3Config:
+    return DSV3Config.preset("tiny", **overrides)
+
+
+def gpt(cfg: DSV3Config, spec=None, **megatron_overrides):
+    """GPTModel with our decoder (and MTP) specs for `cfg`; returns (model, megatron config)."""
+    config = mcore.megatron_config_from_dsv3(cfg, use_cpu_initialization=True, **megatron_overrides)
+    model = GPTModel(config, transformer_layer_spec=mcore.get_dsv3_decoder_block_spec(config) if spec is None else spec,
+                     mtp_block_spec=mcore.get_dsv3_mtp_block_spec(config), vocab_size=cfg.vocab_size,
+                     max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope")
+    return model, config
+
+
+def paired(cfg: DSV3Config, **megatron_overrides):
+    """(DSV3Model, GPTModel holding the same weights, megatron config)."""
+    ours = build_model(cfg)
+    model, config = gpt(cfg, **megatron_overrides)
+    model.load_state_dict(mcore.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
+    return ours, model, config
+
+
+def batch(cfg: DSV3Config, b=2, s=16, seed=0):
+    """tokens [b, s], labels = tokens shifted by one, Megatron's position_ids [b, s]."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:], torch.arange(s).expand(b, -1)
+
+
+# ------------------------------------------------------------------------ forward
+def test_gpt_model_with_dsv3_block_spec_returns_logits_and_follows_first_k_dense():
+    cfg = tiny(mtp_num_modules=0)
+    model, config = gpt(cfg)
+    assert config.moe_layer_freq == [0, 1, 1]
+    kinds = [type(layer.mlp).__name__ for layer in model.decoder.layers]
+    assert kinds == ["MegatronSwiGLU", "MegatronDeepSeekMoE", "MegatronDeepSeekMoE"]
+    assert all(type(layer.self_attention).__name__ == "MegatronMLA" for layer in model.decoder.layers)
+    tokens, _, positions = batch(cfg)
+    logits = model(tokens, positions, None)
+    assert logits.shape == (2, 16, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(q_lora_rank=0, yarn=YarnConfig(factor=4.0, original_max_position_embeddings=8, mscale=0.8, mscale_all_dim=0.8)),
+], ids=["tiny", "no-q-lora+yarn"])
+def test_gpt_model_gives_dsv3_model_logits_with_the_same_weights(overrides):
+    cfg = tiny(mtp_num_modules=0, **overrides)
+    ours, model, _ = paired(cfg)
+    tokens, _, positions = batch(cfg)
+    for train in (False, True):  # train: dropout is 0, routing also counts tokens
+        ours.train(train)
+        model.train(train)
+        with torch.no_grad():
+            diff = (model(tokens, positions, None) - ours(tokens)).abs().max().item()
+        assert diff <= 1e-5, diff  # measured: 0.0
+    # ... and the weights come back under DSV3Model's names.
+    back = mcore.megatron_state_dict_to_dsv3(model.state_dict())
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+
+
+def test_state_dict_renames_are_inverse_and_cover_mtp():
+    ours = build_model(tiny(mtp_num_modules=1))
+    state = ours.state_dict()
+    megatron = mcore.dsv3_state_dict_to_megatron(state)
+    assert "mtp.layers.0.transformer_layer.mlp.router.expert_bias" in megatron
+    assert megatron["mtp.layers.0.final_layernorm.weight"] is state["mtp.0.norm.weight"]
+    assert megatron["decoder.layers.1.pre_mlp_layernorm.weight"] is state["layers.1.post_attention_layernorm.weight"]
+    assert mcore.megatron_state_dict_to_dsv3(megatron).keys() == state.keys()
+    with pytest.raises(KeyError, match="rotary.bogus"):
+        mcore.dsv3_state_dict_to_megatron({"rotary.bogus": torch.zeros(1)})
+
+
+def test_mtp_block_spec_builds_megatron_mtp_equal_to_our_mtp():
+    """Megatron's MTP layer with our layer spec == DSV3Model's MTP with the same weights. Both feed
+    depth 1 the final-normed main hidden state; the final norm weights are randomised so that a
+    pre-/post-norm mismatch would show."""
+    cfg = tiny(mtp_num_modules=1)
+    ours = build_model(cfg)
+    with torch.no_grad():
+        ours.norm.weight.uniform_(0.5, 1.5)
+    model, config = gpt(cfg)
+    model.load_state_dict(mcore.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
+    spec = mcore.get_dsv3_mtp_block_spec(config)
+    assert len(spec.layer_specs) == 1
+    assert type(model.mtp.layers[0].transformer_layer.mlp).__name__ == "MegatronDeepSeekMoE"
+    assert type(model.mtp.layers[0].enorm) is mcore.MegatronRMSNorm
+    tokens, labels, positions = batch(cfg)
+    model.train()
+    ours.train()
+    MTPLossLoggingHelper.tracker.clear()
+    # A tracker entry left by a model without MTP (3 layers) must not break logging layer 4.
+    save_to_aux_losses_tracker(mcore.BALANCE_LOSS_NAME, torch.zeros(()), 1, cfg.num_layers)
+    with torch.no_grad():
+        lm_per_token = model(tokens, positions, None, labels=labels)  # [b, s]; MTP loss is tracked
+        megatron_mtp = MTPLossLoggingHelper.tracker["values"][0].item()
+        out = ours(tokens, labels=labels)
+    assert abs(lm_per_token.mean().item() - out.lm_loss.item()) <= 1e-5  # measured: 4.8e-7 (reduction order)
+    assert abs(megatron_mtp - out.mtp_losses[0].item()) <= 1e-5
+
+
+def test_no_mtp_block_without_mtp_layers():
+    config = mcore.megatron_config_from_dsv3(tiny(mtp_num_modules=0))
+    assert config.mtp_num_layers is None and mcore.get_dsv3_mtp_block_spec(config) is None
+
+
+# ----------------------------------------------------------------------- backward
+def test_backward_reaches_every_parameter_and_expert_bias_is_a_buffer():
+    cfg = tiny(mtp_num_modules=1)
+    model, _ = gpt(cfg)
+    tokens, labels, positions = batch(cfg)
+    model.train()
+    model(tokens, positions, None, labels=labels).mean().backward()
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+    routers = [name for name in params if name.endswith("mlp.router.weight")]
+    assert len(routers) == 3  # two decoder MoE layers + the MTP layer
+    assert all(params[name].grad.abs().sum() > 0 for name in routers)
+    buffers = dict(model.named_buffers())
+    assert "decoder.layers.1.mlp.router.expert_bias" in buffers
+    assert not any(name.endswith("expert_bias") for name in params)
+    assert "decoder.layers.1.mlp.router.expert_bias" in model.state_dict()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_balance_loss_gradient_takes_megatrons_aux_loss_scale(per_token):
+    """The sequence-wise balance loss reaches the router through MoEAuxLossAutoScaler (scaled as
+    Megatron's schedules scale the main loss) with the gradient DSV3Model gives it, and is logged
+    in Megatron's aux-loss tracker."""
+    cfg = tiny(mtp_num_modules=0, seq_aux_loss_coeff=0.5)
+    ours, model, _ = paired(cfg, calculate_per_token_loss=per_token)
+    tokens, _, positions = batch(cfg)
+
+    def router_grads(net, run):
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.endswith("router.weight"))
+            p.grad = None
+        net.train()
+        (run() * 0).sum().backward()  # the main loss contributes exactly zero
+        return [p.grad.clone() for name, p in net.named_parameters() if name.endswith("router.weight")]
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(0.25))
+    megatron_grads = router_grads(model, lambda: model(tokens, positions, None))
+    BalanceLossAttach.loss_scale = 0.25 * (tokens.numel() if per_token else 1)
+    our_grads = router_grads(ours, lambda: ours(tokens))
+    assert len(megatron_grads) == 2 and all(g.abs().sum() > 0 for g in megatron_grads)
+    for mine, theirs in zip(our_grads, megatron_grads):
+        torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-8)
+    logged = get_moe_layer_wise_logging_tracker()[mcore.BALANCE_LOSS_NAME]["values"]
+    expected = torch.stack([m.last_balance_loss for m in ours.moe_layers()]) / cfg.seq_aux_loss_coeff
+    torch.testing.assert_close(logged[1:3], expected)
+
+
+def test_megatron_expert_bias_update_matches_ours():
+    """finalize_model_grads' bias step (what Megatron-LM runs each step with
+    moe_router_enable_expert_bias) moves our routers' expert_bias as update_expert_bias does."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias, reset_model_temporary_tensors
+
+    cfg = tiny(mtp_num_modules=0)
+    ours, model, config = paired(cfg)
+    assert config.moe_router_enable_expert_bias and config.moe_router_bias_update_rate == cfg.bias_update_rate
+    tokens, _, positions = batch(cfg)
+    ours.train()
+    model.train()
+    with torch.no_grad():
+        model(tokens, positions, None)
+        ours(tokens)
+    _update_router_expert_bias([model], config)
+    reset_model_temporary_tensors(config, [model])
+    update_expert_bias(ours.routers(), cfg.bias_update_rate)
+    theirs = [m.router for m in model.modules() if isinstance(m, mcore.MegatronDeepSeekMoE)]
+    for mine, their in zip(ours.routers(), theirs):
+        assert their.expert_bias.abs().sum() > 0
+        assert torch.equal(their.expert_bias, mine.expert_bias)
+        assert their.tokens_per_expert.sum() == 0
+
+
+# ------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("cfg", [
+    DSV3Config.preset("tiny"),
+    DSV3Config.preset("deepseek-v3-lite"),
+    DSV3Config.preset("deepseek-v3-671b"),
+    DSV3Config.preset("tiny", q_lora_rank=0, seq_aux_loss_coeff=0.0, bias_update_rate=0.0, mtp_num_modules=2,
+                      yarn=YarnConfig(factor=40.0, original_max_position_embeddings=4096, mscale=1.0,
+                                      mscale_all_dim=1.0)),
+], ids=["tiny", "lite", "671b", "yarn-no-aux"])
+def test_config_round_trip_preserves_every_field(cfg):
+    config = mcore.megatron_config_from_dsv3(cfg)
+    back = mcore.dsv3_config_from_megatron(config, vocab_size=cfg.vocab_size,
+                                           max_position_embeddings=cfg.max_position_embeddings)
+    assert back == cfg
+    k = cfg.first_k_dense_layers
+    assert config.moe_layer_freq == [0] * k + [1] * (cfg.num_layers - k)
+    assert config.q_lora_rank == (cfg.q_lora_rank or None)
+    assert config.moe_router_score_function == "sigmoid" and config.qk_layernorm
+    assert config.moe_router_topk_scaling_factor == cfg.routed_scaling_factor
+    grouped = cfg.num_expert_groups > 1
+    assert config.moe_router_num_groups == (cfg.num_expert_groups if grouped else None)
+    assert config.moe_router_group_topk == (cfg.num_limited_groups if grouped else None)
+    assert config.moe_router_enable_expert_bias == (cfg.bias_update_rate > 0)
+    assert config.rope_type == ("yarn" if cfg.yarn else "rope")
+    assert config.hidden_dropout == 0.0 and config.attention_dropout == 0.0
+
+
+def test_first_k_dense_is_read_from_moe_layer_freq():
+    config = mcore.megatron_config_from_dsv3(tiny())
+    config.moe_layer_freq = 1  # Megatron's int form: every layer MoE
+    assert mcore.dsv3_config_from_megatron(config).first_k_dense_layers == 0
+    config.moe_layer_freq = [0, 0, 1]
+    assert mcore.dsv3_config_from_megatron(config).first_k_dense_layers == 2
+    config.moe_layer_freq = [1, 0, 1]
+    with pytest.raises(ConfigError, match="moe_layer_freq"):
+        mcore.dsv3_config_from_megatron(config)
+    config.moe_layer_freq = [0, 1]
+    with pytest.raises(ConfigError, match="moe_layer_freq"):
+        mcore.dsv3_config_from_megatron(config)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("moe_router_score_function", "softmax"),
+    ("moe_router_load_balancing_type", "aux_loss"),
+    ("qk_layernorm", False),
+    ("moe_router_pre_softmax", True),
+    ("add_bias_linear", True),
+    ("gated_linear_unit", False),
+    ("multi_latent_attention", False),
+    ("fp8_recipe", "delayed"),
+])
+def test_other_architectures_are_refused_naming_the_field(field, value):
+    config = mcore.megatron_config_from_dsv3(tiny())
+    setattr(config, field, value)
+    if field == "fp8_recipe":
+        config.fp8 = "e4m3"
+    with pytest.raises(ConfigError, match=field):
+        mcore.dsv3_config_from_megatron(config)
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(sequence_parallel=True), "sequence_parallel"),
+    (dict(context_parallel_size=2), "context_parallel_size"),
+    (dict(attention_dropout=0.1), "attention_dropout"),
+    (dict(fp8="e4m3", fp8_recipe="blockwise"), "fp8"),
+    (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=2), "expert_tensor_parallel_size"),
+    (dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
+    (dict(moe_shared_expert_gate=True), "moe_shared_expert_gate"),
+    (dict(moe_z_loss_coeff=1e-3), "moe_z_loss_coeff"),
+])
+def test_unsupported_megatron_features_raise_naming_them(changes, field):
+    config = mcore.megatron_config_from_dsv3(tiny(), use_cpu_initialization=True)
+    for name, value in changes.items():  # set after construction: Megatron's own checks need a real cluster
+        setattr(config, name, value)
+    with pytest.raises(ConfigError, match=field):
+        mcore.get_dsv3_decoder_block_spec(config)
+    with pytest.raises(ConfigError, match=field):  # the --spec path builds no block spec: the adapters check
+        GPTModel(config, transformer_layer_spec=mcore.dsv3_layer_spec, vocab_size=320, max_sequence_length=64,
+                 position_embedding_type="rope")
+
+
+def test_fp8_tile_maps_to_megatron_blockwise_recipe():
+    config = mcore.megatron_config_from_dsv3(tiny())
+    config.fp8, config.fp8_recipe = "e4m3", "blockwise"
+    assert mcore.dsv3_config_from_megatron(config).fp8 == "tile"
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ConfigError, match="Transformer Engine"):
+            mcore.megatron_config_from_dsv3(tiny(fp8="tile"))
+    else:
+        config = mcore.megatron_config_from_dsv3(tiny(fp8="tile"))
+        assert (config.fp8, config.fp8_recipe) == ("e4m3", "blockwise")
+
+
+# ------------------------------------------------------------ registry and --spec
+def test_registry_names_the_megatron_spec_builders_and_registration_is_idempotent():
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is mcore.get_dsv3_decoder_block_spec
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt-mtp") is mcore.get_dsv3_mtp_block_spec
+    before = {kind: megatron_dsv3.names(kind) for kind in ("layer_spec", "preset", "schedule")}
+    from megatron_dsv3 import registry
+
+    registry._register_builtins()  # repeated: nothing added, nothing replaced
+    assert {kind: megatron_dsv3.names(kind) for kind in before} == before
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is mcore.get_dsv3_decoder_block_spec
+    with pytest.raises(KeyError, match="already registered"):
+        megatron_dsv3.register("layer_spec", "megatron-gpt", mcore.get_dsv3_decoder_block_spec)
+    megatron_dsv3.register("layer_spec", "megatron-gpt", mcore.get_dsv3_decoder_block_spec, overwrite=True)
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is mcore.get_dsv3_decoder_block_spec
+
+
+def test_spec_argument_of_megatron_lm_pretrain_gpt():
+    """Megatron-LM's gpt_builders.py: `--spec MODULE NAME` -> import_module((MODULE, NAME)), passed
+    unchanged as GPTModel(transformer_layer_spec=...). TransformerBlock accepts a layer ModuleSpec
+    (repeated num_layers times) or TransformerBlockSubmodules; `dsv3_layer_spec` is the former and
+    still builds dense layers for the first k."""
+    spec = import_module(["megatron_dsv3.model.mcore", "dsv3_layer_spec"])
+    assert isinstance(spec, ModuleSpec) and spec is mcore.dsv3_layer_spec
+    cfg = tiny(mtp_num_modules=0)
+    ours, reference, _ = paired(cfg)
+    model, _ = gpt(cfg, spec=spec)
+    kinds = [type(layer.mlp).__name__ for layer in model.decoder.layers]
+    assert kinds == ["MegatronSwiGLU", "MegatronDeepSeekMoE", "MegatronDeepSeekMoE"]
+    if importlib.util.find_spec("transformer_engine") is None:  # Megatron's own final norm
+        assert type(model.decoder.final_layernorm) is torch.nn.RMSNorm
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    model.load_state_dict(reference.state_dict())
+    tokens, _, positions = batch(cfg)
+    with torch.no_grad():
+        assert (model(tokens, positions, None) - ours(tokens)).abs().max() <= 1e-5
+
+
+def test_callable_spec_of_megatron_lm_forks():
+    """Forks (slime and others) call a callable `--spec` as spec(args, config, vp_stage)."""
+    builder = import_module(["megatron_dsv3.model.mcore", "megatron_lm_spec"])
+    config = mcore.megatron_config_from_dsv3(tiny(mtp_num_modules=0), use_cpu_initialization=True)
+    block = builder(None, config, None)
+    assert isinstance(block, TransformerBlockSubmodules) and len(block.layer_specs) == 3
+    model = GPTModel(config, transformer_layer_spec=block, vocab_size=320, max_sequence_length=64,
+                     position_embedding_type="rope")
+    assert [type(layer.mlp).__name__ for layer in model.decoder.layers][:2] == ["MegatronSwiGLU", "MegatronDeepSeekMoE"]
+
+
+def test_sharded_state_dict_covers_every_tensor_with_tp_axes():
+    model, _ = gpt(tiny(mtp_num_modules=0))
+    sharded = model.sharded_state_dict()
+    plain = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    assert plain <= set(sharded)
+    q_b = sharded["decoder.layers.0.self_attention.q_b_proj.weight"]
+    o = sharded["decoder.layers.0.self_attention.o_proj.weight"]
+    assert q_b.key.endswith("q_b_proj.weight") and q_b.global_shape == q_b.local_shape  # TP=1
+    assert [a for a, n in enumerate(o.axis_fragmentations) if n > 1] == []
+
+
+def test_sharded_state_dict_refuses_expert_parallel_moe(monkeypatch):
+    model, _ = gpt(tiny(mtp_num_modules=0))
+    monkeypatch.setattr(mcore.parallel_state, "get_expert_model_parallel_world_size", lambda: 2)
+    with pytest.raises(NotImplementedError, match="expert-parallel"):
+        model.sharded_state_dict()
+
+
+def test_packed_sequences_and_inference_contexts_raise_at_forward():
+    model, _ = gpt(tiny(mtp_num_modules=0))
+    attention = model.decoder.layers[0].self_attention
+    hidden = torch.randn(16, 2, 128)
+    assert attention(hidden)[0].shape == hidden.shape
+    with pytest.raises(NotImplementedError, match="packed"):
+        attention(hidden, packed_seq_params=object())
+    with pytest.raises(NotImplementedError, match="inference"):
+        attention(hidden, inference_context=object())
