@@ -95,6 +95,16 @@ def validate_run_config(run: dict[str, Any]) -> None:
     for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval"):
         if not isinstance(train[key], int) or train[key] <= 0:
             raise RunConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    for key in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "clip_grad", "max_loss"):
+        value = train[key]
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e6 or 3e-4, without a dot, as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunConfigError(f"train.{key} must be a number, got {train[key]!r}")
+        train[key] = float(value)
     for key in ("tensor", "pipeline", "expert"):
         if not isinstance(par[key], int) or par[key] <= 0:
             raise RunConfigError(f"parallel.{key} must be a positive integer, got {par[key]!r}")
@@ -105,5 +115,10 @@ def validate_run_config(run: dict[str, Any]) -> None:
         raise RunConfigError(f"train.device must be auto, cpu or cuda, got {train['device']!r}")
     if par["schedule"] not in ("1f1b",):
         raise RunConfigError(f"parallel.schedule={par['schedule']!r}: only '1f1b' is available in this version")
+    if train["recompute"] != "none":
+        raise RunConfigError(f"train.recompute={train['recompute']!r}: activation recomputation is not available in "
+                             "dsv3-train yet; use 'none' (dsv3-launch's memory estimate models it for planning)")
+    if train["fp8"] not in ("none", "tile"):
+        raise RunConfigError(f"train.fp8 must be none or tile, got {train['fp8']!r}")
     model_config(run)  # refuses bad model presets/overrides by name
     resolve_data_config(run["data"])

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import yaml
 
 EXIT_REFUSED, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,7 +57,7 @@ class PreemptionFlag:
 
     def __init__(self):
         self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
@@ -79,6 +80,7 @@ def _reduce_mean(values: list[float], group) -> list[float]:
 def train(run: dict[str, Any]) -> int:
     """Run the configured training; returns the process exit code."""
     from megatron_dsv3.checkpoint import dist as ckpt
+    from megatron_dsv3.launch.preflight import nodes_per_token
     from megatron_dsv3.data import build_train_iterator
     from megatron_dsv3.model.gpt import build_model
     from megatron_dsv3.model.moe.layer import BalanceLossAttach
@@ -95,6 +97,11 @@ def train(run: dict[str, Any]) -> int:
     config = model_config(run)
     layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"])
     config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert)
+    # Node-limited routing: each routing group must live on one node (refused otherwise).
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+                         or dist.get_world_size())
+    reach = nodes_per_token(config.num_routed_experts, config.num_expert_groups, config.num_limited_groups,
+                            layout.expert, 1, ranks_per_node)
     dp_rank, dp_size = groups.rank(groups.dp_group()), layout.data
     gbs, mbs, seq = tcfg["global_batch_size"], tcfg["micro_batch_size"], tcfg["seq_length"]
     if gbs % (mbs * dp_size):
@@ -105,12 +112,14 @@ def train(run: dict[str, Any]) -> int:
 
     ckpt_dir = Path(ccfg["dir"])
     resume_step = ckpt.latest_step(ckpt_dir) if ccfg["resume"] else None
+    # Samples consumed by all ranks so far (Megatron's consumed_samples): resume exactly where the
+    # data stopped, even when the global batch size changed between runs.
     consumed = 0
     if resume_step is not None:
-        consumed = resume_step * gbs
+        consumed = ckpt.load_common(ckpt.checkpoint_path(ckpt_dir, resume_step))["consumed_samples"]
     # Data first: a missing path or a vocabulary larger than the model's is refused before any compute.
     batches = build_train_iterator(run["data"], seq, mbs, gbs, dp_rank, dp_size, tcfg["seed"],
-                                   config.vocab_size, start_sample=consumed, num_samples=tcfg["steps"] * gbs)
+                                   config.vocab_size, start_sample=consumed)
 
     torch.manual_seed(tcfg["seed"])
     model = build_model(config, seed=tcfg["seed"]).to(device)
@@ -139,10 +148,11 @@ def train(run: dict[str, Any]) -> int:
     params = sum(p.numel() for p in model.parameters())
     _log(f"training {run['model']['preset']} ({params / 1e6:.2f}M params on this rank) for {tcfg['steps']} steps: "
          f"world {dist.get_world_size()} = TP{layout.tensor} x DP{layout.data} (EP{layout.expert}), "
-         f"{num_micro} micro-batches of {mbs}x{seq} per rank, device {device}")
+         f"{num_micro} micro-batches of {mbs}x{seq} per rank, device {device}; "
+         f"a token's experts on <= {reach} node(s)")
 
     def save(at_step: int) -> Path:
-        common = {"step": at_step, "optimizer_steps": optimizer.step_count, "consumed_samples": at_step * gbs,
+        common = {"step": at_step, "optimizer_steps": optimizer.step_count, "consumed_samples": consumed,
                   "model_config": config.to_dict()}
         return ckpt.save(ckpt_dir, at_step, model, optimizer, common, keep=ccfg["keep"])
 
@@ -164,7 +174,8 @@ def train(run: dict[str, Any]) -> int:
         sums = [0.0, 0.0, 0.0]  # lm, mtp, balance
         for _ in range(num_micro):
             batch = next(batches)
-            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg["bf16"]):
+                out = model(batch["tokens"].to(device), labels=batch["labels"].to(device))
             (out.loss / num_micro).backward()
             sums[0] += float(out.lm_loss) / num_micro
             sums[1] += float(out.mtp_loss) / num_micro if out.mtp_loss is not None else 0.0
@@ -183,6 +194,7 @@ def train(run: dict[str, Any]) -> int:
         for moe, load in zip(moe_layers, loads):
             tracker.update(moe.layer_number, load, moe.router.expert_bias)
         step += 1
+        consumed += gbs
         window_tokens += gbs * seq
         first_loss = lm if first_loss is None else first_loss
         last_loss = lm
@@ -200,10 +212,11 @@ def train(run: dict[str, Any]) -> int:
             else:
                 tracker.reset()
             window_start, window_tokens = time.perf_counter(), 0
+        saved = None
         if ccfg["save_interval"] and step % ccfg["save_interval"] == 0 and step < tcfg["steps"]:
-            save(step)
+            saved = save(step)
         if preempt.agreed():
-            path = save(step)
+            path = saved or save(step)  # not a second write of the step the interval save just wrote
             _log(f"preempted: saved {path} at step {step}; exiting with {EXIT_PREEMPTED} to be requeued")
             return EXIT_PREEMPTED
     if progress is not None:
@@ -216,28 +229,31 @@ def train(run: dict[str, Any]) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="dsv3-train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="run YAML (default: the tiny preset on the embedded corpus)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.expert=2")
     args = parser.parse_args(argv)
     from megatron_dsv3.config import ConfigError
     from megatron_dsv3.data import DataError
+    from megatron_dsv3.launch.preflight import PreflightError
     from megatron_dsv3.parallel.groups import ParallelConfigError
     from megatron_dsv3.run_config import RunConfigError, load_run_config
 
-    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError)
+    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError, PreflightError)
     try:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    from patches.megatron_checkpoint import signal_safe_checkpoint_writer
     from patches.megatron_cpu import cpu_shims
 
     device = "cuda" if torch.cuda.is_available() and run["train"]["device"] != "cpu" else "cpu"
     init_distributed(device)
+    previous_handlers = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     try:
-        with cpu_shims() if device == "cpu" else contextlib.nullcontext():
+        with cpu_shims() if device == "cpu" else contextlib.nullcontext(), signal_safe_checkpoint_writer():
             return train(run)
     except TrainingDiverged as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
@@ -247,8 +263,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_REFUSED
     finally:
         if dist.is_initialized():
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()  # its groups die with the process group
             dist.destroy_process_group()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, signal.SIG_IGN if exiting else handler)
+
+
+def cli() -> None:
+    """The console script. Python restores default handlers while the interpreter exits, and the
+    default for SIGUSR1 is to die: a warning signal repeated by the batch script must not turn
+    exit 0 or 75 into a kill, so the process ignores both signals from the end of `main` on."""
+    sys.exit(main(exiting=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

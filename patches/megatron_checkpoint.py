@@ -4,13 +4,14 @@ megatron-core 0.16 (`dist_checkpointing.strategies.filesystem_async`) collects w
 through a queue served by a *spawned* Manager process that it creates on the first save and
 keeps. That process has default signal dispositions, and srun delivers a forwarded SIGUSR1 or
 SIGTERM to every process of the job step: the Manager dies, and the very save the signal asked
-for fails with ConnectionRefusedError. Here the queue is created up front by a Manager that
-ignores those two signals (the training process itself handles them and saves).
+for fails with ConnectionRefusedError. Inside `signal_safe_checkpoint_writer()` the queue comes,
+on the first save as before, from a Manager that blocks those two signals (the training process
+itself handles them and saves).
 
     with signal_safe_checkpoint_writer():
         ...  # dist_checkpointing.save(...) survives SIGUSR1/SIGTERM to the process group
 
-A Megatron-Core without that module attribute is left alone.
+A Megatron-Core without that module function is left alone.
 """
 from __future__ import annotations
 
@@ -22,31 +23,40 @@ from multiprocessing.managers import SyncManager
 from patches import _mark, _unmark
 
 NAME = "megatron.core.dist_checkpointing.strategies.filesystem_async:signal-safe-results-queue"
-
-
-def ignore_preemption_signals() -> None:
-    """Initializer of the Manager process (module level so the spawned child can import it)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+PREEMPTION_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
 
 
 @contextlib.contextmanager
 def signal_safe_checkpoint_writer():
     try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as writer
     except ImportError:
         yield
         return
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # absent, or already created
-        yield
+    original = getattr(writer, "_get_write_results_queue", None)
+    if (original is None or getattr(original, "signal_safe", False)
+            or getattr(writer, "_results_queue", "absent") is not None):
+        yield  # another Megatron-Core layout, already inside this patch, or a queue that exists already
         return
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=ignore_preemption_signals)
-    filesystem_async._results_queue = manager.Queue()
+    managers: list[SyncManager] = []
+
+    def signal_safe_queue():
+        if writer._results_queue is None:
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            # Blocked, not ignored: a builtin initializer needs no import of this project in the child.
+            manager.start(initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, PREEMPTION_SIGNALS))
+            managers.append(manager)
+            writer._results_queue = manager.Queue()
+        return writer._results_queue
+
+    signal_safe_queue.signal_safe = True
+    writer._get_write_results_queue = signal_safe_queue
     _mark(NAME)
     try:
         yield
     finally:
-        filesystem_async._results_queue = None
-        manager.shutdown()
+        writer._get_write_results_queue = original
+        writer._results_queue = None
+        for manager in managers:
+            manager.shutdown()
         _unmark(NAME)

@@ -124,4 +124,9 @@ def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) ->
                 targets[f"optimizer.{moment}.{name}"] = value
     for key, target in targets.items():
         target.copy_(loaded[key])
-    return loaded.get("common") or dist_checkpointing.load_common_state_dict(str(path)).get("common", {})
+    return loaded.get("common") or load_common(path)
+
+
+def load_common(path: str | Path) -> dict[str, Any]:
+    """The step counters and config saved with a checkpoint, without loading any tensor."""
+    return dist_checkpointing.load_common_state_dict(str(path)).get("common", {})

@@ -1,0 +1,529 @@
+"""dsv3-train end to end on CPU: resume, crash safety, resharded loading, preemption, refusals,
+divergence and the saved run config.
+
+Single-process runs call `megatron_dsv3.train.main` in this process (the import is paid once).
+Multi-rank runs, crashes and signals go to tests/train_ranks.py, a job server that imports the
+trainer once and forks gloo ranks per job, so each job costs seconds, not an interpreter start
+per rank. Every run is the tiny preset on 4 x 32-token sequences a step, with one intra-op thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.log_interval=1",
+         "train.warmup_steps=10", "logging.jsonl=true", "logging.console=true", "logging.wandb=false"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _args(run_dir: Path, *extra: str) -> list[str]:
+    return [*SMALL, f"checkpoint.dir={run_dir / 'ckpt'}", *extra]
+
+
+def _train(capsys, *argv: str) -> tuple[int, str, str]:
+    """dsv3-train in this process: (exit code, stdout, stderr)."""
+    from megatron_dsv3.train import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """The per-step metric records of the JSONL log (expert-load records have no "loss")."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (re-run after a crash) keeps its latest value."""
+    return {r["step"]: r["loss"] for r in _records(run_dir)}
+
+
+def _latest(ckpt_dir: Path) -> int:
+    return int((ckpt_dir / "latest").read_text().strip())
+
+
+def _iter_dirs(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("iter_")) if ckpt_dir.exists() else []
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _load_checkpoint(path: Path):
+    """A checkpoint loaded into a one-process model: ({name: tensor}, {moment.name: tensor}, common)."""
+    import torch.distributed as dist
+
+    from megatron_dsv3.checkpoint import dist as ckpt
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.model.gpt import build_model
+    from megatron_dsv3.optim import AdamW
+    from megatron_dsv3.parallel.sharding import named_tensors
+    from megatron_dsv3.train import init_distributed
+    from patches.megatron_cpu import cpu_shims
+
+    common = __import__("megatron.core.dist_checkpointing", fromlist=["x"]).load_common_state_dict(str(path))
+    model = build_model(DSV3Config.from_dict(common["common"]["model_config"]))
+    optimizer = AdamW(model.parameters(), lr=1.0)
+    init_distributed("cpu")
+    try:
+        with cpu_shims():
+            common = ckpt.load(path, model, optimizer)
+    finally:
+        dist.destroy_process_group()
+    tensors = {name: t.detach().clone() for name, t in named_tensors(model).items()}
+    moments = {f"{moment}.{name}": value.clone() for name, p in model.named_parameters()
+               for moment, value in optimizer.state[p].items()}
+    return tensors, moments, common
+
+
+class RankServer:
+    """Client of tests/train_ranks.py (see its docstring for the protocol)."""
+
+    def __init__(self, log_dir: Path):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "60",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.err_path = log_dir / "server.err"
+        self._err = open(self.err_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "train_ranks.py")], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err)
+        self._buffer = b""
+        self._ready = False
+        self._jobs = 0
+
+    def _readline(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(0.0, remaining))
+            if not ready:
+                raise AssertionError(f"tests/train_ranks.py sent nothing for {timeout:.0f} s:\n{self._tail()}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"tests/train_ranks.py exited ({self.proc.poll()}):\n{self._tail()}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _tail(self) -> str:
+        self._err.flush()
+        return self.err_path.read_text()[-3000:]
+
+    def run(self, nproc: int, argv: list[str], logdir: Path, timeout: float = 90,
+            crash_on_save: Optional[int] = None,
+            on_start: Optional[Callable[[list[int], list[Path]], None]] = None) -> tuple[list[int], list[str]]:
+        """Run dsv3-train on `nproc` ranks; returns (exit codes, rank outputs)."""
+        if not self._ready:
+            assert self._readline(120) == {"event": "ready"}
+            self._ready = True
+        self._jobs += 1
+        job = {"id": str(self._jobs), "nproc": nproc, "argv": argv, "logdir": str(logdir), "timeout": timeout,
+               "crash_on_save": crash_on_save}
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.flush()
+        started = self._readline(30)
+        assert started["event"] == "started", started
+        logs = [logdir / f"rank{r}.log" for r in range(nproc)]
+        if on_start is not None:
+            on_start(started["pids"], logs)
+        done = self._readline(timeout + 30)
+        outputs = [p.read_text() if p.exists() else "" for p in logs]
+        assert not done["timed_out"], f"ranks did not finish in {timeout} s:\n" + "\n".join(
+            f"--- rank {r}\n{o[-3000:]}" for r, o in enumerate(outputs))
+        return done["rcs"], outputs
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    server = RankServer(tmp_path_factory.mktemp("rank_server"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is faster, and far faster on busy cores (no spinning)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_checkpoint_writer_manager():
+    """dsv3-train starts a signal-safe Manager process for Megatron-Core's checkpoint writer unless
+    one exists; create it once for all the runs of this process instead of once per run."""
+    try:
+        from patches.megatron_checkpoint import signal_safe_checkpoint_writer
+    except ImportError:
+        yield
+        return
+    with signal_safe_checkpoint_writer():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_rank_server_early(request):
+    """Let the server import Megatron-Core while the one-process tests run, if any test needs it."""
+    if any("ranks" in getattr(item, "fixturenames", ()) for item in request.session.items
+           if getattr(item, "module", None) is request.module):
+        request.getfixturevalue("ranks")
+
+
+def _wait_for(pattern: str, log: Path, timeout: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, log.read_text(), re.M) if log.exists() else None
+        if match:
+            return match
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} did not appear in {log} within {timeout} s:\n"
+                         + (log.read_text()[-3000:] if log.exists() else "(no log)"))
+
+
+# ----------------------------------------------------------------------------- 1. resume exactness
+def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path, capsys):
+    """8 steps straight vs 4 + 4 with a restart: steps 5-8 have bitwise-equal losses and grad norms,
+    and the final checkpoints hold bitwise-equal weights, routing biases and Adam moments."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, out, _ = _train(capsys, *_args(a, "train.steps=8", "checkpoint.save_interval=4"))
+    assert code == 0, out
+    code, out, _ = _train(capsys, *_args(b, "train.steps=4", "checkpoint.save_interval=4"))
+    assert code == 0 and "resumed from" not in out
+    code, out, _ = _train(capsys, *_args(b, "train.steps=8", "checkpoint.save_interval=4"))
+    assert code == 0
+    assert f"resumed from step 4 ({b / 'ckpt' / 'iter_0000004'})" in out
+    assert not re.search(r"^step [1-4]/", out, re.M), "the resumed run re-ran steps before its checkpoint"
+
+    ra, rb = {r["step"]: r for r in _records(a)}, {r["step"]: r for r in _records(b)}
+    assert sorted(ra) == sorted(rb) == list(range(1, 9))
+    for step in range(5, 9):  # bitwise: the same float64 values after the JSON round trip
+        assert rb[step]["loss"] == ra[step]["loss"], step
+        assert rb[step]["grad_norm"] == ra[step]["grad_norm"], step
+        assert rb[step]["lr"] == ra[step]["lr"], step
+
+    # The checkpoint the second run resumed from carries state that matters: a routing bias moved
+    # by 4 bias updates, non-zero Adam moments and the optimizer's step count (bias correction).
+    mid_tensors, mid_moments, mid_common = _load_checkpoint(b / "ckpt" / "iter_0000004")
+    assert (mid_common["step"], mid_common["optimizer_steps"], mid_common["consumed_samples"]) == (4, 4, 16)
+    biases = [name for name in mid_tensors if name.endswith("router.expert_bias")]
+    assert biases and all(mid_tensors[name].abs().sum() > 0 for name in biases)
+    assert all(v.abs().sum() > 0 for k, v in mid_moments.items() if k.startswith("exp_avg_sq."))
+
+    ta, ma, ca = _load_checkpoint(a / "ckpt" / "iter_0000008")
+    tb, mb, cb = _load_checkpoint(b / "ckpt" / "iter_0000008")
+    assert ca["optimizer_steps"] == cb["optimizer_steps"] == 8
+    assert ta.keys() == tb.keys() and ma.keys() == mb.keys()
+    import torch
+
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    for name in ma:
+        assert torch.equal(ma[name], mb[name]), name
+    assert not all(torch.equal(ta[name], mid_tensors[name]) for name in biases), "the bias never moved after step 4"
+
+
+# ----------------------------------------------------------------------------- 2. crash mid-save
+@pytest.mark.timeout(180)
+def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, capsys, ranks):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    argv = _args(run, "train.steps=4", "checkpoint.save_interval=2")
+    codes, logs = ranks.run(1, argv, run / "logs", crash_on_save=2)
+    assert codes == [86], logs[0][-3000:]
+    assert "crashing in save #2" in logs[0]
+
+    # The half-written step-4 directory exists but is not a checkpoint; `latest` still names step 2.
+    partial = ckpt_dir / "iter_0000004.tmp"
+    assert partial.is_dir() and any(partial.iterdir())
+    assert not (ckpt_dir / "iter_0000004").exists()
+    assert _latest(ckpt_dir) == 2
+    from megatron_dsv3.checkpoint import dist as ckpt
+
+    assert ckpt.list_checkpoints(ckpt_dir) == [2] and ckpt.latest_step(ckpt_dir) == 2
+    crashed = _losses(run)
+    assert sorted(crashed) == [1, 2, 3, 4]
+    step2 = _digest(ckpt_dir / "iter_0000002")
+
+    code, out, err = _train(capsys, *argv)
+    assert code == 0, err[-3000:]
+    assert f"resumed from step 2 ({ckpt_dir / 'iter_0000002'})" in out
+    resumed = _losses(run)
+    for step in (3, 4):  # the same state at step 2 gives the same steps 3 and 4
+        assert abs(resumed[step] - crashed[step]) <= 1e-6, (step, resumed[step], crashed[step])
+    assert not partial.exists(), "the leftover .tmp directory was not cleaned by the next save"
+    assert _iter_dirs(ckpt_dir) == ["iter_0000002", "iter_0000004"] and _latest(ckpt_dir) == 4
+    assert _digest(ckpt_dir / "iter_0000002") == step2
+    _, _, common = _load_checkpoint(ckpt_dir / "iter_0000004")
+    assert common["step"] == 4
+
+
+# ----------------------------------------------------------------------------- 3. another layout
+@pytest.mark.timeout(240)
+def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_path, capsys, ranks):
+    """Saved by 2 gloo ranks with expert=2 at step 2; resumed on 1 rank and on 2 ranks with tensor=2.
+    Steps 3 and 4 (the first resumed forward, then one update with the resharded Adam moments) match
+    the 2-rank run within 1e-6 in the loss (observed: bitwise equal) and 1e-6 relative in the grad
+    norm (observed <= 1.4e-8)."""
+    source = tmp_path / "ep2"
+    codes, logs = ranks.run(2, _args(source, "parallel.expert=2", "train.steps=4", "checkpoint.save_interval=2"),
+                            source / "logs")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "world 2 = TP1 x DP2 (EP2)" in logs[0]
+    reference = {r["step"]: r for r in _records(source)}
+    assert sorted(reference) == [1, 2, 3, 4]
+
+    def start_from_step_2(run_dir: Path) -> None:
+        (run_dir / "ckpt").mkdir(parents=True)
+        shutil.copytree(source / "ckpt" / "iter_0000002", run_dir / "ckpt" / "iter_0000002")
+        (run_dir / "ckpt" / "latest").write_text("2\n")
+
+    one = tmp_path / "one_rank"
+    start_from_step_2(one)
+    code, out, err = _train(capsys, *_args(one, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-3000:]
+    assert "resumed from step 2" in out and "world 1 = TP1 x DP1 (EP1)" in out
+
+    tp2 = tmp_path / "tp2"
+    start_from_step_2(tp2)
+    codes, logs = ranks.run(2, _args(tp2, "parallel.tensor=2", "train.steps=4", "checkpoint.save_interval=2"),
+                            tp2 / "logs")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "resumed from step 2" in logs[0] and "world 2 = TP2 x DP1 (EP1)" in logs[0]
+
+    for run_dir in (one, tp2):
+        got = {r["step"]: r for r in _records(run_dir)}
+        assert sorted(got) == [3, 4], run_dir.name
+        for step in (3, 4):
+            assert abs(got[step]["loss"] - reference[step]["loss"]) <= 1e-6, (run_dir.name, step)
+            assert got[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-6)
+
+    # The step-4 checkpoints of the three layouts, each loaded whole into one process: weights within
+    # 1e-6 (observed <= 1.2e-7), Adam moments within 1e-8 (observed <= 3.7e-9), routing biases equal.
+    import torch
+
+    ref_tensors, ref_moments, _ = _load_checkpoint(source / "ckpt" / "iter_0000004")
+    for run_dir in (one, tp2):
+        tensors, moments, common = _load_checkpoint(run_dir / "ckpt" / "iter_0000004")
+        assert common["optimizer_steps"] == 4 and tensors.keys() == ref_tensors.keys()
+        for name, value in ref_tensors.items():
+            if name.endswith("router.expert_bias"):
+                assert torch.equal(tensors[name], value), f"{run_dir.name}: {name}"
+            torch.testing.assert_close(tensors[name], value, rtol=0, atol=1e-6, msg=f"{run_dir.name}: {name}")
+        for name, value in ref_moments.items():
+            torch.testing.assert_close(moments[name], value, rtol=0, atol=1e-8, msg=f"{run_dir.name}: {name}")
+
+
+# ----------------------------------------------------------------------------- 4. preemption
+@pytest.mark.timeout(180)
+def test_sigterm_saves_exits_75_and_the_rerun_resumes(tmp_path, capsys, ranks):
+    run = tmp_path / "run"
+    argv = _args(run, "train.steps=200", "checkpoint.save_interval=0")
+
+    def signal_after_first_step(pids, logs):
+        _wait_for(r"^step \d+/200", logs[0])
+        os.kill(pids[0], __import__("signal").SIGTERM)
+
+    codes, logs = ranks.run(1, argv, run / "logs", on_start=signal_after_first_step)
+    assert codes == [75], logs[0][-3000:]
+    match = re.search(r"preempted: saved (\S+) at step (\d+); exiting with 75", logs[0])
+    assert match, logs[0][-3000:]
+    path, step = Path(match.group(1)), int(match.group(2))
+    assert 1 <= step < 200
+    assert path == run / "ckpt" / f"iter_{step:07d}" and path.is_dir() and _latest(run / "ckpt") == step
+    assert max(_losses(run)) == step
+
+    code, out, err = _train(capsys, *_args(run, f"train.steps={step + 2}", "checkpoint.save_interval=0"))
+    assert code == 0, err[-3000:]
+    assert f"resumed from step {step} ({path})" in out
+    assert f"done: {step + 2} steps" in out
+    assert sorted(_losses(run)) == list(range(1, step + 3))
+
+
+@pytest.mark.timeout(180)
+def test_sigusr1_to_one_rank_stops_both_ranks_and_the_rerun_resumes(tmp_path, capsys, ranks):
+    """Only rank 1 is signalled: the ranks agree at the end of the step, save together and exit 75.
+    With a checkpoint every step, the preemption names the step's interval checkpoint."""
+    run = tmp_path / "run"
+    argv = _args(run, "parallel.expert=2", "train.steps=200", "checkpoint.save_interval=1", "checkpoint.keep=2")
+
+    def signal_rank_1(pids, logs):
+        _wait_for(r"^step \d+/200", logs[0])
+        os.kill(pids[1], __import__("signal").SIGUSR1)
+
+    codes, logs = ranks.run(2, argv, run / "logs", on_start=signal_rank_1)
+    assert codes == [75, 75], "\n".join(log[-3000:] for log in logs)
+    match = re.search(r"preempted: saved (\S+) at step (\d+)", logs[0])
+    assert match, logs[0][-3000:]
+    path, step = Path(match.group(1)), int(match.group(2))
+    assert path == run / "ckpt" / f"iter_{step:07d}" and path.is_dir() and _latest(run / "ckpt") == step
+    assert _iter_dirs(run / "ckpt") == [f"iter_{s:07d}" for s in range(max(1, step - 1), step + 1)]
+    assert max(_losses(run)) == step
+
+    # Rerun on one rank (the checkpoint reshards) to the end.
+    code, out, err = _train(capsys, *_args(run, f"train.steps={step + 1}", "checkpoint.save_interval=0"))
+    assert code == 0, err[-3000:]
+    assert f"resumed from step {step} ({path})" in out
+    assert max(_losses(run)) == step + 1
+
+
+# ----------------------------------------------------------------------------- 5. refusals
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> str:
+    """A byte-tokenized indexed dataset whose largest token id is above 100."""
+    from megatron_dsv3.data.indexed import write_indexed
+
+    prefix = str(tmp_path_factory.mktemp("data") / "small")
+    write_indexed(["The quick brown fox jumps over the lazy dog {~}. " * 20] * 4, prefix)
+    return prefix
+
+
+def _unreadable(tmp_path, small_dataset, monkeypatch) -> list[str]:
+    prefix = tmp_path / "locked"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(small_dataset + suffix, str(prefix) + suffix)
+    os.chmod(str(prefix) + ".bin", 0)
+    if os.geteuid() == 0:  # root reads mode-000 files; emulate the permission check it bypasses
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if str(path).endswith("locked.bin")
+                            else real_access(path, mode, *a, **k))
+    return [f"data.paths=[{prefix}]"]
+
+
+def _not_a_dataset(tmp_path, small_dataset, monkeypatch) -> list[str]:
+    prefix = tmp_path / "garbage"
+    for suffix in (".bin", ".idx"):
+        Path(str(prefix) + suffix).write_bytes(b"this is not an indexed dataset\n" * 10)
+    return [f"data.paths=[{prefix}]"]
+
+
+REFUSALS = {
+    "unknown-key": (lambda *_: ["train.stepz=3"], r"unknown config key 'train\.stepz'"),
+    "unknown-section-key": (lambda *_: ["checkpoint.every=3"], r"unknown config key 'checkpoint\.every'"),
+    "pipeline": (lambda *_: ["parallel.pipeline=2"],
+                 r"parallel\.pipeline=2: pipeline-parallel training is not available yet"),
+    "tensor-vs-world": (lambda *_: ["parallel.tensor=2"], r"tensor=2 x pipeline=1 does not divide the world size 1"),
+    "batch": (lambda *_: ["train.global_batch_size=5"], r"global_batch_size=5 is not a multiple"),
+    "lr-not-a-number": (lambda *_: ["train.lr=fast"], r"train\.lr must be a number, got 'fast'"),
+    "missing-data": (lambda *_: ["data.paths=[/nonexistent/x]"], r"/nonexistent/x.*missing"),
+    "unreadable-data": (_unreadable, r"locked\.bin is not readable"),
+    "not-a-dataset": (_not_a_dataset, r"garbage'? is not a Megatron indexed dataset"),
+    "vocab-too-small": (lambda tmp, prefix, mp: [f"data.paths=[{prefix}]", "model.overrides.vocab_size=100"],
+                        r"holds token id (\d+), but the model's vocab_size is 100"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # IndexedDataset.__del__
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refused_before_any_compute(case, tmp_path, capsys, monkeypatch, small_dataset):
+    make_args, message = REFUSALS[case]
+    run = tmp_path / "run"
+    code, out, err = _train(capsys, *_args(run, "train.steps=3", *make_args(tmp_path, small_dataset, monkeypatch)))
+    assert code == 2, (out[-2000:], err[-2000:])
+    match = re.search(message, err)
+    assert match, err[-2000:]
+    if case == "vocab-too-small":
+        assert int(match.group(1)) >= 100
+    assert not re.search(r"^step \d", out, re.M) and "training tiny" not in out
+    assert not run.exists(), f"refused, yet {sorted(p.name for p in run.rglob('*'))} were written"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("nproc, overrides, message", [
+    (2, ["parallel.tensor=4"], r"tensor=4 x pipeline=1 does not divide the world size 2"),
+    (2, ["parallel.tensor=2", "parallel.expert=4"], r"expert=4 must divide tensor x data = 2"),
+    (3, ["parallel.expert=3"], r"num_routed_experts=8 is not divisible by expert_parallel_size=3"),
+], ids=["tensor4-on-2-ranks", "expert4-on-tp2", "8-experts-on-ep3"])
+def test_parallel_layout_refused_on_every_rank(nproc, overrides, message, tmp_path, ranks):
+    run = tmp_path / "run"
+    codes, logs = ranks.run(nproc, _args(run, "train.steps=3", *overrides), tmp_path / "logs", timeout=60)
+    assert codes == [2] * nproc, "\n".join(log[-2000:] for log in logs)
+    for log in logs:
+        assert re.search(message, log), log[-2000:]
+        assert not re.search(r"^step \d", log, re.M) and "training tiny" not in log
+    assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- 6. divergence
+def test_loss_above_max_loss_stops_before_any_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = _train(capsys, *_args(run, "train.steps=3", "train.max_loss=0.5", "checkpoint.save_interval=1"))
+    assert code == 3, err[-2000:]
+    assert re.search(r"loss diverged at step 1: loss=\d", err), err[-2000:]
+    assert "the last good checkpoint is none saved yet" in err
+    assert _iter_dirs(run / "ckpt") == [] and _losses(run) == {}
+
+
+def test_exploding_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    code, _, err = _train(capsys, *_args(run, "train.steps=2", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    saved = _digest(ckpt_dir / "iter_0000002"), (ckpt_dir / "latest").read_text()
+    # lr 1e6 from step 3 on: the update after step 3 blows the weights up; step 4's loss or gradient
+    # norm is NaN (observed: the loss saturates near ln(vocab) and the gradient norm is NaN).
+    code, out, err = _train(capsys, *_args(run, "train.steps=6", "checkpoint.save_interval=2", "train.lr=1e6"))
+    assert code == 3, err[-2000:]
+    assert "resumed from step 2" in out
+    match = re.search(r"loss diverged at step (\d+): loss=(\S+), grad norm=(\S+); the last good checkpoint is (\S+)",
+                      err)
+    assert match, err[-2000:]
+    step, loss, norm, where = int(match.group(1)), float(match.group(2)), float(match.group(3)), match.group(4)
+    assert step >= 3 and (loss != loss or loss > 1e3 or norm != norm), match.group(0)
+    assert Path(where) == ckpt_dir / "iter_0000002"
+    assert max(_losses(run)) == step - 1, "the diverged step was logged as if it were good"
+    assert _iter_dirs(ckpt_dir) == ["iter_0000002"], "a checkpoint was written after the divergence"
+    assert (_digest(ckpt_dir / "iter_0000002"), (ckpt_dir / "latest").read_text()) == saved
+
+
+# ----------------------------------------------------------------------------- 7. saved run config
+def test_resolved_config_is_saved_beside_checkpoints_and_round_trips(tmp_path, capsys):
+    from megatron_dsv3.run_config import load_run_config
+
+    run = tmp_path / "run"
+    argv = _args(run, "train.steps=1", "checkpoint.save_interval=1", "train.lr=2e-3", "train.seed=7",
+                 "model.overrides.mtp_loss_weight=0.2", "logging.interval=1")
+    code, _, err = _train(capsys, *argv)
+    assert code == 0, err[-2000:]
+    saved = run / "ckpt" / "run_config.yaml"
+    assert saved.is_file()
+    expected = load_run_config(None, tuple(argv))
+    assert load_run_config(str(saved)) == expected
+    assert expected["train"]["lr"] == 0.002 and expected["model"]["overrides"] == {"mtp_loss_weight": 0.2}
+
+    # The saved file is a complete run config: it alone continues the run.
+    code, out, err = _train(capsys, "--config", str(saved), "train.steps=2")
+    assert code == 0, err[-2000:]
+    assert "resumed from step 1" in out and _latest(run / "ckpt") == 2
+    assert load_run_config(str(saved))["train"]["steps"] == 2
