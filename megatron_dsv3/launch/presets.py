@@ -1,0 +1,74 @@
+"""Environment presets (launch/presets/*.yaml) and the environment a run's batch script exports."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megatron_dsv3.launch.run import LaunchConfigError, Layout
+
+
+def launch_dir() -> Path:
+    """The repository's `launch/` folder (templates, presets); $DSV3_LAUNCH_DIR overrides it."""
+    return Path(os.environ.get("DSV3_LAUNCH_DIR") or Path(__file__).resolve().parents[2] / "launch")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = launch_dir() / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (launch_dir() / "presets").glob("*.yaml"))
+        raise LaunchConfigError(f"launch.env_preset={name!r} has no file {path}; known presets: {', '.join(known)}")
+    return yaml.safe_load(path.read_text())
+
+
+def gpu_memory_gib(preset: dict[str, Any]) -> Optional[float]:
+    """Usable GPU memory of the preset's GPU; None for CPU presets."""
+    gpu = preset.get("gpu")
+    return None if not gpu else float(gpu["memory_gib"])
+
+
+def cuda_device_max_connections(layout: Layout) -> int:
+    """CUDA_DEVICE_MAX_CONNECTIONS from the layout.
+
+    1 when tensor parallel: TP communication overlap relies on kernels being issued in order on one
+    hardware queue. 32 when expert parallel or a DualPipe schedule: all-to-all and P2P overlap with
+    compute on many streams. Otherwise CUDA's default of 8.
+    """
+    if layout.tensor > 1:
+        return 1
+    if layout.expert > 1 or layout.schedule in ("dualpipe", "dualpipev"):
+        return 32
+    return 8
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    value: Optional[str]  # None = unset
+    source: str  # "preset <name>", "layout", "site override"
+
+
+def environment(preset: dict[str, Any], layout: Layout, overrides: dict[str, Any]) -> list[EnvVar]:
+    """Preset variables, then the layout-derived ones, then site overrides, which always win."""
+    name = preset.get("name", "?")
+    values: dict[str, EnvVar] = {}
+    for key, value in (preset.get("env") or {}).items():
+        values[key] = EnvVar(key, str(value), f"preset {name}")
+    if preset.get("gpu"):
+        values["CUDA_DEVICE_MAX_CONNECTIONS"] = EnvVar(
+            "CUDA_DEVICE_MAX_CONNECTIONS", str(cuda_device_max_connections(layout)),
+            f"layout TP{layout.tensor} EP{layout.expert} {layout.schedule}")
+    for key, value in overrides.items():
+        was = values.get(key)
+        note = f"site override (preset: {was.value})" if was and was.value is not None else "site override"
+        values[key] = EnvVar(key, None if value is None else _text(value), note)
+    return list(values.values())
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)

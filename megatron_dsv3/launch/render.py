@@ -1,0 +1,119 @@
+"""Render the sbatch script of a run from launch/slurm/sbatch.sh.tmpl."""
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any, Iterable, Optional
+
+from megatron_dsv3.launch.presets import environment, launch_dir, load_preset
+from megatron_dsv3.launch.preflight import PreflightReport
+from megatron_dsv3.launch.run import layout as run_layout
+
+PREEMPTED_EXIT = 75  # dsv3-train: "preempted, checkpoint saved"
+# Each rank starts with SIGUSR1 ignored (not fatal) until dsv3-train installs its handler.
+IGNORE_USR1_UNTIL_HANDLED = """bash -c 'trap "" USR1; exec "$@"' dsv3-step"""
+
+
+def train_command(run: dict[str, Any], config_path: str, overrides: Iterable[str] = ()) -> list[str]:
+    """The per-rank command: `dsv3-train --config RUN.yaml [section.key=value ...]`."""
+    launch = run["launch"]
+    if launch["command"]:
+        command = shlex.split(launch["command"]) if isinstance(launch["command"], str) else list(launch["command"])
+    elif launch["python"]:
+        command = [launch["python"], "-m", "megatron_dsv3.train"]
+    else:
+        command = ["dsv3-train"]
+    extra = [o for o in overrides if not o.startswith("launch.")]
+    if launch["cpu"] and run["train"].get("device", "auto") == "auto" and not any(o.startswith("train.device=") for o in extra):
+        extra.append("train.device=cpu")
+    return command + ["--config", config_path] + extra
+
+
+def _directives(run: dict[str, Any]) -> list[str]:
+    launch, lay = run["launch"], run_layout(run)
+    torchrun = launch["launcher"] == "torchrun"
+    lines = [f"--job-name={launch['job_name']}", f"--nodes={lay.nodes}",
+             f"--ntasks-per-node={1 if torchrun else lay.tasks_per_node}"]
+    if not lay.cpu:
+        lines += [f"--gpus-per-node={lay.gpus_per_node}", "--exclusive"]
+    lines += [f"--time={launch['time']}"]
+    lines += [f"--{key}={launch[key]}" for key in ("partition", "account") if launch[key]]
+    lines += [f"--output={launch['output_dir']}/%x-%j.out", "--open-mode=append",
+              f"--signal=B:USR1@{launch['signal_seconds']}", "--requeue" if launch["requeue"] else "--no-requeue"]
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _step(run: dict[str, Any], command: list[str]) -> str:
+    """The srun line(s) of the training step, one option group per line."""
+    launch, lay = run["launch"], run_layout(run)
+    groups = [["srun", "--kill-on-bad-exit=1", "--open-mode=append"]]
+    if launch["container_image"]:
+        mounts = ['"$SLURM_SUBMIT_DIR:$SLURM_SUBMIT_DIR"'] + [shlex.quote(str(m)) for m in launch["container_mounts"]]
+        groups += [[f"--container-image={shlex.quote(launch['container_image'])}"],
+                   [f"--container-mounts={','.join(mounts)}", '--container-workdir="$SLURM_SUBMIT_DIR"']]
+    if launch["launcher"] == "torchrun":
+        groups += [["--ntasks-per-node=1", '--output="$LOG_DIR/node-%n.log"'],
+                   [shlex.quote(launch["python"] or "python3"), "-m", "torch.distributed.run",
+                    '--nnodes="$SLURM_JOB_NUM_NODES"', f"--nproc-per-node={lay.tasks_per_node}"],
+                   ["--rdzv-backend=c10d", '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"'],
+                   ['--log-dir="$LOG_DIR/torchrun"', "--redirects=3", "--tee=3", "--no-python"]]
+    else:
+        groups += [[f"--ntasks-per-node={lay.tasks_per_node}", '--output="$LOG_DIR/rank-%t.log"'],
+                   [IGNORE_USR1_UNTIL_HANDLED]]
+    groups.append([shlex.quote(arg) for arg in command])
+    return " \\\n  ".join(" ".join(group) for group in groups)
+
+
+def _signal_step(torchrun: bool) -> str:
+    if torchrun:  # torchrun relays SIGTERM to its workers (it would die of SIGUSR1)
+        return '  kill -TERM "$STEP_PID" 2>/dev/null'
+    return ('  # repeated: a rank still starting up ignores USR1 until its handler is installed\n'
+            '  ( while kill -USR1 "$STEP_PID" 2>/dev/null; do sleep 10; done ) &')
+
+
+def _quote(value: str) -> str:
+    quoted = shlex.quote(value)
+    return f"'{value}'" if quoted == value and value.startswith("=") else quoted
+
+
+def _environment(run: dict[str, Any], preset: dict[str, Any]) -> list[str]:
+    lines = []
+    for var in environment(preset, run_layout(run), run["launch"]["env_overrides"]):
+        if var.value is None:
+            lines.append(f"unset {var.name}  # {var.source}")
+        else:
+            lines.append(f"export {var.name}={_quote(var.value)}  # {var.source}")
+    return lines
+
+
+def render_sbatch(run: dict[str, Any], config_path: str, overrides: Iterable[str] = (),
+                  report: Optional[PreflightReport] = None) -> str:
+    """The batch script for `run` (already loaded with load_run); `config_path` as the ranks will see it."""
+    launch = run["launch"]
+    preset = load_preset(launch["env_preset"])
+    torchrun = launch["launcher"] == "torchrun"
+    requeue_test = f'[[ "$rc" -eq {PREEMPTED_EXIT} ]]'
+    if torchrun:  # torchrun reports worker failures as 1: trust the signal we forwarded instead
+        requeue_test = f'[[ "$rc" -eq {PREEMPTED_EXIT} || "$PREEMPTED" -eq 1 ]]'
+    if launch["requeue"]:
+        action = ('  echo "dsv3-launch: checkpoint saved; requeueing job $SLURM_JOB_ID to resume"\n'
+                  '  scontrol requeue "$SLURM_JOB_ID" && exit 0\n'
+                  '  echo "dsv3-launch: scontrol requeue failed; resubmit to resume from the checkpoint" >&2')
+    else:
+        action = '  echo "dsv3-launch: checkpoint saved; launch.requeue is off, resubmit to resume" >&2'
+    setup = "".join(f"{line}\n" for line in launch["setup"])
+    values = {
+        "config": config_path,
+        "directives": "\n".join(_directives(run)),
+        "preflight": "\n".join(f"# {line}" for line in (report.lines() if report else ["preflight: not run"])),
+        "env_title": f"preset {preset.get('name', launch['env_preset'])}",
+        "environment": "\n".join(_environment(run, preset)),
+        "log_dir": shlex.quote(str(launch["output_dir"])),
+        "setup": ("\n# ---- site setup (launch.setup)\n" + setup) if setup else "",
+        "signal_step": _signal_step(torchrun),
+        "step": _step(run, train_command(run, config_path, overrides)),
+        "requeue_test": requeue_test,
+        "requeue_action": action,
+    }
+    template = (launch_dir() / "slurm" / "sbatch.sh.tmpl").read_text()
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
