@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+from megatron_dsv3.run_config import DEFAULTS as TRAIN_DEFAULTS
 
 LAUNCH_DEFAULTS: dict[str, Any] = {
     "nodes": 1, "gpus_per_node": 8, "tasks_per_node": None, "partition": None, "account": None,
@@ -17,12 +18,9 @@ LAUNCH_DEFAULTS: dict[str, Any] = {
     "command": None,  # the training command; None = `dsv3-train` (or `<python> -m megatron_dsv3.train`)
     "setup": [],  # shell lines run in the batch script before the step (module load, source venv, ...)
 }
+# The trainer's defaults, so that preflight plans the run dsv3-train will actually do.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"preset": "tiny", "overrides": {}},
-    "parallel": {"tensor": 1, "pipeline": 1, "expert": 1, "schedule": "1f1b"},
-    "train": {"steps": 200, "micro_batch_size": 4, "global_batch_size": 8, "seq_length": 128, "bf16": False,
-              "fp8": "none", "recompute": "none", "bf16_adam_moments": False, "device": "auto"},
-    "checkpoint": {"dir": "runs/tiny/checkpoints", "save_interval": 50},
+    **{section: TRAIN_DEFAULTS[section] for section in ("model", "parallel", "train", "checkpoint")},
     "launch": LAUNCH_DEFAULTS,
 }
 SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
@@ -116,13 +114,9 @@ class Layout:
 
     @property
     def expert_data(self) -> int:
-        """Replicas of each expert: world / (expert * tensor * pipeline) (expert TP = TP)."""
-        return self.world // (self.expert * self.tensor * self.pipeline)
-
-    @property
-    def ep_nodes(self) -> int:
-        """Nodes one expert-parallel group spans (EP ranks are adjacent after TP in rank order)."""
-        return max(1, math.ceil(self.expert * self.tensor / self.tasks_per_node))
+        """Replicas of each expert: world / (expert * pipeline); experts are not tensor-parallel
+        (dsv3-train sets Megatron-Core's expert_tensor_parallel_size = 1)."""
+        return self.world // (self.expert * self.pipeline)
 
     def describe(self) -> str:
         unit = "tasks" if self.cpu else "GPUs"
