@@ -13,7 +13,6 @@ accumulation, a in 1x128 tiles, b in 128x128 blocks (Fprop, Dgrad) or 1x128 tile
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -152,8 +151,3 @@ def te_fp8_autocast():
     from transformer_engine.common.recipe import Float8BlockScaling
 
     return te.fp8_autocast(enabled=True, fp8_recipe=Float8BlockScaling())
-
-
-def fp8_context():
-    """te_fp8_autocast() when TE is the backend, else a no-op context."""
-    return te_fp8_autocast() if current_backend() == "transformer-engine" else contextlib.nullcontext()
