@@ -115,9 +115,9 @@ def validate_run_config(run: dict[str, Any]) -> None:
         raise RunConfigError(f"train.device must be auto, cpu or cuda, got {train['device']!r}")
     if par["schedule"] not in ("1f1b",):
         raise RunConfigError(f"parallel.schedule={par['schedule']!r}: only '1f1b' is available in this version")
-    if train["recompute"] != "none":
-        raise RunConfigError(f"train.recompute={train['recompute']!r}: activation recomputation is not available in "
-                             "dsv3-train yet; use 'none' (dsv3-launch's memory estimate models it for planning)")
+    if train["recompute"] not in ("none", "full"):
+        raise RunConfigError(f"train.recompute={train['recompute']!r}: dsv3-train offers none or full (every decoder "
+                             "layer rerun in backward); the report's selective recomputation is not available yet")
     if train["fp8"] not in ("none", "tile"):
         raise RunConfigError(f"train.fp8 must be none or tile, got {train['fp8']!r}")
     model_config(run)  # refuses bad model presets/overrides by name

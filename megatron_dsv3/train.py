@@ -123,6 +123,7 @@ def train(run: dict[str, Any]) -> int:
 
     torch.manual_seed(tcfg["seed"])
     model = build_model(config, seed=tcfg["seed"]).to(device)
+    model.recompute = tcfg["recompute"] == "full"
     if config.fp8 == "tile":
         from megatron_dsv3.fp8 import apply_fp8, describe_backend
 

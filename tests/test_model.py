@@ -212,3 +212,23 @@ def test_presets_have_the_published_shapes():
     assert (lite.q_lora_rank, lite.num_routed_experts, lite.num_shared_experts) == (0, 64, 2)
     round_trip = DSV3Config.from_dict(dataclasses.asdict(tiny(yarn=YarnConfig())))
     assert round_trip == tiny(yarn=YarnConfig())
+
+
+def test_full_recompute_gives_the_same_loss_gradients_and_routing_load():
+    """Each decoder layer rerun in backward: same numbers, and each token's routing counted once."""
+    config = DSV3Config.preset("tiny", seq_aux_loss_coeff=1e-3)
+    tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for recompute in (False, True):
+        model = build_model(config, seed=2).train()
+        model.recompute = recompute
+        out = model(tokens[:, :-1], labels=tokens[:, 1:])
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                     torch.stack([r.tokens_per_expert for r in model.routers()])))
+    (loss_a, grads_a, load_a), (loss_b, grads_b, load_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(load_a, load_b)
+    assert load_a.sum() == load_a.shape[0] * 2 * 16 * config.num_experts_per_token  # routers x tokens x top-k

@@ -435,6 +435,7 @@ REFUSALS = {
                  r"parallel\.pipeline=2: pipeline-parallel training is not available yet"),
     "tensor-vs-world": (lambda *_: ["parallel.tensor=2"], r"tensor=2 x pipeline=1 does not divide the world size 1"),
     "batch": (lambda *_: ["train.global_batch_size=5"], r"global_batch_size=5 is not a multiple"),
+    "selective-recompute": (lambda *_: ["train.recompute=selective"], r"train\.recompute='selective'.*none or full"),
     "lr-not-a-number": (lambda *_: ["train.lr=fast"], r"train\.lr must be a number, got 'fast'"),
     "missing-data": (lambda *_: ["data.paths=[/nonexistent/x]"], r"/nonexistent/x.*missing"),
     "unreadable-data": (_unreadable, r"locked\.bin is not readable"),

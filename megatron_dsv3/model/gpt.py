@@ -6,6 +6,7 @@ an `LMOutput` whose `loss` is LM loss + lambda/D * sum of MTP losses + balance l
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.common import RMSNorm
@@ -40,10 +42,21 @@ class LMOutput:
         return torch.stack(self.mtp_losses).mean() if self.mtp_losses else None
 
 
+@contextlib.contextmanager
+def _replaying_forward():
+    """A recomputed layer runs its forward twice; its routing load must be counted once."""
+    Router.count_load = False
+    try:
+        yield
+    finally:
+        Router.count_load = True
+
+
 class DSV3Model(nn.Module):
     def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0):
         super().__init__()
         self.config = config
+        self.recompute = False  # full activation recomputation of each decoder layer in backward
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(build_module(layer_spec(config, i)) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -74,8 +87,13 @@ class DSV3Model(nn.Module):
         offset = cache.offset if cache is not None else 0
         cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         hidden = self.embed_tokens(tokens)
+        recompute = self.recompute and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, cache)
+            if recompute:  # keep only each layer's input; rerun the layer in backward
+                hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False,
+                                    context_fn=lambda: (contextlib.nullcontext(), _replaying_forward()))
+            else:
+                hidden = layer(hidden, cos, sin, cache)
         if cache is not None:
             cache.offset += tokens.shape[1]
         hidden = self.norm(hidden)  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do

@@ -28,6 +28,8 @@ class Routing:
 
 
 class Router(nn.Module):
+    count_load = True  # off while a recomputed layer replays its forward (model/gpt.py)
+
     def __init__(self, config: DSV3Config):
         super().__init__()
         self.config = config
@@ -45,7 +47,7 @@ class Router(nn.Module):
         expert_ids = self.select(scores_TE.detach())
         chosen = scores_TE.gather(1, expert_ids)
         gates = chosen / chosen.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
-        if self.training:
+        if self.training and Router.count_load:
             self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=cfg.num_routed_experts)
         balance_loss = None
         if self.training and cfg.seq_aux_loss_coeff > 0:
