@@ -93,7 +93,7 @@ def train(run: dict[str, Any]) -> int:
     tcfg, pcfg, ccfg = run["train"], run["parallel"], run["checkpoint"]
     if pcfg["pipeline"] != 1:
         raise RunConfigError(f"parallel.pipeline={pcfg['pipeline']}: pipeline-parallel training is not available yet; "
-                         "use tensor, expert and data parallelism")
+                             "use tensor, expert and data parallelism")
     config = model_config(run)
     layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"])
     config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert)
@@ -106,7 +106,7 @@ def train(run: dict[str, Any]) -> int:
     gbs, mbs, seq = tcfg["global_batch_size"], tcfg["micro_batch_size"], tcfg["seq_length"]
     if gbs % (mbs * dp_size):
         raise RunConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size={mbs} x "
-                         f"data-parallel size {dp_size}")
+                             f"data-parallel size {dp_size}")
     num_micro = gbs // (mbs * dp_size)
     device = torch.device("cuda" if torch.cuda.is_available() and tcfg["device"] != "cpu" else "cpu")
 
