@@ -43,8 +43,14 @@ def signal_safe_checkpoint_writer():
     def signal_safe_queue():
         if writer._results_queue is None:
             manager = SyncManager(ctx=mp.get_context("spawn"))
-            # Blocked, not ignored: a builtin initializer needs no import of this project in the child.
-            manager.start(initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, PREEMPTION_SIGNALS))
+            # Blocked, not ignored, and already in this thread while the child starts: the signal
+            # mask survives fork and exec, so a signal repeated during the start-up cannot kill it.
+            # Signals arriving meanwhile stay pending here and reach the trainer's handler after.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+            try:
+                manager.start(initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, PREEMPTION_SIGNALS))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             managers.append(manager)
             writer._results_queue = manager.Queue()
         return writer._results_queue

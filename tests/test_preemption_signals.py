@@ -16,25 +16,28 @@ from distributed import ROOT
 
 
 @pytest.mark.timeout(240)
-def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path):
+@pytest.mark.parametrize("save_interval", [2, 0], ids=["writer-running", "first-save-is-the-preemption-save"])
+def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path, save_interval):
+    """With save_interval 2 the checkpoint writer's helper process exists when the signals come;
+    with 0 it is started by the very save the signals asked for, while they keep coming."""
     ckpt = tmp_path / "ckpt"
     args = [sys.executable, "-m", "megatron_dsv3.train", "train.steps=400", "train.seq_length=32",
             "train.micro_batch_size=2", "train.global_batch_size=2", "train.log_interval=1",
-            "checkpoint.save_interval=2", f"checkpoint.dir={ckpt}", "logging.jsonl=false"]
+            f"checkpoint.save_interval={save_interval}", f"checkpoint.dir={ckpt}", "logging.jsonl=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     out = []
     try:
-        for line in proc.stdout:  # wait until a checkpoint exists: the writer's helper process is up
+        for line in proc.stdout:  # wait for step 3 (with save_interval 2 a checkpoint exists by then)
             out.append(line)
             if re.match(r"step [3-9]/", line):
                 break
-        for _ in range(20):  # like the sbatch script: repeat the signal to the whole process group
+        for _ in range(60):  # like the sbatch script: repeat the signal to the whole process group
             if proc.poll() is not None:
                 break
             os.killpg(proc.pid, signal.SIGUSR1)
-            time.sleep(0.5)
+            time.sleep(0.2)
         out.append(proc.stdout.read())
         proc.wait(timeout=120)
     finally:
