@@ -93,7 +93,8 @@ class DSV3Config:
         return config
 
     # --------------------------------------------------------------- validation
-    def validate(self, tensor_parallel_size: int = 1, expert_parallel_size: int = 1) -> "DSV3Config":
+    def validate(self, tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1) -> "DSV3Config":
         """Refuse inconsistent values, naming the field. Returns self."""
 
         def need(ok: bool, message: str) -> None:
@@ -133,7 +134,9 @@ class DSV3Config:
             need(self.yarn.factor >= 1, f"yarn.factor must be >= 1, got {self.yarn.factor}")
             need(self.yarn.beta_fast > self.yarn.beta_slow,
                  f"yarn.beta_fast={self.yarn.beta_fast} must exceed yarn.beta_slow={self.yarn.beta_slow}")
-        need(tensor_parallel_size >= 1 and expert_parallel_size >= 1, "parallel sizes must be >= 1")
+        need(min(tensor_parallel_size, expert_parallel_size, pipeline_parallel_size) >= 1, "parallel sizes must be >= 1")
+        need(self.num_layers >= pipeline_parallel_size,
+             f"num_layers={self.num_layers} cannot fill pipeline_parallel_size={pipeline_parallel_size} stages")
         need(self.num_attention_heads % tensor_parallel_size == 0,
              f"num_attention_heads={self.num_attention_heads} is not divisible by tensor_parallel_size={tensor_parallel_size}")
         for name in ("dense_ffn_hidden_size", "moe_ffn_hidden_size"):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel.sharding import is_primary
 
 
 def _all_reduce(tensors: list[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
@@ -32,7 +33,8 @@ def average_gradients(model: nn.Module) -> None:
     Dense parameters are summed over the data-parallel group. An expert's gradient already holds
     the contributions of every token its expert-parallel group dispatched to it; summing over the
     expert-data-parallel group adds the other replicas' tokens. Both are divided by the
-    data-parallel size, since each replica's loss is a mean over its own tokens."""
+    data-parallel size, since each replica's loss is a mean over its own tokens. Finally the
+    embedding held by the first pipeline stage and by the last (for MTP) sums its two gradients."""
     dp_size = groups.size(groups.dp_group())
     dense = [p.grad for p in model.parameters() if p.grad is not None and not getattr(p, "expert_parallel", False)]
     experts = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "expert_parallel", False)]
@@ -41,31 +43,25 @@ def average_gradients(model: nn.Module) -> None:
     if dp_size > 1:
         for grad in dense + experts:
             grad.div_(dp_size)
+    shared = [p for p in model.parameters() if getattr(p, "pipeline_copy", None) is not None]
+    for p in shared:
+        if p.grad is None:  # the MTP copy is unused while the MTP loss weight is 0
+            p.grad = torch.zeros_like(p)
+    if shared:  # only the first and last stages hold it
+        _all_reduce([p.grad for p in shared], groups.embedding_group())
 
 
 @torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip by the norm of the whole (unsharded) gradient; returns that norm before clipping."""
-    tp_rank = groups.rank(groups.tp_group())
-    local = {"replicated": torch.zeros((), dtype=torch.float64), "tensor": torch.zeros((), dtype=torch.float64),
-             "expert": torch.zeros((), dtype=torch.float64)}
+    """Clip by the norm of the whole model's gradient (every stage, every shard, each counted
+    once: by its primary replica); returns that norm before clipping."""
+    square = torch.zeros(1, dtype=torch.float64)
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        square = p.grad.double().pow(2).sum().cpu()
-        if getattr(p, "expert_parallel", False):
-            local["expert"] += square
-        elif getattr(p, "tensor_parallel_dim", None) is not None:
-            local["tensor"] += square
-        elif tp_rank == 0:  # identical on every tensor-parallel rank: count it once
-            local["replicated"] += square
-    dense = (local["replicated"] + local["tensor"]).reshape(1)
-    if groups.size(groups.tp_group()) > 1:
-        dist.all_reduce(dense, group=groups.tp_group())
-    expert = local["expert"].reshape(1)
-    if groups.size(groups.ep_group()) > 1:
-        dist.all_reduce(expert, group=groups.ep_group())
-    norm = float((dense + expert).sqrt())
+        if p.grad is not None and is_primary(p):
+            square += p.grad.double().pow(2).sum().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(square)
+    norm = float(square.sqrt())
     if max_norm > 0 and norm > max_norm:
         for p in model.parameters():
             if p.grad is not None:

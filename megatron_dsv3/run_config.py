@@ -113,8 +113,11 @@ def validate_run_config(run: dict[str, Any]) -> None:
                              f"train.micro_batch_size={train['micro_batch_size']}")
     if train["device"] not in ("auto", "cpu", "cuda"):
         raise RunConfigError(f"train.device must be auto, cpu or cuda, got {train['device']!r}")
-    if par["schedule"] not in ("1f1b",):
-        raise RunConfigError(f"parallel.schedule={par['schedule']!r}: only '1f1b' is available in this version")
+    from megatron_dsv3 import registry
+
+    if par["schedule"] not in registry.names("schedule"):
+        raise RunConfigError(f"parallel.schedule={par['schedule']!r} is not a registered pipeline schedule "
+                             f"(registered: {', '.join(registry.names('schedule'))})")
     if train["recompute"] not in ("none", "full"):
         raise RunConfigError(f"train.recompute={train['recompute']!r}: dsv3-train offers none or full (every decoder "
                              "layer rerun in backward); the report's selective recomputation is not available yet")

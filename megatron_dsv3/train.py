@@ -69,12 +69,18 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def _reduce_mean(values: list[float], group) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-        t /= dist.get_world_size(group)
-    return t.tolist()
+def _gather_expert_load(tracker) -> None:
+    """Bring every pipeline stage's expert-load counts to its first stage (where rank 0 logs)."""
+    from megatron_dsv3.parallel import groups
+
+    pp = groups.pp_group()
+    if groups.size(pp) == 1:
+        return
+    states = [None] * groups.size(pp)
+    dist.all_gather_object(states, tracker.state(), group=pp)
+    if groups.rank(pp) == 0:
+        for state in states[1:]:
+            tracker.absorb(state)
 
 
 def train(run: dict[str, Any]) -> int:
@@ -82,21 +88,21 @@ def train(run: dict[str, Any]) -> int:
     from megatron_dsv3.checkpoint import dist as ckpt
     from megatron_dsv3.launch.preflight import nodes_per_token
     from megatron_dsv3.data import build_train_iterator
+    from megatron_dsv3 import registry
     from megatron_dsv3.model.gpt import build_model
     from megatron_dsv3.model.moe.layer import BalanceLossAttach
     from megatron_dsv3.model.moe.router import update_expert_bias
     from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
     from megatron_dsv3.optim import AdamW, average_gradients, clip_grad_norm, learning_rate, scheduled
     from megatron_dsv3.parallel import groups, initialize_parallel
+    from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
     from megatron_dsv3.run_config import RunConfigError, model_config
 
     tcfg, pcfg, ccfg = run["train"], run["parallel"], run["checkpoint"]
-    if pcfg["pipeline"] != 1:
-        raise RunConfigError(f"parallel.pipeline={pcfg['pipeline']}: pipeline-parallel training is not available yet; "
-                             "use tensor, expert and data parallelism")
     config = model_config(run)
     layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"])
-    config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert)
+    config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert,
+                    pipeline_parallel_size=layout.pipeline)
     # Node-limited routing: each routing group must live on one node (refused otherwise).
     ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
                          or dist.get_world_size())
@@ -124,6 +130,9 @@ def train(run: dict[str, Any]) -> int:
     torch.manual_seed(tcfg["seed"])
     model = build_model(config, seed=tcfg["seed"]).to(device)
     model.recompute = tcfg["recompute"] == "full"
+    # Megatron-Core's forward/backward function: 1F1B across pipeline stages, a plain loop without.
+    schedule = registry.get("schedule", pcfg["schedule"])()
+    stage = ScheduledModel(model, layout.tensor, layout.pipeline)
     if config.fp8 == "tile":
         from megatron_dsv3.fp8 import apply_fp8, describe_backend
 
@@ -142,14 +151,19 @@ def train(run: dict[str, Any]) -> int:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
     logger = build_logger(run["logging"], ckpt_dir.parent, run) if is_rank0 else None
-    moe_layers = model.moe_layers()
+    moe_layers = model.moe_layers()  # this pipeline stage's
     routers = [moe.router for moe in moe_layers]
-    tracker = ExpertLoadTracker(len(moe_layers), config.num_routed_experts, [m.layer_number for m in moe_layers])
+    layer_numbers = [[m.layer_number for m in moe_layers]]
+    if layout.pipeline > 1:
+        layer_numbers = [None] * layout.pipeline
+        dist.all_gather_object(layer_numbers, [m.layer_number for m in moe_layers], group=groups.pp_group())
+    all_moe = sorted(n for stage_numbers in layer_numbers for n in stage_numbers)
+    tracker = ExpertLoadTracker(len(all_moe), config.num_routed_experts, all_moe)
     preempt = PreemptionFlag()
     params = sum(p.numel() for p in model.parameters())
     _log(f"training {run['model']['preset']} ({params / 1e6:.2f}M params on this rank) for {tcfg['steps']} steps: "
-         f"world {dist.get_world_size()} = TP{layout.tensor} x DP{layout.data} (EP{layout.expert}), "
-         f"{num_micro} micro-batches of {mbs}x{seq} per rank, device {device}; "
+         f"world {dist.get_world_size()} = TP{layout.tensor} x PP{layout.pipeline} x DP{layout.data} "
+         f"(EP{layout.expert}), {pcfg['schedule']} over {num_micro} micro-batches of {mbs}x{seq} per rank, device {device}; "
          f"a token's experts on <= {reach} node(s)")
 
     def save(at_step: int) -> Path:
@@ -172,18 +186,10 @@ def train(run: dict[str, Any]) -> int:
         config.mtp_loss_weight = scheduled(tcfg["mtp_loss_weight_schedule"], tokens_seen, config.mtp_loss_weight)
         gamma = scheduled(tcfg["bias_update_rate_schedule"], tokens_seen, config.bias_update_rate)
         BalanceLossAttach.loss_scale = 1.0 / num_micro
-        sums = [0.0, 0.0, 0.0]  # lm, mtp, balance
-        for _ in range(num_micro):
-            batch = next(batches)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg["bf16"]):
-                out = model(batch["tokens"].to(device), labels=batch["labels"].to(device))
-            (out.loss / num_micro).backward()
-            sums[0] += float(out.lm_loss) / num_micro
-            sums[1] += float(out.mtp_loss) / num_micro if out.mtp_loss is not None else 0.0
-            sums[2] += float(out.balance_loss) / num_micro if out.balance_loss is not None else 0.0
+        stage_losses = forward_backward(schedule, stage, batches, num_micro, mbs, seq, tcfg["bf16"])
         average_gradients(model)
         grad_norm = clip_grad_norm(model, tcfg["clip_grad"])
-        lm, mtp, bal = _reduce_mean(sums, groups.dp_group())
+        lm, mtp, bal = reduce_losses(stage_losses)
         if not (lm == lm and abs(lm) != float("inf")) or lm > tcfg["max_loss"] or grad_norm != grad_norm:
             last = ckpt.latest_step(ckpt_dir)
             where = ckpt.checkpoint_path(ckpt_dir, last) if last is not None else "none saved yet"
@@ -207,6 +213,7 @@ def train(run: dict[str, Any]) -> int:
             metrics = {"loss": lm, "mtp_loss": mtp, "balance_loss": bal, "grad_norm": grad_norm,
                        "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / elapsed,
                        "bias_update_rate": gamma, "mtp_loss_weight": config.mtp_loss_weight}
+            _gather_expert_load(tracker)
             if logger is not None:
                 logger.log_expert_load(step, tracker)
                 logger.log(step, metrics)

@@ -1,7 +1,8 @@
 """One rank of a parallel-correctness run (driven by tests/test_parallel.py through tests/distributed.py).
 
-`step`: one training step of the tiny model on a fixed global batch under TP x EP x DP, writing
-the loss, every full (gathered) gradient, the grad norm and the updated routing bias. With one
+`step`: one training step of the tiny model on a fixed global batch under TP x PP x EP x DP,
+through Megatron-Core's schedule as dsv3-train runs it, writing the losses, every full (gathered
+over TP/EP) gradient this rank's stage holds, the grad norm and the updated routing biases. With one
 rank and `--write-state` it is the single-process reference and also writes the initial weights
 that the parallel runs load.
 
@@ -18,13 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3 import DSV3Config, build_model
+from megatron_dsv3 import DSV3Config, build_model, registry
 from megatron_dsv3.model.moe import dispatch
 from megatron_dsv3.model.moe.layer import BalanceLossAttach
 from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.optim import average_gradients, clip_grad_norm
 from megatron_dsv3.parallel import groups, initialize_parallel
 from megatron_dsv3.parallel.sharding import gather_full, load_full
+from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from patches.megatron_cpu import cpu_shims
 
 GLOBAL_BATCH, SEQ = 8, 16
@@ -52,7 +54,7 @@ def record_dispatch(log: list) -> None:
 
 
 def step(args, out: Path) -> None:
-    layout = initialize_parallel(args.tensor, 1, args.expert)
+    layout = initialize_parallel(args.tensor, args.pipeline, args.expert)
     config = DSV3Config.preset("tiny", **MODEL)
     model = build_model(config, seed=3)
     if args.write_state:
@@ -69,24 +71,23 @@ def step(args, out: Path) -> None:
     micro = 2  # gradient accumulation over micro-batches of 2 sequences
     num_micro = per_rank // micro
     BalanceLossAttach.loss_scale = 1.0 / num_micro
-    loss = torch.zeros((), dtype=torch.float64)
-    for i in range(num_micro):
-        o = model(tokens[i * micro:(i + 1) * micro], labels=labels[i * micro:(i + 1) * micro])
-        (o.loss / num_micro).backward()
-        loss += o.loss.detach().double() / num_micro
+    batches = iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
+                    for i in range(num_micro)])
+    # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then gradient sync.
+    stage = ScheduledModel(model, layout.tensor, layout.pipeline)
+    stage_losses = forward_backward(registry.get("schedule", "1f1b")(), stage, batches, num_micro, micro, SEQ,
+                                    bf16=False)
     average_gradients(model)
-    if layout.data > 1:
-        dist.all_reduce(loss, group=groups.dp_group())
-        loss /= layout.data
+    lm, mtp, balance = reduce_losses(stage_losses)
     grad_norm = clip_grad_norm(model, 1e9)
     grads = gather_full(model, use_grad=True)
     update_expert_bias(model.routers(), config.bias_update_rate, groups.dp_group())
-    bias = torch.stack([r.expert_bias for r in model.routers()])
+    bias = {m.layer_number: m.router.expert_bias.clone() for m in model.moe_layers()}
     rank = dist.get_rank()
     sent_away = sum(n for kind, *rest in log if kind == "send"
                     for r, n in enumerate(rest[0]) if r != groups.rank(groups.ep_group()))
-    torch.save({"loss": loss.item(), "grad_norm": grad_norm, "bias": bias, "sent_away": sent_away,
-                **({"grads": grads} if rank == 0 else {})}, out / f"rank{rank}.pt")
+    torch.save({"loss": lm, "mtp_loss": mtp, "balance_loss": balance, "grad_norm": grad_norm, "bias": bias,
+                "sent_away": sent_away, "grads": grads}, out / f"rank{rank}.pt")
 
 
 def node_limited(args, out: Path) -> None:
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("scenario", choices=["step", "node_limited"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--expert", type=int, default=1)
     parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--write-state", action="store_true")

@@ -197,11 +197,11 @@ def test_fp8_checkpoint_is_dequantised_on_load():
     target = build_model(config, seed=2)
     result = load_hf_weights(target, exported)
     assert sorted(result.dequantized) == sorted(fp8)
-    assert torch.equal(target.layers[1].self_attn.q_b_proj.weight, fp8["model.layers.1.self_attn.q_b_proj.weight"])
+    assert torch.equal(target.layers["1"].self_attn.q_b_proj.weight, fp8["model.layers.1.self_attn.q_b_proj.weight"])
     down = fp8["model.layers.1.mlp.experts.3.down_proj.weight"]
-    assert torch.equal(target.layers[1].mlp.experts.down_weight[3], down)
-    assert torch.equal(target.layers[0].mlp.gate_proj.weight, fp8["model.layers.0.mlp.gate_proj.weight"])
-    assert not torch.equal(fp8["model.layers.0.mlp.gate_proj.weight"], source.layers[0].mlp.gate_proj.weight * 40)
+    assert torch.equal(target.layers["1"].mlp.experts.down_weight[3], down)
+    assert torch.equal(target.layers["0"].mlp.gate_proj.weight, fp8["model.layers.0.mlp.gate_proj.weight"])
+    assert not torch.equal(fp8["model.layers.0.mlp.gate_proj.weight"], source.layers["0"].mlp.gate_proj.weight * 40)
 
     bad = dict(exported)
     del bad["model.layers.0.mlp.gate_proj.weight_scale_inv"]
@@ -228,7 +228,7 @@ def test_errors_name_missing_unexpected_and_misshaped_keys():
     with pytest.raises(HFWeightError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight: checkpoint \(128, 65\)"):
         load_hf_weights(model, dict(good, **{"model.layers.1.self_attn.o_proj.weight": torch.zeros(128, 65)}))
     with pytest.raises(HFWeightError, match="both fused and per-expert"):
-        fused_too = {"model.layers.1.mlp.experts.down_proj": model.layers[1].mlp.experts.down_weight}
+        fused_too = {"model.layers.1.mlp.experts.down_proj": model.layers["1"].mlp.experts.down_weight}
         load_hf_weights(model, dict(good, **fused_too))
     # A checkpoint with MTP weights loaded into a model without MTP names the cause.
     with_mtp = export_hf_weights(build_model(tiny(mtp_num_modules=1)))
@@ -242,7 +242,7 @@ def test_errors_name_missing_unexpected_and_misshaped_keys():
     result = load_hf_weights(model, changed, strict=False)
     assert result.missing == ["model.layers.2.mlp.experts.5.up_proj.weight"] and result.unexpected == []
     assert torch.equal(model.norm.weight, before["norm.weight"] + 1)
-    up = model.layers[2].mlp.experts.gate_up_weight[5, config.moe_ffn_hidden_size:]
+    up = model.layers["2"].mlp.experts.gate_up_weight[5, config.moe_ffn_hidden_size:]
     assert torch.equal(up, before["layers.2.mlp.experts.gate_up_weight"][5, config.moe_ffn_hidden_size:])
 
 

@@ -264,3 +264,16 @@ def test_report_refuses_missing_or_empty_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n")
     with pytest.raises(SystemExit, match="holds no metrics records"):
         report.main([str(tmp_path)])
+
+
+def test_trackers_of_two_pipeline_stages_merge_into_one_summary():
+    whole = ExpertLoadTracker(2, 4, [1, 2])
+    first, last = ExpertLoadTracker(2, 4, [1, 2]), ExpertLoadTracker(2, 4, [1, 2])
+    counts = {1: torch.tensor([4.0, 1, 1, 2]), 2: torch.tensor([0.0, 3, 3, 2])}
+    for n, tracker in ((1, first), (2, last)):
+        tracker.update(n, counts[n], torch.full((4,), 0.1 * n))
+        whole.update(n, counts[n], torch.full((4,), 0.1 * n))
+    first.absorb(last.state())
+    assert first.summary() == whole.summary()
+    with pytest.raises(ValueError, match=r"layers \[2\] were tracked by both"):
+        first.absorb(last.state())

@@ -1,7 +1,8 @@
-"""Tensor, expert and data parallelism on CPU (gloo): one step equals the single-process step.
+"""Tensor, pipeline, expert and data parallelism on CPU (gloo): one step equals the single-process step.
 
 Each layout runs the same global batch of 8 sequences (2 micro-batches of 2 per data-parallel
-rank where it has them) from the same initial weights. Tolerance: loss and every full gradient
+rank where it has them; pipelined layouts run them through Megatron-Core's 1F1B schedule) from the
+same initial weights. Tolerance: loss and every full gradient
 within 1e-5 absolute + 1e-4 relative of the single-process reference (fp32; they differ only by
 summation order across ranks).
 """
@@ -23,27 +24,37 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tensor,expert,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2), (2, 2, 4)],
-                         ids=["TP2", "EP2", "DP2", "TP2xEP2xDP2"])
-def test_one_step_matches_single_process(reference, tensor, expert, world):
+@pytest.mark.parametrize("tensor,pipeline,expert,world", [
+    (2, 1, 1, 2), (1, 1, 2, 2), (1, 1, 1, 2), (2, 1, 2, 4), (1, 2, 1, 2), (1, 3, 1, 3), (1, 2, 2, 4)],
+    ids=["TP2", "EP2", "DP2", "TP2xEP2xDP2", "PP2", "PP3", "PP2xEP2xDP2"])
+def test_one_step_matches_single_process(reference, tensor, pipeline, expert, world):
     out, ref = reference
     for stale in out.glob("rank[1-9]*.pt"):
         stale.unlink()
-    run_ranks(world, [WORKER, "step", str(out), "--tensor", str(tensor), "--expert", str(expert)])
+    run_ranks(world, [WORKER, "step", str(out), "--tensor", str(tensor), "--pipeline", str(pipeline),
+                      "--expert", str(expert)])
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    got = ranks[0]
 
-    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
-    assert got["grads"].keys() == ref["grads"].keys()
-    for name, grad in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    # The bias step comes from the global load: identical on every rank and equal to the reference.
+    for got in ranks:  # every rank agrees on the model's losses (summed over stages) and the norm
+        for key in ("loss", "mtp_loss", "balance_loss"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+    # Each rank holds the gradients of its pipeline stage; together they cover the whole model,
+    # and a tensor held on two stages (the embedding MTP shares) has the full gradient on both.
+    assert set().union(*(r["grads"] for r in ranks)) == ref["grads"].keys()
     for r in ranks:
-        torch.testing.assert_close(r["bias"], ref["bias"], atol=0, rtol=0)
-    assert ref["bias"].abs().sum() > 0
+        for name, grad in r["grads"].items():
+            torch.testing.assert_close(grad, ref["grads"][name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    # The bias step comes from the global load: identical on every rank and equal to the reference.
+    assert set().union(*(r["bias"] for r in ranks)) == ref["bias"].keys()
+    for r in ranks:
+        for layer, bias in r["bias"].items():
+            torch.testing.assert_close(bias, ref["bias"][layer], atol=0, rtol=0)
+    assert sum(b.abs().sum() for b in ref["bias"].values()) > 0
     if expert > 1:  # tokens really left their rank through the all-to-all
         assert all(r["sent_away"] > 0 for r in ranks)
+    if pipeline > 1:  # the stages really split the layers
+        assert all(len(r["grads"]) < len(ref["grads"]) for r in ranks)
 
 
 @pytest.mark.timeout(300)

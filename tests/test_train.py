@@ -292,7 +292,8 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, c
 # ----------------------------------------------------------------------------- 3. another layout
 @pytest.mark.timeout(240)
 def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_path, capsys, ranks):
-    """Saved by 2 gloo ranks with expert=2 at step 2; resumed on 1 rank and on 2 ranks with tensor=2.
+    """Saved by 2 gloo ranks with expert=2 at step 2; resumed on 1 rank, on 2 ranks with tensor=2 and
+    on 2 pipeline stages (1F1B; the embedding is held by both stages, for MTP, and saved once).
     Steps 3 and 4 (the first resumed forward, then one update with the resharded Adam moments) match
     the 2-rank run within 1e-6 in the loss (observed: bitwise equal) and 1e-6 relative in the grad
     norm (observed <= 1.4e-8)."""
@@ -300,7 +301,7 @@ def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_
     codes, logs = ranks.run(2, _args(source, "parallel.expert=2", "train.steps=4", "checkpoint.save_interval=2"),
                             source / "logs")
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    assert "world 2 = TP1 x DP2 (EP2)" in logs[0]
+    assert "world 2 = TP1 x PP1 x DP2 (EP2)" in logs[0]
     reference = {r["step"]: r for r in _records(source)}
     assert sorted(reference) == [1, 2, 3, 4]
 
@@ -313,16 +314,26 @@ def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_
     start_from_step_2(one)
     code, out, err = _train(capsys, *_args(one, "train.steps=4", "checkpoint.save_interval=2"))
     assert code == 0, err[-3000:]
-    assert "resumed from step 2" in out and "world 1 = TP1 x DP1 (EP1)" in out
+    assert "resumed from step 2" in out and "world 1 = TP1 x PP1 x DP1 (EP1)" in out
 
     tp2 = tmp_path / "tp2"
     start_from_step_2(tp2)
     codes, logs = ranks.run(2, _args(tp2, "parallel.tensor=2", "train.steps=4", "checkpoint.save_interval=2"),
                             tp2 / "logs")
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    assert "resumed from step 2" in logs[0] and "world 2 = TP2 x DP1 (EP1)" in logs[0]
+    assert "resumed from step 2" in logs[0] and "world 2 = TP2 x PP1 x DP1 (EP1)" in logs[0]
 
-    for run_dir in (one, tp2):
+    pp2 = tmp_path / "pp2"
+    start_from_step_2(pp2)
+    codes, logs = ranks.run(2, _args(pp2, "parallel.pipeline=2", "train.steps=4", "checkpoint.save_interval=2"),
+                            pp2 / "logs")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "resumed from step 2" in logs[0] and "world 2 = TP1 x PP2 x DP1 (EP1)" in logs[0]
+    logged = {key for line in (pp2 / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
+    # MoE layers 1 (stage 0), 2 and the MTP block's 3 (stage 1) all reach rank 0's expert-load log
+    assert {f"moe/layer_{n:02d}/max_vio" for n in (1, 2, 3)} <= logged
+
+    for run_dir in (one, tp2, pp2):
         got = {r["step"]: r for r in _records(run_dir)}
         assert sorted(got) == [3, 4], run_dir.name
         for step in (3, 4):
@@ -334,7 +345,7 @@ def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_
     import torch
 
     ref_tensors, ref_moments, _ = _load_checkpoint(source / "ckpt" / "iter_0000004")
-    for run_dir in (one, tp2):
+    for run_dir in (one, tp2, pp2):
         tensors, moments, common = _load_checkpoint(run_dir / "ckpt" / "iter_0000004")
         assert common["optimizer_steps"] == 4 and tensors.keys() == ref_tensors.keys()
         for name, value in ref_tensors.items():
@@ -431,8 +442,8 @@ def _not_a_dataset(tmp_path, small_dataset, monkeypatch) -> list[str]:
 REFUSALS = {
     "unknown-key": (lambda *_: ["train.stepz=3"], r"unknown config key 'train\.stepz'"),
     "unknown-section-key": (lambda *_: ["checkpoint.every=3"], r"unknown config key 'checkpoint\.every'"),
-    "pipeline": (lambda *_: ["parallel.pipeline=2"],
-                 r"parallel\.pipeline=2: pipeline-parallel training is not available yet"),
+    "pipeline-vs-world": (lambda *_: ["parallel.pipeline=2"], r"tensor=1 x pipeline=2 does not divide the world size 1"),
+    "schedule": (lambda *_: ["parallel.schedule=dualpipe"], r"parallel\.schedule='dualpipe'"),
     "tensor-vs-world": (lambda *_: ["parallel.tensor=2"], r"tensor=2 x pipeline=1 does not divide the world size 1"),
     "batch": (lambda *_: ["train.global_batch_size=5"], r"global_batch_size=5 is not a multiple"),
     "selective-recompute": (lambda *_: ["train.recompute=selective"], r"train\.recompute='selective'.*none or full"),
@@ -465,7 +476,8 @@ def test_refused_before_any_compute(case, tmp_path, capsys, monkeypatch, small_d
     (2, ["parallel.tensor=4"], r"tensor=4 x pipeline=1 does not divide the world size 2"),
     (2, ["parallel.tensor=2", "parallel.expert=4"], r"expert=4 must divide tensor x data = 2"),
     (3, ["parallel.expert=3"], r"num_routed_experts=8 is not divisible by expert_parallel_size=3"),
-], ids=["tensor4-on-2-ranks", "expert4-on-tp2", "8-experts-on-ep3"])
+    (4, ["parallel.pipeline=4"], r"num_layers=3 cannot fill pipeline_parallel_size=4 stages"),
+], ids=["tensor4-on-2-ranks", "expert4-on-tp2", "8-experts-on-ep3", "pp4-for-3-layers"])
 def test_parallel_layout_refused_on_every_rank(nproc, overrides, message, tmp_path, ranks):
     run = tmp_path / "run"
     codes, logs = ranks.run(nproc, _args(run, "train.steps=3", *overrides), tmp_path / "logs", timeout=60)

@@ -21,26 +21,15 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch import nn
 
 from megatron_dsv3.parallel import groups
-from megatron_dsv3.parallel.sharding import named_tensors, split_of
+from megatron_dsv3.parallel.sharding import named_tensors, replica_id, split_of
 
 _ITER = re.compile(r"^iter_(\d{7})$")
-
-
-def _replica_id(tensor: torch.Tensor) -> tuple[int, ...]:
-    """Zero on exactly one holder of each shard (the one that writes it)."""
-    dim, group = split_of(tensor)
-    if getattr(tensor, "expert_parallel", False):
-        return (groups.rank(groups.expert_dp_group()),)
-    dp_rank = groups.rank(groups.dp_group())
-    if dim is not None:
-        return (dp_rank,)
-    return (groups.rank(groups.tp_group()), dp_rank)
 
 
 def _sharded(key: str, data: torch.Tensor, like: torch.Tensor) -> ShardedTensor:
     dim, group = split_of(like)
     offsets = [(dim, groups.rank(group), groups.size(group))] if dim is not None else []
-    return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=_replica_id(like))
+    return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=replica_id(like))
 
 
 def sharded_state_dict(model: nn.Module, optimizer: Optional[Any] = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from megatron_dsv3.model.mtp import MTPModule, mtp_loss
 from megatron_dsv3.model.rope import RotaryEmbedding
 from megatron_dsv3.model.spec import decoder_layer_spec
 from megatron_dsv3.parallel import groups
+from megatron_dsv3.pipeline.stages import stage_layers
 
 LayerSpecFn = Callable[[DSV3Config, int], ModuleSpec]
 
@@ -57,12 +58,23 @@ class DSV3Model(nn.Module):
         super().__init__()
         self.config = config
         self.recompute = False  # full activation recomputation of each decoder layer in backward
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(build_module(layer_spec(config, i)) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # This rank's pipeline stage (the whole model without pipeline parallelism): see pipeline/stages.py.
+        stage, stages = groups.rank(groups.pp_group()), groups.size(groups.pp_group())
+        self.first_stage, self.last_stage = stage == 0, stage == stages - 1
+        self.input_hidden: Optional[torch.Tensor] = None  # [b, s, h] from the previous stage
+        self.last_balance_loss: Optional[torch.Tensor] = None  # this stage's, detached, for logging
+        has_mtp = self.last_stage and config.mtp_num_modules > 0
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.first_stage or has_mtp else None
+        if self.embed_tokens is not None and stages > 1 and config.mtp_num_modules > 0:
+            # stage 0's embedding (0) and MTP's copy on the last stage (1): their gradients are summed
+            self.embed_tokens.weight.pipeline_copy = 0 if self.first_stage else 1
+        # Keyed by global layer index, so parameter names do not depend on the pipeline layout.
+        self.layers = nn.ModuleDict({str(i): build_module(layer_spec(config, i))
+                                     for i in stage_layers(config.num_layers, stages, stage)})
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps) if self.last_stage else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.last_stage else None
         self.mtp = nn.ModuleList(MTPModule(config, layer_spec(config, config.num_layers + k))
-                                 for k in range(config.mtp_num_modules))
+                                 for k in range(config.mtp_num_modules if self.last_stage else 0))
         self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.yarn)
         self.init_weights(seed)
 
@@ -83,12 +95,14 @@ class DSV3Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 cache: Optional[InferenceCache] = None):
-        """tokens [b, s] -> logits [b, s, vocab] (no labels) or LMOutput (labels [b, s])."""
+        """tokens [b, s] -> logits [b, s, vocab] (no labels) or LMOutput (labels [b, s]).
+
+        A stage before the last returns its hidden state [b, s, h] for the next stage."""
         offset = cache.offset if cache is not None else 0
         cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
-        hidden = self.embed_tokens(tokens)
+        hidden = self.embed_tokens(tokens) if self.first_stage else self.input_hidden
         recompute = self.recompute and self.training and torch.is_grad_enabled() and cache is None
-        for layer in self.layers:
+        for layer in self.layers.values():
             if recompute:  # keep only each layer's input; rerun the layer in backward
                 hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False,
                                     context_fn=lambda: (contextlib.nullcontext(), _replaying_forward()))
@@ -96,6 +110,9 @@ class DSV3Model(nn.Module):
                 hidden = layer(hidden, cos, sin, cache)
         if cache is not None:
             cache.offset += tokens.shape[1]
+        if not self.last_stage:
+            self._collect_balance_loss()
+            return hidden
         hidden = self.norm(hidden)  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do
         logits = self.lm_head(hidden)
         if labels is None:
@@ -106,14 +123,17 @@ class DSV3Model(nn.Module):
         if len(self.mtp) and self.config.mtp_loss_weight > 0:
             mtp_losses = mtp_loss(self.mtp, hidden, tokens, labels, self.embed_tokens, self.lm_head, cos, sin)
             loss = loss + self.config.mtp_loss_weight / len(self.mtp) * sum(mtp_losses)
+        self._collect_balance_loss()
+        if self.last_balance_loss is not None:
+            loss = loss + self.last_balance_loss  # value only: the gradient was attached inside each MoE layer
+        return LMOutput(loss, lm_loss.detach(), [l.detach() for l in mtp_losses], self.last_balance_loss)
+
+    def _collect_balance_loss(self) -> None:
+        """Sum this stage's sequence-wise balance losses of the forward just run into `last_balance_loss`."""
         balance = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
-        balance_loss = torch.stack(balance).sum() if balance and self.training else None
-        if balance_loss is not None:
-            loss = loss + balance_loss  # value only: the gradient was attached inside each MoE layer
+        self.last_balance_loss = torch.stack(balance).sum() if balance and self.training else None
         for m in self.moe_layers():
             m.last_balance_loss = None
-        return LMOutput(loss, lm_loss.detach(), [l.detach() for l in mtp_losses],
-                        balance_loss)
 
     def moe_layers(self) -> list[DeepSeekMoE]:
         return [m for m in self.modules() if isinstance(m, DeepSeekMoE)]
@@ -125,5 +145,5 @@ class DSV3Model(nn.Module):
 def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0) -> DSV3Model:
     """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups."""
     lay = groups.layout()
-    config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert)
+    config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert, pipeline_parallel_size=lay.pipeline)
     return DSV3Model(config, layer_spec, seed)

@@ -112,6 +112,19 @@ class ExpertLoadTracker:
                 raise ValueError(f"expert_bias must have shape ({self.num_experts},), got {tuple(bias_E.shape)}")
             self._bias[layer_number] = bias_E.clone()
 
+    def state(self) -> dict[str, dict]:
+        """What was accumulated since the last reset (to send to the logging rank)."""
+        return {"counts": self._counts, "vio_sum": self._vio_sum, "updates": self._updates, "bias": self._bias}
+
+    def absorb(self, state: dict[str, dict]) -> None:
+        """Take over the layers another tracker (another pipeline stage's) accumulated."""
+        for mine, theirs in ((self._counts, state["counts"]), (self._vio_sum, state["vio_sum"]),
+                             (self._updates, state["updates"]), (self._bias, state["bias"])):
+            clash = set(mine) & set(theirs)
+            if clash:
+                raise ValueError(f"layers {sorted(clash)} were tracked by both trackers")
+            mine.update(theirs)
+
     def _layers_seen(self) -> Iterable[int]:
         return [n for n in self.layer_numbers if n in self._counts or n in self._bias]
 

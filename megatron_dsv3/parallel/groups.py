@@ -82,6 +82,11 @@ def pp_group() -> Optional[dist.ProcessGroup]:
     return parallel_state.get_pipeline_model_parallel_group() if _initialized() else None
 
 
+def embedding_group() -> Optional[dist.ProcessGroup]:
+    """The first and last pipeline stages of one pipeline (both hold the embedding when MTP is on)."""
+    return parallel_state.get_embedding_group() if _initialized() else None
+
+
 def size(group: Optional[dist.ProcessGroup]) -> int:
     return 1 if group is None else dist.get_world_size(group)
 

@@ -24,6 +24,24 @@ def split_of(param: torch.Tensor) -> tuple[Optional[int], Optional[dist.ProcessG
     return None, None
 
 
+def replica_id(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Which copy of its shard this rank holds: all zeros on exactly one rank per shard, the one
+    that writes it to checkpoints and counts it in the gradient norm. Copies come from data
+    parallelism, from tensor parallelism (unsplit tensors) and from the pipeline (`pipeline_copy`,
+    the last stage's embedding for MTP)."""
+    if getattr(tensor, "expert_parallel", False):
+        return (groups.rank(groups.expert_dp_group()),)
+    dim, _ = split_of(tensor)
+    dp_rank = groups.rank(groups.dp_group())
+    if dim is not None:
+        return (dp_rank,)
+    return (int(getattr(tensor, "pipeline_copy", 0)), groups.rank(groups.tp_group()), dp_rank)
+
+
+def is_primary(tensor: torch.Tensor) -> bool:
+    return not any(replica_id(tensor))
+
+
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by state-dict name (parameters keep their attributes)."""
     tensors = dict(model.named_parameters())

@@ -1,0 +1,103 @@
+"""Pipeline parallelism: which part of the model a stage holds, and how Megatron-Core's
+forward/backward schedules drive it (1F1B between stages, a plain micro-batch loop without).
+
+Stage s of P holds a contiguous run of decoder layers (`stage_layers`); the first stage also
+holds the embedding, the last the final norm, the output head and the MTP modules. MTP embeds
+the tokens ahead with the main model's embedding (report section 2.2), so with P > 1 the last
+stage keeps a copy of it, marked `pipeline_copy`; its gradient is summed with the first stage's
+over Megatron-Core's embedding group, which keeps the two copies equal. (DualPipe, section
+3.2.1, places the first and last stages on one GPU and shares them physically.)
+
+Activations cross stages as [seq, batch, hidden] FP32 tensors, the layout Megatron's p2p code
+sizes its buffers for; inside a stage the model keeps [batch, seq, hidden].
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.enums import ModelType
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+
+from megatron_dsv3.parallel import groups
+
+PIPELINE_DTYPE = torch.float32
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """Decoder layers of `stage`: contiguous and as even as possible. The first
+    `num_layers % stages` stages take one extra layer, since the last stage also carries the head
+    and MTP. DeepSeek-V3's 61 layers on 16 stages: 13 stages of 4 layers, then 3 of 3."""
+    if not 0 <= stage < stages <= num_layers:
+        raise ValueError(f"stage {stage} of {stages} cannot hold layers of a {num_layers}-layer model")
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+class ScheduledModel:
+    """What Megatron-Core's forward_backward_func asks of a model chunk: a `config` (a
+    TransformerConfig: the schedules read its pipeline fields, and hidden_size sizes the p2p
+    buffers), a `model_type` and `set_input_tensor`. `module` is this rank's DSV3Model stage.
+    The config names no MoE or MTP layers: their losses are scaled inside the model."""
+
+    model_type = ModelType.encoder_or_decoder
+
+    def __init__(self, module: nn.Module, tensor: int, pipeline: int):
+        self.module = module
+        model = module.config
+        with warnings.catch_warnings():  # its CUDA-graph default warns of a deprecation we do not use
+            warnings.simplefilter("ignore", UserWarning)
+            self.config = TransformerConfig(num_layers=model.num_layers, hidden_size=model.hidden_size,
+                                            num_attention_heads=model.num_attention_heads,
+                                            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+                                            pipeline_dtype=PIPELINE_DTYPE)
+
+    def set_input_tensor(self, tensors: list[Optional[torch.Tensor]]) -> None:
+        hidden_sbh = tensors[0] if isinstance(tensors, list) else tensors
+        self.module.input_hidden = None if hidden_sbh is None else hidden_sbh.transpose(0, 1)
+
+
+def forward_backward(schedule, stage: ScheduledModel, batches: Iterator[dict[str, torch.Tensor]],
+                     num_micro: int, micro_batch_size: int, seq_length: int, bf16: bool) -> list[float]:
+    """One step's forward and backward over `num_micro` micro-batches with `schedule` (Megatron's
+    forward_backward_func). Every stage reads each batch: the first embeds its tokens, the last
+    needs the labels and, for MTP, the tokens ahead. Returns this stage's [lm, mtp, balance] losses
+    averaged over the micro-batches (lm and mtp are zero before the last stage)."""
+    model = stage.module
+    device = next(model.parameters()).device
+    sums = [0.0, 0.0, 0.0]
+
+    def loss_func(out) -> tuple[torch.Tensor, dict[str, Any]]:
+        sums[0] += float(out.lm_loss) / num_micro
+        sums[1] += float(out.mtp_loss) / num_micro if out.mtp_loss is not None else 0.0
+        return out.loss, {}  # Megatron divides the loss by num_micro before backward
+
+    def forward_step(data_iterator, chunk: ScheduledModel):
+        batch = next(data_iterator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device))
+        if model.last_balance_loss is not None:
+            sums[2] += float(model.last_balance_loss) / num_micro
+        if not model.last_stage:
+            out = out.transpose(0, 1).to(PIPELINE_DTYPE).contiguous()  # [seq, batch, hidden]
+        return out, loss_func
+
+    schedule(forward_step_func=forward_step, data_iterator=batches, model=[stage], num_microbatches=num_micro,
+             seq_length=seq_length, micro_batch_size=micro_batch_size)
+    return sums
+
+
+def reduce_losses(stage_losses: list[float]) -> list[float]:
+    """Per-stage losses -> the model's: summed over pipeline stages, averaged over data-parallel
+    replicas. Every rank gets the same values, so all agree on stopping a diverged run."""
+    t = torch.tensor(stage_losses, dtype=torch.float64)
+    if groups.size(groups.pp_group()) > 1:
+        dist.all_reduce(t, group=groups.pp_group())
+    if groups.size(groups.dp_group()) > 1:
+        dist.all_reduce(t, group=groups.dp_group())
+        t /= groups.size(groups.dp_group())
+    return t.tolist()
