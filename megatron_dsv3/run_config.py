@@ -118,9 +118,9 @@ def validate_run_config(run: dict[str, Any]) -> None:
     if par["schedule"] not in registry.names("schedule"):
         raise RunConfigError(f"parallel.schedule={par['schedule']!r} is not a registered pipeline schedule "
                              f"(registered: {', '.join(registry.names('schedule'))})")
-    if train["recompute"] not in ("none", "full"):
-        raise RunConfigError(f"train.recompute={train['recompute']!r}: dsv3-train offers none or full (every decoder "
-                             "layer rerun in backward); the report's selective recomputation is not available yet")
+    if train["recompute"] not in ("none", "selective", "full"):
+        raise RunConfigError(f"train.recompute={train['recompute']!r} is not one of none, selective (RMSNorm, MLA "
+                             "up-projections and SwiGLU outputs rerun in backward) or full (every decoder layer)")
     if train["fp8"] not in ("none", "tile"):
         raise RunConfigError(f"train.fp8 must be none or tile, got {train['fp8']!r}")
     model_config(run)  # refuses bad model presets/overrides by name

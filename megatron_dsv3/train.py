@@ -129,7 +129,7 @@ def train(run: dict[str, Any]) -> int:
 
     torch.manual_seed(tcfg["seed"])
     model = build_model(config, seed=tcfg["seed"]).to(device)
-    model.recompute = tcfg["recompute"] == "full"
+    model.recompute = tcfg["recompute"]
     # Megatron-Core's forward/backward function: 1F1B across pipeline stages, a plain loop without.
     schedule = registry.get("schedule", pcfg["schedule"])()
     stage = ScheduledModel(model, layout.tensor, layout.pipeline)

@@ -8,6 +8,7 @@ from megatron_dsv3 import ConfigError, DSV3Config, YarnConfig, build_model
 from megatron_dsv3.model.mla import InferenceCache
 from megatron_dsv3.model.moe.router import Router, update_expert_bias
 from megatron_dsv3.model.mtp import mtp_loss
+from megatron_dsv3.monitor.activations import bytes_kept_for_backward
 
 
 def tiny(**overrides) -> DSV3Config:
@@ -214,21 +215,28 @@ def test_presets_have_the_published_shapes():
     assert round_trip == tiny(yarn=YarnConfig())
 
 
-def test_full_recompute_gives_the_same_loss_gradients_and_routing_load():
-    """Each decoder layer rerun in backward: same numbers, and each token's routing counted once."""
+def test_recompute_modes_give_the_same_loss_gradients_and_routing_load_and_keep_less():
+    """selective reruns RMSNorm, MLA up-projections and SwiGLU outputs in backward; full reruns each
+    decoder layer. Same numbers, each token's routing counted once, and fewer bytes kept."""
     config = DSV3Config.preset("tiny", seq_aux_loss_coeff=1e-3)
-    tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
-    runs = []
-    for recompute in (False, True):
+    tokens = torch.randint(0, config.vocab_size, (2, 65), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for mode in ("none", "selective", "full"):
         model = build_model(config, seed=2).train()
-        model.recompute = recompute
-        out = model(tokens[:, :-1], labels=tokens[:, 1:])
+        model.recompute = mode
+        out, kept = bytes_kept_for_backward(model, lambda: model(tokens[:, :-1], labels=tokens[:, 1:]))
         out.loss.backward()
-        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()},
-                     torch.stack([r.tokens_per_expert for r in model.routers()])))
-    (loss_a, grads_a, load_a), (loss_b, grads_b, load_b) = runs
-    assert torch.equal(loss_a, loss_b)
-    for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
-    assert torch.equal(load_a, load_b)
-    assert load_a.sum() == load_a.shape[0] * 2 * 16 * config.num_experts_per_token  # routers x tokens x top-k
+        load = torch.stack([r.tokens_per_expert for r in model.routers()])
+        runs[mode] = (out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, load, kept)
+    loss_a, grads_a, load_a, kept_none = runs["none"]
+    for mode in ("selective", "full"):
+        loss_b, grads_b, load_b, _ = runs[mode]
+        assert torch.equal(loss_a, loss_b), mode
+        for name, grad in grads_a.items():
+            torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{mode} {name}: {m}")
+        assert torch.equal(load_a, load_b), mode
+    assert load_a.sum() == load_a.shape[0] * 2 * 64 * config.num_experts_per_token  # routers x tokens x top-k
+    kept_selective, kept_full = runs["selective"][3], runs["full"][3]
+    assert kept_full < kept_selective < 0.8 * kept_none, (kept_none, kept_selective, kept_full)
+    with pytest.raises(ValueError, match="recompute='partial' is not one of"):
+        model.recompute = "partial"

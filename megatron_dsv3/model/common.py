@@ -1,4 +1,5 @@
-"""Pieces shared by every block: RMSNorm, tensor-parallel linears, the SwiGLU feed-forward.
+"""Pieces shared by every block: RMSNorm, tensor-parallel linears, the SwiGLU feed-forward, and
+the helper of selective recomputation.
 
 Parameters carry their sharding as attributes, read by checkpointing and weight conversion:
 `tensor_parallel_dim` (dim split over tensor-parallel ranks, absent = replicated) and
@@ -6,9 +7,12 @@ Parameters carry their sharding as attributes, read by checkpointing and weight 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel.collectives import copy_to_group, reduce_from_group
@@ -26,6 +30,14 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def recomputed(enabled: bool, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor):
+    """fn(*inputs). When `enabled` (selective recomputation, report section 3.2.3) only `inputs`
+    are kept for backward: fn's intermediate activations are freed and fn reruns in backward."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
 
 
 def column_parallel_linear(in_features: int, out_features: int, tp_size: int) -> nn.Linear:
@@ -52,8 +64,10 @@ class SwiGLU(nn.Module):
         self.gate_proj = column_parallel_linear(hidden_size, ffn_hidden_size, tp)
         self.up_proj = column_parallel_linear(hidden_size, ffn_hidden_size, tp)
         self.down_proj = row_parallel_linear(ffn_hidden_size, hidden_size, tp)
+        self.selective_recompute = False  # keep the SwiGLU inputs, recompute its output in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_group(x, self.tp_group)
-        partial = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        partial = recomputed(self.selective_recompute, lambda gate, up: self.down_proj(F.silu(gate) * up),
+                             self.gate_proj(x), self.up_proj(x))
         return reduce_from_group(partial, self.tp_group)

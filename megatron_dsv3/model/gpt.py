@@ -29,6 +29,7 @@ from megatron_dsv3.parallel import groups
 from megatron_dsv3.pipeline.stages import stage_layers
 
 LayerSpecFn = Callable[[DSV3Config, int], ModuleSpec]
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -57,7 +58,6 @@ class DSV3Model(nn.Module):
     def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0):
         super().__init__()
         self.config = config
-        self.recompute = False  # full activation recomputation of each decoder layer in backward
         # This rank's pipeline stage (the whole model without pipeline parallelism): see pipeline/stages.py.
         stage, stages = groups.rank(groups.pp_group()), groups.size(groups.pp_group())
         self.first_stage, self.last_stage = stage == 0, stage == stages - 1
@@ -76,7 +76,23 @@ class DSV3Model(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(config, layer_spec(config, config.num_layers + k))
                                  for k in range(config.mtp_num_modules if self.last_stage else 0))
         self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.yarn)
+        self.recompute = "none"
         self.init_weights(seed)
+
+    @property
+    def recompute(self) -> str:
+        """Activation recomputation in backward: "none"; "selective" (RMSNorm, MLA up-projections
+        and SwiGLU outputs, report section 3.2.3); "full" (every decoder layer, keeping its input)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute={mode!r} is not one of {RECOMPUTE_MODES}")
+        self._recompute = mode
+        for module in self.modules():
+            if hasattr(module, "selective_recompute"):
+                module.selective_recompute = mode == "selective"
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -101,7 +117,7 @@ class DSV3Model(nn.Module):
         offset = cache.offset if cache is not None else 0
         cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         hidden = self.embed_tokens(tokens) if self.first_stage else self.input_hidden
-        recompute = self.recompute and self.training and torch.is_grad_enabled() and cache is None
+        recompute = self.recompute == "full" and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers.values():
             if recompute:  # keep only each layer's input; rerun the layer in backward
                 hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False,

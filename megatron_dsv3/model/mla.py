@@ -95,13 +95,23 @@ class MultiLatentAttention(nn.Module):
         """x [b, s, hidden]; cos/sin [s, rope/2] for the positions of x. Returns [b, s, hidden]."""
         if cache is not None:
             return self._forward_absorbed(x, cos, sin, cache.layer(self.layer_number), cache.offset)
+        return self.attend(*self.project(x, cos, sin))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [b, s, hidden] -> q, k [b, s, heads, nope + rope], v [b, s, heads, v]: the compressions,
+        their RMSNorms and the up-projections (what selective recomputation reruns in backward)."""
         cfg = self.config
         q_nope, q_rope = self._query(x, cos, sin)
         latent, k_rope = self._latent(x, cos, sin)
         kv = self.kv_b_proj(latent).unflatten(-1, (self.local_heads, cfg.qk_nope_head_dim + cfg.v_head_dim))
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)  # [b, s, heads, nope + rope]
+        q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this rank's heads and the output projection -> [b, s, hidden]."""
+        cfg = self.config
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=cfg.softmax_scale)  # [b, heads, s, v]
         out = self.o_proj(out.transpose(1, 2).flatten(2))

@@ -17,7 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.model.common import RMSNorm, SwiGLU
+from megatron_dsv3.model.common import RMSNorm, SwiGLU, recomputed
 from megatron_dsv3.model.mla import InferenceCache, MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 
@@ -36,10 +36,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = build_module(submodules.self_attention)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = build_module(submodules.mlp)
+        # Selective recomputation (report section 3.2.3): the attention RMSNorm and MLA's
+        # compressions, norms and up-projections rerun in backward; only the layer input is kept.
+        self.selective_recompute = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[InferenceCache] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        if self.selective_recompute and cache is None:
+            q, k, v = recomputed(True, lambda x_: self.self_attn.project(self.input_layernorm(x_), cos, sin), x)
+            x = x + self.self_attn.attend(q, k, v)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

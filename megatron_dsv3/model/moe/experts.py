@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_dsv3.model.common import recomputed
+
 BatchedMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -31,6 +33,7 @@ class RoutedExperts(nn.Module):
         self.down_weight = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))
         self.gate_up_weight.expert_parallel = True
         self.down_weight.expert_parallel = True
+        self.selective_recompute = False  # keep the SwiGLU inputs, recompute its output in backward
 
     def forward(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [tokens sorted by local expert, hidden], counts [local experts] -> [tokens, hidden]."""
@@ -45,5 +48,6 @@ class RoutedExperts(nn.Module):
         padded = x_NH.new_zeros(self.num_local_experts * capacity, x_NH.shape[1]).index_copy(0, slot, x_NH)
         gate, up = self.batched_matmul(padded.view(self.num_local_experts, capacity, -1),
                                        self.gate_up_weight).chunk(2, dim=-1)
-        out_ECH = self.batched_matmul(F.silu(gate) * up, self.down_weight)
+        out_ECH = recomputed(self.selective_recompute,
+                             lambda g, u: self.batched_matmul(F.silu(g) * u, self.down_weight), gate, up)
         return out_ECH.flatten(0, 1).index_select(0, slot)
