@@ -169,11 +169,11 @@ def _check_unsharded(model: nn.Module) -> None:
     from megatron_dsv3.parallel import groups
 
     lay = groups.layout()
-    if lay.tensor > 1 or lay.expert > 1:
+    if lay.tensor > 1 or lay.expert > 1 or lay.pipeline > 1:
         raise NotImplementedError(
-            f"Hugging Face conversion needs an unsharded model (tensor_parallel_size=1, expert_parallel_size=1); "
-            f"this process holds a shard (tensor={lay.tensor}, expert={lay.expert}). Convert in a single process "
-            "and save a distributed checkpoint from there.")
+            "Hugging Face conversion needs an unsharded model (tensor, expert and pipeline parallel size 1); "
+            f"this process holds a shard (tensor={lay.tensor}, expert={lay.expert}, pipeline={lay.pipeline}). "
+            "Convert in a single process and save a distributed checkpoint from there.")
 
 
 def _slots(model: nn.Module) -> dict[str, _Slot]:

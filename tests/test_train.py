@@ -316,19 +316,13 @@ def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_
     assert code == 0, err[-3000:]
     assert "resumed from step 2" in out and "world 1 = TP1 x PP1 x DP1 (EP1)" in out
 
-    tp2 = tmp_path / "tp2"
-    start_from_step_2(tp2)
-    codes, logs = ranks.run(2, _args(tp2, "parallel.tensor=2", "train.steps=4", "checkpoint.save_interval=2"),
-                            tp2 / "logs")
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    assert "resumed from step 2" in logs[0] and "world 2 = TP2 x PP1 x DP1 (EP1)" in logs[0]
-
-    pp2 = tmp_path / "pp2"
-    start_from_step_2(pp2)
-    codes, logs = ranks.run(2, _args(pp2, "parallel.pipeline=2", "train.steps=4", "checkpoint.save_interval=2"),
-                            pp2 / "logs")
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    assert "resumed from step 2" in logs[0] and "world 2 = TP1 x PP2 x DP1 (EP1)" in logs[0]
+    tp2, pp2 = tmp_path / "tp2", tmp_path / "pp2"
+    for run_dir, override, layout in ((tp2, "parallel.tensor=2", "TP2 x PP1"), (pp2, "parallel.pipeline=2", "TP1 x PP2")):
+        start_from_step_2(run_dir)
+        codes, logs = ranks.run(2, _args(run_dir, override, "train.steps=4", "checkpoint.save_interval=2"),
+                                run_dir / "logs")
+        assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+        assert "resumed from step 2" in logs[0] and f"world 2 = {layout} x DP1 (EP1)" in logs[0]
     logged = {key for line in (pp2 / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
     # MoE layers 1 (stage 0), 2 and the MTP block's 3 (stage 1) all reach rank 0's expert-load log
     assert {f"moe/layer_{n:02d}/max_vio" for n in (1, 2, 3)} <= logged
@@ -560,3 +554,26 @@ def test_recompute_modes_train_to_the_same_losses_under_tp2_ep2(tmp_path, ranks)
         assert losses[mode].keys() == losses["none"].keys()
         for step, loss in losses["none"].items():
             assert losses[mode][step] == pytest.approx(loss, rel=1e-6), (mode, step)
+
+
+def test_a_registered_schedule_drives_training(tmp_path, capsys):
+    """parallel.schedule names any registered schedule: here Megatron-Core's, wrapped to count calls."""
+    from megatron_dsv3 import register
+    from megatron_dsv3.pipeline import megatron_1f1b
+
+    calls = []
+
+    def counting_schedule():
+        inner = megatron_1f1b()
+
+        def forward_backward_func(**kwargs):
+            calls.append(kwargs["num_microbatches"])
+            return inner(**kwargs)
+
+        return forward_backward_func
+
+    register("schedule", "counting", counting_schedule, overwrite=True)
+    code, out, err = _train(capsys, *_args(tmp_path, "train.steps=3", "checkpoint.save_interval=0",
+                                           "parallel.schedule=counting"))
+    assert code == 0, err[-3000:]
+    assert calls == [2, 2, 2] and "counting over 2 micro-batches" in out
