@@ -89,8 +89,9 @@ def test_tiny_cpu_job_runs_two_tasks_and_loss_falls(slurm, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    """The two tasks run as two pipeline stages (1F1B) here: both stages save and both resume."""
     steps = 100
-    job_id = _submit(tmp_path, f"train.steps={steps}", "train.seq_length=64")
+    job_id = _submit(tmp_path, f"train.steps={steps}", "train.seq_length=64", "parallel.pipeline=2")
     rank0 = tmp_path / "slurm" / str(job_id) / "rank-0.log"
     _wait_for_text(rank0, r"\| loss ")
     # what Slurm does `signal_seconds` before the time limit (--signal=B:USR1@N): signal the batch shell
@@ -101,6 +102,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert job["JobState"] == "COMPLETED", (job, batch_out, log)
     assert job["Restarts"] == "1", batch_out
     assert "requeueing job" in batch_out
+    assert "TP1 x PP2 x DP1" in log, log
     resumed = re.search(r"resumed from step (\d+)", log)
     assert resumed and 0 < int(resumed.group(1)) < steps, log
     assert re.search(rf"step {steps}/{steps} \| loss", log), log
