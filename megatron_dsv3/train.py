@@ -153,11 +153,9 @@ def train(run: dict[str, Any]) -> int:
     logger = build_logger(run["logging"], ckpt_dir.parent, run) if is_rank0 else None
     moe_layers = model.moe_layers()  # this pipeline stage's
     routers = [moe.router for moe in moe_layers]
-    layer_numbers = [[m.layer_number for m in moe_layers]]
-    if layout.pipeline > 1:
-        layer_numbers = [None] * layout.pipeline
-        dist.all_gather_object(layer_numbers, [m.layer_number for m in moe_layers], group=groups.pp_group())
-    all_moe = sorted(n for stage_numbers in layer_numbers for n in stage_numbers)
+    per_stage = [None] * layout.pipeline  # the MoE layer numbers of every stage, for one tracker of all
+    dist.all_gather_object(per_stage, [m.layer_number for m in moe_layers], group=groups.pp_group())
+    all_moe = sorted(n for numbers in per_stage for n in numbers)
     tracker = ExpertLoadTracker(len(all_moe), config.num_routed_experts, all_moe)
     preempt = PreemptionFlag()
     params = sum(p.numel() for p in model.parameters())
