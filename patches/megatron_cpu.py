@@ -17,7 +17,8 @@ Shims (what `patches.applied()` lists while active):
   torch.cuda.synchronize        -> no-op
   cpu-rng-tracker               -> Megatron's model-parallel RNG tracker backed by CPU generator states
   cuda-factory-redirect         -> device="cuda" in torch factory calls, Tensor.cuda(), Tensor.to("cuda")
-                                   land on the CPU (a TorchFunctionMode, active only inside the scope)
+                                   land on the CPU, and Tensor.type() names CPU tensors as
+                                   torch.cuda.* (a TorchFunctionMode, active only inside the scope)
 """
 from __future__ import annotations
 
@@ -144,8 +145,17 @@ def _is_cuda(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+def _cuda_type_name(name: str) -> str:
+    return name if ".cuda." in name or not name.startswith("torch.") else name.replace("torch.", "torch.cuda.", 1)
+
+
 class CUDAToCPUMode(TorchFunctionMode):
     """Sends tensors that Megatron-Core places on CUDA to the CPU instead.
+
+    The distributed optimizer accepts only parameters whose `type()` is a torch.cuda.* name
+    (optimizer/distrib_optimizer.py `_build_model_and_main_param_groups`, and
+    optimizer/clip_grads.py `clip_grad_by_total_norm_fp32` asserts 'torch.cuda.FloatTensor'), so
+    the argument-less `Tensor.type()` reports CPU tensors under their CUDA names here.
 
     Torch function modes are per thread: the redirect covers the thread that entered the shims
     (Megatron's checkpoint writer processes and other threads are not covered)."""
@@ -156,6 +166,8 @@ class CUDAToCPUMode(TorchFunctionMode):
             kwargs["device"] = torch.device("cpu")
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _cuda_type_name(func(*args))
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], torch.device("cpu"), *args[2:])
         return func(*args, **kwargs)
@@ -167,6 +179,7 @@ def _shim_cuda_factories() -> Callable[[], None]:
     # megatron/core/optimizer/optimizer.py (FP32Optimizer / MixedPrecisionOptimizer constructors:
     #   torch.tensor(..., device='cuda')), dist_checkpointing/exchange_utils.py (.cuda(),
     #   empty_like(device="cuda")) and state_dict_saver.py (torch.tensor(device='cuda')).
+    # Tensor.type(): see CUDAToCPUMode.
     mode = CUDAToCPUMode()
     mode.__enter__()
 

@@ -75,6 +75,17 @@ def test_cuda_placements_land_on_cpu_only_inside():
 
 
 @cpu_only
+def test_type_names_are_cuda_ones_only_inside_and_only_without_arguments():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with cpu_shims():
+        assert p.type() == "torch.cuda.FloatTensor"  # what the distributed optimizer checks
+        assert p.detach().bfloat16().type() == "torch.cuda.BFloat16Tensor"
+        converted = p.type(torch.float64)  # a conversion is a conversion, not a name
+        assert converted.dtype == torch.float64 and converted.device.type == "cpu"
+    assert p.type() == "torch.FloatTensor"
+
+
+@cpu_only
 def test_rng_tracker_forks_on_cpu_states_and_the_original_tracker_comes_back():
     before = _originals()
     with cpu_shims():
