@@ -1,6 +1,12 @@
 """Optimizer side of a step: gradient averaging over data-parallel ranks, global-norm clipping,
 AdamW with FP32 master weights and optional BF16 moments (report section 3.3.3), and the
 warmup + cosine learning rate.
+
+Two optimizers give a training step the same interface (`zero_grad`, `step(lr) -> grad norm`,
+`param_states` / `load_param_states` for checkpoints, `step_count`): `LocalOptimizer` here, which
+keeps the whole Adam state on every data-parallel rank, and Megatron-Core's DDP + distributed
+optimizer (ZeRO-1) in `megatron_dsv3.parallel.zero1`. Both save moments in the same layout, so a
+run can resume under the other one.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel.sharding import is_primary
 
 
-def _all_reduce(tensors: list[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
+def all_reduce_flat(tensors: list[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
+    """Sum every tensor over `group` in place, with one collective."""
     if not tensors or groups.size(group) == 1:
         return
     flat = torch.cat([t.flatten() for t in tensors])
@@ -38,8 +45,8 @@ def average_gradients(model: nn.Module) -> None:
     dp_size = groups.size(groups.dp_group())
     dense = [p.grad for p in model.parameters() if p.grad is not None and not getattr(p, "expert_parallel", False)]
     experts = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "expert_parallel", False)]
-    _all_reduce(dense, groups.dp_group())
-    _all_reduce(experts, groups.expert_dp_group())
+    all_reduce_flat(dense, groups.dp_group())
+    all_reduce_flat(experts, groups.expert_dp_group())
     if dp_size > 1:
         for grad in dense + experts:
             grad.div_(dp_size)
@@ -48,7 +55,7 @@ def average_gradients(model: nn.Module) -> None:
         if p.grad is None:  # the MTP copy is unused while the MTP loss weight is 0
             p.grad = torch.zeros_like(p)
     if shared:  # only the first and last stages hold it
-        _all_reduce([p.grad for p in shared], groups.embedding_group())
+        all_reduce_flat([p.grad for p in shared], groups.embedding_group())
 
 
 @torch.no_grad()
@@ -103,6 +110,53 @@ class AdamW(torch.optim.Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 denom = (exp_avg_sq / correction2).sqrt_().add_(group["eps"])
                 p.addcdiv_(exp_avg, denom, value=-group["lr"] / correction1)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class LocalOptimizer:
+    """`AdamW` over this rank's parameters after `average_gradients` and `clip_grad_norm`: the
+    Adam state is replicated over data-parallel ranks."""
+
+    def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1,
+                 clip_grad: float = 1.0, moment_dtype: torch.dtype = torch.float32):
+        self.model, self.clip_grad = model, clip_grad
+        self.adam = AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, moment_dtype=moment_dtype)
+
+    @property
+    def step_count(self) -> int:
+        return self.adam.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.adam.step_count = value
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> float:
+        """Average gradients over replicas, clip, update; returns the norm before clipping."""
+        average_gradients(self.model)
+        grad_norm = clip_grad_norm(self.model, self.clip_grad)
+        for group in self.adam.param_groups:
+            group["lr"] = lr
+        self.adam.step()
+        return grad_norm
+
+    def state_bytes(self) -> int:
+        """Bytes of Adam moments held by this rank."""
+        return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values())
+
+    def param_states(self, empty: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Adam moments by parameter name, each shaped like this rank's parameter."""
+        return {name: {m: self.adam.state[p][m] for m in MOMENTS} for name, p in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, p in self.model.named_parameters():
+            for m in MOMENTS:
+                self.adam.state[p][m].copy_(states[name][m])
 
 
 def learning_rate(step: int, total: int, peak: float, minimum: float, warmup: int) -> float:

@@ -23,7 +23,8 @@ class RunConfigError(ValueError):
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"preset": "tiny", "overrides": {}},
-    "parallel": {"tensor": 1, "pipeline": 1, "expert": 1, "schedule": "1f1b"},
+    # distributed_optimizer: Megatron-Core's DDP + distributed optimizer (ZeRO-1); auto = on GPU only.
+    "parallel": {"tensor": 1, "pipeline": 1, "expert": 1, "schedule": "1f1b", "distributed_optimizer": "auto"},
     "train": {
         "steps": 300, "micro_batch_size": 8, "global_batch_size": 16, "seq_length": 128,
         "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 20, "weight_decay": 0.1,
@@ -118,6 +119,8 @@ def validate_run_config(run: dict[str, Any]) -> None:
     if par["schedule"] not in registry.names("schedule"):
         raise RunConfigError(f"parallel.schedule={par['schedule']!r} is not a registered pipeline schedule "
                              f"(registered: {', '.join(registry.names('schedule'))})")
+    if par["distributed_optimizer"] not in ("auto", True, False):
+        raise RunConfigError(f"parallel.distributed_optimizer={par['distributed_optimizer']!r} must be auto, true or false")
     if train["recompute"] not in ("none", "selective", "full"):
         raise RunConfigError(f"train.recompute={train['recompute']!r} is not one of none, selective (RMSNorm, MLA "
                              "up-projections and SwiGLU outputs rerun in backward) or full (every decoder layer)")

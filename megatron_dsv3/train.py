@@ -93,7 +93,7 @@ def train(run: dict[str, Any]) -> int:
     from megatron_dsv3.model.moe.layer import BalanceLossAttach
     from megatron_dsv3.model.moe.router import update_expert_bias
     from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
-    from megatron_dsv3.optim import AdamW, average_gradients, clip_grad_norm, learning_rate, scheduled
+    from megatron_dsv3.optim import LocalOptimizer, learning_rate, scheduled
     from megatron_dsv3.parallel import groups, initialize_parallel
     from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
     from megatron_dsv3.run_config import RunConfigError, model_config
@@ -138,14 +138,26 @@ def train(run: dict[str, Any]) -> int:
 
         replaced = apply_fp8(model)
         _log(f"fp8: {len(replaced)} linears with 1x128/128x128 scaling; backend {describe_backend()}")
-    optimizer = AdamW(model.parameters(), lr=tcfg["lr"], betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]),
-                      weight_decay=tcfg["weight_decay"],
-                      moment_dtype=torch.bfloat16 if tcfg["bf16_adam_moments"] else torch.float32)
+    adam = dict(lr=tcfg["lr"], betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]), weight_decay=tcfg["weight_decay"],
+                clip_grad=tcfg["clip_grad"])
+    distributed = pcfg["distributed_optimizer"]
+    if distributed is True or (distributed == "auto" and device.type == "cuda"):
+        # ZeRO-1: Megatron-Core's DDP + distributed optimizer shard the Adam state over data parallel.
+        from megatron_dsv3.parallel.zero1 import ZeRO1Optimizer
+
+        optimizer = ZeRO1Optimizer(model, stage.config, bf16_moments=tcfg["bf16_adam_moments"], **adam)
+        optimizer_name = f"Megatron DistributedOptimizer (ZeRO-1 over DP{layout.data})"
+    else:
+        optimizer = LocalOptimizer(model, moment_dtype=torch.bfloat16 if tcfg["bf16_adam_moments"] else torch.float32,
+                                   **adam)
+        optimizer_name = "AdamW, state on every data-parallel rank"
     step = 0
     if resume_step is not None:
-        common = ckpt.load(ckpt.checkpoint_path(ckpt_dir, resume_step), model, optimizer)
+        path = ckpt.checkpoint_path(ckpt_dir, resume_step)
+        common = ckpt.load_common(path)
         step, optimizer.step_count = common["step"], common["optimizer_steps"]
-        _log(f"resumed from step {step} ({ckpt.checkpoint_path(ckpt_dir, resume_step)})")
+        ckpt.load(path, model, optimizer)
+        _log(f"resumed from step {step} ({path})")
     is_rank0 = dist.get_rank() == 0
     if is_rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +174,8 @@ def train(run: dict[str, Any]) -> int:
     _log(f"training {run['model']['preset']} ({params / 1e6:.2f}M params on this rank) for {tcfg['steps']} steps: "
          f"world {dist.get_world_size()} = TP{layout.tensor} x PP{layout.pipeline} x DP{layout.data} "
          f"(EP{layout.expert}), {pcfg['schedule']} over {num_micro} micro-batches of {mbs}x{seq} per rank, device {device}; "
-         f"a token's experts on <= {reach} node(s)")
+         f"a token's experts on <= {reach} node(s); {optimizer_name}, Adam moments "
+         f"{optimizer.state_bytes() / 2**20:.2f} MiB on this rank")
 
     def save(at_step: int) -> Path:
         common = {"step": at_step, "optimizer_steps": optimizer.step_count, "consumed_samples": consumed,
@@ -179,22 +192,19 @@ def train(run: dict[str, Any]) -> int:
     model.train()
     while step < tcfg["steps"]:
         tokens_seen = step * gbs * seq
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, tcfg["steps"], tcfg["lr"], tcfg["min_lr"], tcfg["warmup_steps"])
+        lr = learning_rate(step, tcfg["steps"], tcfg["lr"], tcfg["min_lr"], tcfg["warmup_steps"])
         config.mtp_loss_weight = scheduled(tcfg["mtp_loss_weight_schedule"], tokens_seen, config.mtp_loss_weight)
         gamma = scheduled(tcfg["bias_update_rate_schedule"], tokens_seen, config.bias_update_rate)
         BalanceLossAttach.loss_scale = 1.0 / num_micro
+        optimizer.zero_grad()
         stage_losses = forward_backward(schedule, stage, batches, num_micro, mbs, seq, tcfg["bf16"])
-        average_gradients(model)
-        grad_norm = clip_grad_norm(model, tcfg["clip_grad"])
+        grad_norm = optimizer.step(lr)  # reduce over replicas, clip, update
         lm, mtp, bal = reduce_losses(stage_losses)
         if not (lm == lm and abs(lm) != float("inf")) or lm > tcfg["max_loss"] or grad_norm != grad_norm:
             last = ckpt.latest_step(ckpt_dir)
             where = ckpt.checkpoint_path(ckpt_dir, last) if last is not None else "none saved yet"
             raise TrainingDiverged(f"loss diverged at step {step + 1}: loss={lm:.4g}, grad norm={grad_norm:.4g}; "
                                    f"the last good checkpoint is {where}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         loads = update_expert_bias(routers, gamma, groups.dp_group())
         for moe, load in zip(moe_layers, loads):
             tracker.update(moe.layer_number, load, moe.router.expert_bias)
@@ -209,7 +219,7 @@ def train(run: dict[str, Any]) -> int:
         if step % tcfg["log_interval"] == 0 or step == tcfg["steps"]:
             elapsed = time.perf_counter() - window_start
             metrics = {"loss": lm, "mtp_loss": mtp, "balance_loss": bal, "grad_norm": grad_norm,
-                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / elapsed,
+                       "lr": lr, "tokens_per_s": window_tokens / elapsed,
                        "bias_update_rate": gamma, "mtp_loss_weight": config.mtp_loss_weight}
             _gather_expert_load(tracker)
             if logger is not None:
@@ -244,9 +254,10 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     from megatron_dsv3.data import DataError
     from megatron_dsv3.launch.preflight import PreflightError
     from megatron_dsv3.parallel.groups import ParallelConfigError
+    from megatron_dsv3.parallel.zero1 import DistributedOptimizerError
     from megatron_dsv3.run_config import RunConfigError, load_run_config
 
-    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError, PreflightError)
+    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError, PreflightError, DistributedOptimizerError)
     try:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:

@@ -1,8 +1,10 @@
 """One rank of a parallel-correctness run (driven by tests/test_parallel.py through tests/distributed.py).
 
 `step`: one training step of the tiny model on a fixed global batch under TP x PP x EP x DP,
-through Megatron-Core's schedule as dsv3-train runs it, writing the losses, every full (gathered
-over TP/EP) gradient this rank's stage holds, the grad norm and the updated routing biases. With one
+through Megatron-Core's schedule and the optimizer dsv3-train uses (`--optimizer local`, or
+`distributed`: Megatron's DDP + distributed optimizer), writing the losses, the grad norm, and full
+(gathered over TP/EP) tensors of this rank's stage: gradients (local optimizer only; ZeRO-1 keeps
+a slice of them), updated parameters and Adam moments; and the updated routing biases. With one
 rank and `--write-state` it is the single-process reference and also writes the initial weights
 that the parallel runs load.
 
@@ -23,19 +25,35 @@ from megatron_dsv3 import DSV3Config, build_model, registry
 from megatron_dsv3.model.moe import dispatch
 from megatron_dsv3.model.moe.layer import BalanceLossAttach
 from megatron_dsv3.model.moe.router import update_expert_bias
-from megatron_dsv3.optim import average_gradients, clip_grad_norm
+from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
-from megatron_dsv3.parallel.sharding import gather_full, load_full
+from megatron_dsv3.parallel.sharding import gather_full, load_full, split_of
+from megatron_dsv3.parallel.zero1 import ZeRO1Optimizer
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from patches.megatron_cpu import cpu_shims
 
 GLOBAL_BATCH, SEQ = 8, 16
 MODEL = dict(seq_aux_loss_coeff=1e-3, mtp_num_modules=1, mtp_loss_weight=0.3, bias_update_rate=0.01)
+LR, CLIP = 1e-3, 0.5  # the reference's gradient norm is above CLIP, so clipping is exercised
 
 
 def global_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
     return data[:, :-1], data[:, 1:]
+
+
+def gather_like_params(model, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors shaped like this rank's parameters, made whole over their TP/EP split."""
+    params = dict(model.named_parameters())
+    full = {}
+    for name, value in values.items():
+        dim, group = split_of(params[name])
+        if dim is not None and groups.size(group) > 1:
+            parts = [torch.empty_like(value) for _ in range(groups.size(group))]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts, dim=dim)
+        full[name] = value.detach().clone()
+    return full
 
 
 def record_dispatch(log: list) -> None:
@@ -73,21 +91,30 @@ def step(args, out: Path) -> None:
     BalanceLossAttach.loss_scale = 1.0 / num_micro
     batches = iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
                     for i in range(num_micro)])
-    # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then gradient sync.
+    # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then the optimizer.
     stage = ScheduledModel(model, layout.tensor, layout.pipeline)
+    if args.optimizer == "distributed":
+        optimizer = ZeRO1Optimizer(model, stage.config, lr=LR, clip_grad=CLIP)
+    else:
+        optimizer = LocalOptimizer(model, lr=LR, clip_grad=CLIP)
+    optimizer.zero_grad()
     stage_losses = forward_backward(registry.get("schedule", "1f1b")(), stage, batches, num_micro, micro, SEQ,
                                     bf16=False)
-    average_gradients(model)
     lm, mtp, balance = reduce_losses(stage_losses)
-    grad_norm = clip_grad_norm(model, 1e9)
-    grads = gather_full(model, use_grad=True)
+    grad_norm = optimizer.step(LR)
+    # The averaged, clipped gradients the update used (ZeRO-1 holds only its slice of them).
+    grads = gather_full(model, use_grad=True) if args.optimizer == "local" else {}
+    params = gather_full(model)
+    states = optimizer.param_states()
+    moments = {m: gather_like_params(model, {n: s[m] for n, s in states.items()}) for m in ("exp_avg", "exp_avg_sq")}
     update_expert_bias(model.routers(), config.bias_update_rate, groups.dp_group())
     bias = {m.layer_number: m.router.expert_bias.clone() for m in model.moe_layers()}
     rank = dist.get_rank()
     sent_away = sum(n for kind, *rest in log if kind == "send"
                     for r, n in enumerate(rest[0]) if r != groups.rank(groups.ep_group()))
     torch.save({"loss": lm, "mtp_loss": mtp, "balance_loss": balance, "grad_norm": grad_norm, "bias": bias,
-                "sent_away": sent_away, "grads": grads}, out / f"rank{rank}.pt")
+                "sent_away": sent_away, "grads": grads, "params": params, "moments": moments},
+               out / f"rank{rank}.pt")
 
 
 def node_limited(args, out: Path) -> None:
@@ -123,6 +150,7 @@ def main() -> None:
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--expert", type=int, default=1)
     parser.add_argument("--ranks-per-node", type=int, default=1)
+    parser.add_argument("--optimizer", choices=["local", "distributed"], default="local")
     parser.add_argument("--write-state", action="store_true")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)

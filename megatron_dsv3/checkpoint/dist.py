@@ -32,14 +32,18 @@ def _sharded(key: str, data: torch.Tensor, like: torch.Tensor) -> ShardedTensor:
     return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=replica_id(like))
 
 
-def sharded_state_dict(model: nn.Module, optimizer: Optional[Any] = None) -> dict[str, Any]:
+def sharded_state_dict(model: nn.Module, optimizer: Optional[Any] = None, loading: bool = False) -> dict[str, Any]:
+    """`optimizer` is a LocalOptimizer or a ZeRO-1 one: both hand over their moments shaped like
+    this rank's parameters (the ZeRO-1 one gathers its data-parallel shards first), so the saved
+    layout does not depend on the optimizer or the data-parallel size."""
     state: dict[str, Any] = {}
     for name, tensor in named_tensors(model).items():
         state[f"model.{name}"] = _sharded(f"model.{name}", tensor.data, tensor)
     if optimizer is not None:
-        for name, param in model.named_parameters():
-            for moment, value in optimizer.state[param].items():
-                state[f"optimizer.{moment}.{name}"] = _sharded(f"optimizer.{moment}.{name}", value, param)
+        params = dict(model.named_parameters())
+        for name, moments in optimizer.param_states(empty=loading).items():
+            for moment, value in moments.items():
+                state[f"optimizer.{moment}.{name}"] = _sharded(f"optimizer.{moment}.{name}", value, params[name])
     return state
 
 
@@ -103,16 +107,18 @@ def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) ->
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = sharded_state_dict(model, optimizer)
+    state = sharded_state_dict(model, optimizer, loading=True)
     state["common"] = {}
     loaded = dist_checkpointing.load(state, str(path))
-    targets = {f"model.{n}": t for n, t in named_tensors(model).items()}
+    for name, target in named_tensors(model).items():
+        target.copy_(loaded[f"model.{name}"])
     if optimizer is not None:
-        for name, param in model.named_parameters():
-            for moment, value in optimizer.state[param].items():
-                targets[f"optimizer.{moment}.{name}"] = value
-    for key, target in targets.items():
-        target.copy_(loaded[key])
+        moments: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in loaded.items():
+            if key.startswith("optimizer."):
+                _, moment, name = key.split(".", 2)
+                moments.setdefault(name, {})[moment] = value
+        optimizer.load_param_states(moments)
     return loaded.get("common") or load_common(path)
 
 

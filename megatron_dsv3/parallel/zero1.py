@@ -1,0 +1,185 @@
+"""ZeRO-1 through Megatron-Core: its DistributedDataParallel and distributed optimizer.
+
+DeepSeek-V3 shards the optimizer state over data-parallel ranks (report section 3.2.3 keeps FP32
+master weights and moments on the GPU only because ZeRO-1 spreads them). `ZeRO1Optimizer` wraps
+this rank's model stage in Megatron's DDP (gradients accumulate in contiguous FP32 buffers and are
+reduce-scattered, each rank keeping 1/DP of them) and steps Megatron's DistributedOptimizer: each
+data-parallel rank updates its slice of the parameters with Adam, then the slices are all-gathered.
+Dense parameters are sharded over the data-parallel group, experts (`allreduce=False`) over the
+expert-data-parallel group; Megatron builds one optimizer for each and chains them.
+
+The model marks its parameters in its own terms; `mark_for_megatron` translates them into the
+attributes Megatron's gradient-norm and bucketing code reads:
+    tensor_parallel_dim set    -> tensor_model_parallel, partition_dim (counted on every TP rank)
+    expert_parallel            -> allreduce = False (expert buffers and optimizer), and
+                                  tensor_model_parallel: a TP group's ranks hold different experts
+    pipeline_copy == 1         -> shared (the last stage's embedding copy is not counted twice)
+
+Checkpoints: `param_states` gathers each parameter's moments over the data-parallel group into
+the shape of this rank's parameter, the layout `LocalOptimizer` uses, so a ZeRO-1 run resumes on
+any data-parallel size and under either optimizer. On CPU, `patches.cpu_shims` lets Megatron's
+optimizer accept CPU parameters.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+
+from megatron_dsv3.optim import MOMENTS, all_reduce_flat
+from megatron_dsv3.parallel import groups
+
+
+class DistributedOptimizerError(ValueError):
+    """A setting Megatron's distributed optimizer cannot honour here; the message names it."""
+
+
+def mark_for_megatron(model: nn.Module) -> None:
+    for param in model.parameters():
+        if getattr(param, "expert_parallel", False):
+            # Ranks of one TP group hold different experts (EP spans TP x DP): like Megatron's own
+            # expert linears, they count as tensor-parallel in the gradient norm.
+            param.allreduce = False
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
+        elif getattr(param, "tensor_parallel_dim", None) is not None:
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, param.tensor_parallel_dim, 1
+        if getattr(param, "pipeline_copy", 0) == 1:
+            param.shared = True
+
+
+def _transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class ZeRO1Optimizer:
+    """Megatron-Core DDP + DistributedOptimizer behind the interface of `LocalOptimizer`.
+
+    `bf16_moments` keeps exp_avg and exp_avg_sq in BF16 (report section 3.3.3) through Megatron's
+    precision-aware optimizer, which needs Transformer Engine's FusedAdam."""
+
+    def __init__(self, model: nn.Module, transformer_config: TransformerConfig, lr: float, betas=(0.9, 0.95),
+                 weight_decay: float = 0.1, clip_grad: float = 1.0, bf16_moments: bool = False):
+        if bf16_moments and not _transformer_engine_available():
+            raise DistributedOptimizerError(
+                "train.bf16_adam_moments with parallel.distributed_optimizer needs Transformer Engine's FusedAdam "
+                "(Megatron-Core's precision-aware optimizer), and transformer_engine is not importable here; "
+                "install it, or set parallel.distributed_optimizer=false to keep BF16 moments in our AdamW")
+        self.model, self.weight_decay = model, weight_decay
+        mark_for_megatron(model)
+        self.ddp = DistributedDataParallel(
+            transformer_config,
+            DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+                                          overlap_grad_reduce=False, overlap_param_gather=False),
+            model)
+        precision = dict(use_precision_aware_optimizer=True, exp_avg_dtype=torch.bfloat16,
+                         exp_avg_sq_dtype=torch.bfloat16) if bf16_moments else {}
+        config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
+                                 adam_beta2=betas[1], adam_eps=1e-8, clip_grad=clip_grad, bf16=False,
+                                 params_dtype=torch.float32, use_distributed_optimizer=True, **precision)
+        self.megatron = get_megatron_optimizer(config, [self.ddp])
+        self.shards = list(getattr(self.megatron, "chained_optimizers", [self.megatron]))  # dense, experts
+        self.step_count = 0
+        self._init_states()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.megatron.param_groups
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        with warnings.catch_warnings():  # it reads .grad of its FP32 shard views, which are not leaves
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            self.megatron.zero_grad()
+
+    def step(self, lr: float) -> float:
+        """Sum the embedding copies' gradients over the embedding group, reduce-scatter over
+        data-parallel ranks, clip by the global norm, update this rank's slice and all-gather the
+        parameters. Returns the norm before clipping."""
+        copies = [p.main_grad for p in self.model.parameters() if getattr(p, "pipeline_copy", None) is not None]
+        all_reduce_flat(copies, groups.embedding_group())
+        for group in self.param_groups:  # what Megatron's OptimizerParamScheduler would set
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)  # 0 for norms
+        self.step_count += 1
+        with warnings.catch_warnings():  # torch renamed the collectives Megatron calls; said once per call
+            warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
+            self.ddp.finish_grad_sync()
+            _, grad_norm, _ = self.megatron.step()
+        return float("nan") if grad_norm is None else float(grad_norm)
+
+    # ------------------------------------------------------------------ state
+    def _owned(self):
+        """(shard optimizer, model parameter, this rank's range of the flattened parameter or None),
+        in the model's parameter order, which every rank of a data-parallel group shares."""
+        for name, param in self.model.named_parameters():
+            shard = next((s for s in self.shards if any(param in b.param_index_map for b in s.buffers)), None)
+            if shard is None:
+                raise DistributedOptimizerError(f"parameter {name} is in no buffer of Megatron's optimizer")
+            owned = None
+            if param in shard.model_param_gbuf_map:  # only parameters overlapping this rank's slice
+                owned = shard._get_model_param_range_map(param)["param"]
+            yield name, shard, param, owned
+
+    def _init_states(self) -> None:
+        """Adam state before the first step, so a checkpoint can be loaded into it."""
+        for shard in self.shards:
+            adam = shard.optimizer
+            for group in adam.param_groups:
+                for main in group["params"]:
+                    if not adam.state[main]:
+                        if shard.config.use_precision_aware_optimizer:
+                            adam.initialize_state(main)
+                        else:
+                            adam.state[main].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(main),
+                                                    exp_avg_sq=torch.zeros_like(main))
+
+    def state_bytes(self) -> int:
+        """Bytes of Adam moments held by this rank: its slice only."""
+        return sum(t.numel() * t.element_size() for shard in self.shards for state in shard.optimizer.state.values()
+                   for name, t in state.items() if name in MOMENTS)
+
+    @torch.no_grad()
+    def param_states(self, empty: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Each parameter's moments, whole over the data-parallel group, shaped like the parameter.
+        Every rank of a data-parallel group must call it (it all-reduces) unless `empty`."""
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        per_shard: dict[int, list[torch.Tensor]] = {}
+        for name, shard, param, owned in self._owned():
+            full = {m: torch.zeros(param.numel(), dtype=torch.float32, device=param.device) for m in MOMENTS}
+            if owned is not None and not empty:
+                local = shard._get_main_param_and_optimizer_states(param)
+                for m in MOMENTS:
+                    full[m][owned.start:owned.end] = local[m].float()
+            per_shard.setdefault(id(shard), []).extend(full.values())
+            states[name] = {m: t.view(param.shape) for m, t in full.items()}
+        if not empty:
+            for shard in self.shards:
+                tensors = per_shard.get(id(shard), [])
+                all_reduce_flat(tensors, shard.data_parallel_group)
+        return states
+
+    @torch.no_grad()
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take this rank's slice of each parameter's moments; the Adam step count comes from
+        `step_count` (set it first)."""
+        for name, shard, param, owned in self._owned():
+            if owned is None:
+                continue
+            local = shard._get_main_param_and_optimizer_states(param)
+            for m in MOMENTS:
+                local[m] = states[name][m].flatten()[owned.start:owned.end].to(local[m].dtype)
+            if "step" in local:
+                local["step"] = torch.full_like(local["step"], float(self.step_count))
+            shard._set_main_param_and_optimizer_states(param, local)
+        for shard in self.shards:
+            for group in shard.optimizer.param_groups:
+                if "step" in group:  # Transformer Engine's FusedAdam counts per group
+                    group["step"] = self.step_count
