@@ -3,7 +3,8 @@ AdamW with FP32 master weights and optional BF16 moments (report section 3.3.3),
 warmup + cosine learning rate.
 
 Two optimizers give a training step the same interface (`zero_grad`, `step(lr) -> grad norm`,
-`param_states` / `load_param_states` for checkpoints, `step_count`): `LocalOptimizer` here, which
+`param_states` / `load_param_states` and `master_weights` / `load_master_weights` for
+checkpoints, `step_count`): `LocalOptimizer` here, which
 keeps the whole Adam state on every data-parallel rank, and Megatron-Core's DDP + distributed
 optimizer (ZeRO-1) in `megatron_dsv3.parallel.zero1`. Both save moments in the same layout, so a
 run can resume under the other one.
@@ -157,6 +158,12 @@ class LocalOptimizer:
         for name, p in self.model.named_parameters():
             for m in MOMENTS:
                 self.adam.state[p][m].copy_(states[name][m])
+
+    def master_weights(self, empty: bool = False) -> dict[str, torch.Tensor]:
+        return {}  # the parameters are the FP32 master weights
+
+    def load_master_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        pass
 
 
 def learning_rate(step: int, total: int, peak: float, minimum: float, warmup: int) -> float:

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 20, "weight_decay": 0.1,
         "adam_beta1": 0.9, "adam_beta2": 0.95, "clip_grad": 1.0, "seed": 1234,
         "bf16": False, "fp8": "none", "bf16_adam_moments": False, "recompute": "none",
+        "param_dtype": "float32",  # bfloat16: BF16 weights, FP32 masters in the distributed optimizer
         "log_interval": 10, "device": "auto",
         # Schedules as [[tokens_from, value], ...]; the report's are gamma 0.001 until 14.3T tokens
         # then 0, and lambda 0.3 until 10T then 0.1. None keeps the model preset's constant value.
@@ -121,6 +122,13 @@ def validate_run_config(run: dict[str, Any]) -> None:
                              f"(registered: {', '.join(registry.names('schedule'))})")
     if par["distributed_optimizer"] not in ("auto", True, False):
         raise RunConfigError(f"parallel.distributed_optimizer={par['distributed_optimizer']!r} must be auto, true or false")
+    if train["param_dtype"] not in ("float32", "bfloat16"):
+        raise RunConfigError(f"train.param_dtype={train['param_dtype']!r} must be float32 or bfloat16")
+    if train["param_dtype"] == "bfloat16" and not train["bf16"]:
+        raise RunConfigError("train.param_dtype=bfloat16 needs train.bf16=true (BF16 weights compute under BF16 autocast)")
+    if train["param_dtype"] == "bfloat16" and par["distributed_optimizer"] is False:
+        raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed optimizer, "
+                             "and parallel.distributed_optimizer is false")
     if train["recompute"] not in ("none", "selective", "full"):
         raise RunConfigError(f"train.recompute={train['recompute']!r} is not one of none, selective (RMSNorm, MLA "
                              "up-projections and SwiGLU outputs rerun in backward) or full (every decoder layer)")

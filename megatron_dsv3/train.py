@@ -145,8 +145,14 @@ def train(run: dict[str, Any]) -> int:
         # ZeRO-1: Megatron-Core's DDP + distributed optimizer shard the Adam state over data parallel.
         from megatron_dsv3.parallel.zero1 import ZeRO1Optimizer
 
-        optimizer = ZeRO1Optimizer(model, stage.config, bf16_moments=tcfg["bf16_adam_moments"], **adam)
-        optimizer_name = f"Megatron DistributedOptimizer (ZeRO-1 over DP{layout.data})"
+        bf16_params = tcfg["param_dtype"] == "bfloat16"
+        optimizer = ZeRO1Optimizer(model, stage.config, bf16_moments=tcfg["bf16_adam_moments"], bf16_params=bf16_params,
+                                   **adam)
+        optimizer_name = (f"Megatron DistributedOptimizer (ZeRO-1 over DP{layout.data}"
+                          f"{', BF16 weights with FP32 master slices' if bf16_params else ''})")
+    elif tcfg["param_dtype"] == "bfloat16":
+        raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
+                             "optimizer, which parallel.distributed_optimizer=auto picks only on GPU: set it to true")
     else:
         optimizer = LocalOptimizer(model, moment_dtype=torch.bfloat16 if tcfg["bf16_adam_moments"] else torch.float32,
                                    **adam)

@@ -443,6 +443,14 @@ REFUSALS = {
     "recompute": (lambda *_: ["train.recompute=some"], r"train\.recompute='some' is not one of none, selective"),
     "distributed-optimizer": (lambda *_: ["parallel.distributed_optimizer=maybe"],
                               r"parallel\.distributed_optimizer='maybe' must be auto, true or false"),
+    "bf16-weights-without-autocast": (lambda *_: ["train.param_dtype=bfloat16", "parallel.distributed_optimizer=true"],
+                                      r"train\.param_dtype=bfloat16 needs train\.bf16=true"),
+    "bf16-weights-without-masters": (lambda *_: ["train.param_dtype=bfloat16", "train.bf16=true",
+                                                 "parallel.distributed_optimizer=false"],
+                                     r"FP32 master weights in Megatron's distributed optimizer, and "
+                                     r"parallel\.distributed_optimizer is false"),
+    "bf16-weights-auto-on-cpu": (lambda *_: ["train.param_dtype=bfloat16", "train.bf16=true"],
+                                 r"distributed_optimizer=auto picks only on GPU: set it to true"),
     "lr-not-a-number": (lambda *_: ["train.lr=fast"], r"train\.lr must be a number, got 'fast'"),
     "missing-data": (lambda *_: ["data.paths=[/nonexistent/x]"], r"/nonexistent/x.*missing"),
     "unreadable-data": (_unreadable, r"locked\.bin is not readable"),
@@ -653,3 +661,40 @@ def test_zero1_trains_like_the_local_optimizer_and_its_checkpoints_resume_anywhe
         assert common["optimizer_steps"] == 4 and moments.keys() == ref_moments.keys()
         for name, value in ref_moments.items():
             torch.testing.assert_close(moments[name], value, rtol=1e-4, atol=1e-9, msg=f"{run_dir.name}: {name}")
+
+
+@pytest.mark.timeout(300)
+def test_zero1_bf16_weights_keep_fp32_masters_through_a_resume(tmp_path, capsys, ranks):
+    """train.param_dtype=bfloat16: BF16 weights, FP32 master slices in Megatron's optimizer. The
+    checkpoint stores the masters (FP32 values no BF16 number equals), so a resume from step 2
+    continues bitwise; the losses stay within 1% of FP32 weights under the same BF16 autocast."""
+    import torch
+
+    bf16 = ("parallel.distributed_optimizer=true", "train.bf16=true", "train.steps=4", "checkpoint.save_interval=2")
+    straight = tmp_path / "straight"
+    codes, logs = ranks.run(2, _args(straight, *bf16, "train.param_dtype=bfloat16"), straight / "logs")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "ZeRO-1 over DP2, BF16 weights with FP32 master slices" in logs[0]
+    fp32 = tmp_path / "fp32_weights"
+    codes, logs = ranks.run(2, _args(fp32, *bf16), fp32 / "logs")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "ckpt").mkdir(parents=True)
+    shutil.copytree(straight / "ckpt" / "iter_0000002", resumed / "ckpt" / "iter_0000002")
+    (resumed / "ckpt" / "latest").write_text("2\n")
+    codes, logs = ranks.run(2, _args(resumed, *bf16, "train.param_dtype=bfloat16"), resumed / "logs")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "resumed from step 2" in logs[0]
+
+    reference = {r["step"]: r for r in _records(straight)}
+    assert sorted(reference) == [1, 2, 3, 4]
+    for step, record in {r["step"]: r for r in _records(resumed)}.items():
+        assert (record["loss"], record["grad_norm"]) == (reference[step]["loss"], reference[step]["grad_norm"]), step
+    for step, record in {r["step"]: r for r in _records(fp32)}.items():
+        assert reference[step]["loss"] == pytest.approx(record["loss"], rel=1e-2), step
+
+    tensors, _, _ = _load_checkpoint(straight / "ckpt" / "iter_0000002")
+    weights = [t for name, t in tensors.items() if name.endswith(".weight")]
+    assert all(w.dtype == torch.float32 for w in weights)
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights), "the checkpoint holds BF16-rounded weights"

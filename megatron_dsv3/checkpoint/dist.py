@@ -35,10 +35,12 @@ def _sharded(key: str, data: torch.Tensor, like: torch.Tensor) -> ShardedTensor:
 def sharded_state_dict(model: nn.Module, optimizer: Optional[Any] = None, loading: bool = False) -> dict[str, Any]:
     """`optimizer` is a LocalOptimizer or a ZeRO-1 one: both hand over their moments shaped like
     this rank's parameters (the ZeRO-1 one gathers its data-parallel shards first), so the saved
-    layout does not depend on the optimizer or the data-parallel size."""
+    layout does not depend on the optimizer or the data-parallel size. Weights are saved in FP32:
+    BF16 weights are replaced by the optimizer's FP32 master copies."""
     state: dict[str, Any] = {}
+    masters = optimizer.master_weights(empty=loading) if optimizer is not None else {}  # FP32 for BF16 weights
     for name, tensor in named_tensors(model).items():
-        state[f"model.{name}"] = _sharded(f"model.{name}", tensor.data, tensor)
+        state[f"model.{name}"] = _sharded(f"model.{name}", masters.get(name, tensor.data), tensor)
     if optimizer is not None:
         params = dict(model.named_parameters())
         for name, moments in optimizer.param_states(empty=loading).items():
@@ -113,6 +115,7 @@ def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) ->
     for name, target in named_tensors(model).items():
         target.copy_(loaded[f"model.{name}"])
     if optimizer is not None:
+        optimizer.load_master_weights({name: loaded[f"model.{name}"] for name in optimizer.master_weights(empty=True)})
         moments: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in loaded.items():
             if key.startswith("optimizer."):

@@ -1,8 +1,10 @@
 """Analytic parameter counts and a per-GPU memory estimate for a DeepSeek-V3 layout.
 
-Parameters, gradients and optimizer states follow Megatron-Core's mixed precision with the
-distributed optimizer (ZeRO-1): BF16 weights, FP32 main gradients, FP32 master weights and Adam
-moments (BF16 moments as in report section 3.3.3) sharded over data parallel. Activations count
+Parameters, gradients and optimizer states follow what dsv3-train holds: with
+`train.param_dtype: bfloat16`, Megatron-Core's mixed precision (BF16 weights, FP32 main gradients,
+FP32 master weights), otherwise FP32 weights and gradients; Adam moments in FP32 or BF16
+(`train.bf16_adam_moments`, report section 3.3.3); master weights and moments sharded over data
+parallel by the distributed optimizer (ZeRO-1) unless `parallel.distributed_optimizer: false`. Activations count
 what one layer saves for backward per token, with the report's selective recomputation (section
 3.2.3: RMSNorm and MLA up-projections; SwiGLU outputs) and FP8 caching of linear inputs
 (section 3.3.3), times the micro-batches a rank holds in flight under the pipeline schedule.
@@ -134,13 +136,14 @@ def in_flight(layout: Layout, micro_batches: int) -> tuple[float, float]:
     return float(min(pp, micro_batches)), 1.0 / pp
 
 
-def estimate_memory(c: DSV3Config, layout: Layout, train: dict, reserve_gib: float = 0.0) -> MemoryEstimate:
+def estimate_memory(c: DSV3Config, layout: Layout, train: dict, reserve_gib: float = 0.0,
+                    distributed_optimizer: bool = True) -> MemoryEstimate:
     """Per-GPU memory of `c` trained under `layout` with the run's `train:` section."""
     recompute = train.get("recompute") or "none"
     if recompute not in RECOMPUTE:
         raise ValueError(f"train.recompute={recompute!r} is not one of {RECOMPUTE}")
     fp8 = (train.get("fp8") or "none") != "none"
-    mixed = bool(train.get("bf16")) or fp8
+    mixed = train.get("param_dtype") == "bfloat16"  # BF16 weights + FP32 masters
     counts = count_params(c)
     tp, pp = layout.tensor, layout.pipeline
     copies = 2 if layout.schedule == "dualpipe" and pp > 1 else 1
@@ -151,7 +154,8 @@ def estimate_memory(c: DSV3Config, layout: Layout, train: dict, reserve_gib: flo
     weight_bytes = 2 if mixed else 4
     moment_bytes = 2 * (2 if train.get("bf16_adam_moments") else 4)
     state_bytes = moment_bytes + (4 if mixed else 0)  # + FP32 master copy under mixed precision
-    optimizer = state_bytes * (routed / layout.expert_data + shared / layout.data)
+    expert_shards, dense_shards = (layout.expert_data, layout.data) if distributed_optimizer else (1, 1)
+    optimizer = state_bytes * (routed / expert_shards + shared / dense_shards)
 
     tokens = int(train["seq_length"]) * int(train["micro_batch_size"])
     layers = c.num_layers + c.mtp_num_modules

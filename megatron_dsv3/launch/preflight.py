@@ -130,7 +130,8 @@ def preflight(run: dict[str, Any], check_memory: bool = True) -> PreflightReport
     capacity = None if lay.cpu else gpu_memory_gib(preset)
     memory = None
     if capacity is not None:
-        memory = estimate_memory(config, lay, train, float(preset.get("reserve_gib", 0)))
+        distributed = run["parallel"].get("distributed_optimizer", "auto") in (True, "auto")  # auto: on GPU
+        memory = estimate_memory(config, lay, train, float(preset.get("reserve_gib", 0)), distributed)
         if check_memory and memory.total > capacity * GIB:
             raise PreflightError(
                 f"memory estimate {memory.total / GIB:.1f} GiB per GPU exceeds the {capacity:g} GiB capacity of "

@@ -62,18 +62,24 @@ def _transformer_engine_available() -> bool:
 class ZeRO1Optimizer:
     """Megatron-Core DDP + DistributedOptimizer behind the interface of `LocalOptimizer`.
 
-    `bf16_moments` keeps exp_avg and exp_avg_sq in BF16 (report section 3.3.3) through Megatron's
-    precision-aware optimizer, which needs Transformer Engine's FusedAdam."""
+    `bf16_params` turns the model's weights to BF16 while the optimizer updates FP32 master copies
+    of its slice (report section 3.3.3; Megatron's mixed precision). `bf16_moments` keeps exp_avg
+    and exp_avg_sq in BF16 (same section) through Megatron's precision-aware optimizer, which
+    needs Transformer Engine's FusedAdam."""
 
     def __init__(self, model: nn.Module, transformer_config: TransformerConfig, lr: float, betas=(0.9, 0.95),
-                 weight_decay: float = 0.1, clip_grad: float = 1.0, bf16_moments: bool = False):
+                 weight_decay: float = 0.1, clip_grad: float = 1.0, bf16_moments: bool = False,
+                 bf16_params: bool = False):
         if bf16_moments and not _transformer_engine_available():
             raise DistributedOptimizerError(
                 "train.bf16_adam_moments with parallel.distributed_optimizer needs Transformer Engine's FusedAdam "
                 "(Megatron-Core's precision-aware optimizer), and transformer_engine is not importable here; "
                 "install it, or set parallel.distributed_optimizer=false to keep BF16 moments in our AdamW")
-        self.model, self.weight_decay = model, weight_decay
+        self.model, self.weight_decay, self.bf16_params = model, weight_decay, bf16_params
         mark_for_megatron(model)
+        if bf16_params:  # the optimizer keeps FP32 master copies of this rank's slice
+            for param in model.parameters():
+                param.data = param.data.bfloat16()
         self.ddp = DistributedDataParallel(
             transformer_config,
             DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
@@ -82,8 +88,9 @@ class ZeRO1Optimizer:
         precision = dict(use_precision_aware_optimizer=True, exp_avg_dtype=torch.bfloat16,
                          exp_avg_sq_dtype=torch.bfloat16) if bf16_moments else {}
         config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
-                                 adam_beta2=betas[1], adam_eps=1e-8, clip_grad=clip_grad, bf16=False,
-                                 params_dtype=torch.float32, use_distributed_optimizer=True, **precision)
+                                 adam_beta2=betas[1], adam_eps=1e-8, clip_grad=clip_grad, bf16=bf16_params,
+                                 params_dtype=torch.bfloat16 if bf16_params else torch.float32,
+                                 use_distributed_optimizer=True, **precision)
         self.megatron = get_megatron_optimizer(config, [self.ddp])
         self.shards = list(getattr(self.megatron, "chained_optimizers", [self.megatron]))  # dense, experts
         self.step_count = 0
@@ -147,35 +154,34 @@ class ZeRO1Optimizer:
                    for name, t in state.items() if name in MOMENTS)
 
     @torch.no_grad()
-    def param_states(self, empty: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-        """Each parameter's moments, whole over the data-parallel group, shaped like the parameter.
-        Every rank of a data-parallel group must call it (it all-reduces) unless `empty`."""
-        states: dict[str, dict[str, torch.Tensor]] = {}
+    def _gather(self, keys: tuple[str, ...], empty: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """The optimizer tensors `keys` ("exp_avg", "exp_avg_sq", "param": the FP32 main copy) of
+        every parameter, whole over the data-parallel group (an all-reduce of the slices, so every
+        rank of the group must call it unless `empty`), in FP32, shaped like the parameter."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
         per_shard: dict[int, list[torch.Tensor]] = {}
         for name, shard, param, owned in self._owned():
-            full = {m: torch.zeros(param.numel(), dtype=torch.float32, device=param.device) for m in MOMENTS}
+            full = {k: torch.zeros(param.numel(), dtype=torch.float32, device=param.device) for k in keys}
             if owned is not None and not empty:
                 local = shard._get_main_param_and_optimizer_states(param)
-                for m in MOMENTS:
-                    full[m][owned.start:owned.end] = local[m].float()
+                for k in keys:
+                    full[k][owned.start:owned.end] = local[k].float()
             per_shard.setdefault(id(shard), []).extend(full.values())
-            states[name] = {m: t.view(param.shape) for m, t in full.items()}
+            out[name] = {k: t.view(param.shape) for k, t in full.items()}
         if not empty:
             for shard in self.shards:
-                tensors = per_shard.get(id(shard), [])
-                all_reduce_flat(tensors, shard.data_parallel_group)
-        return states
+                all_reduce_flat(per_shard.get(id(shard), []), shard.data_parallel_group)
+        return out
 
     @torch.no_grad()
-    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Take this rank's slice of each parameter's moments; the Adam step count comes from
-        `step_count` (set it first)."""
+    def _scatter(self, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take this rank's slice of each parameter's given optimizer tensors."""
         for name, shard, param, owned in self._owned():
             if owned is None:
                 continue
             local = shard._get_main_param_and_optimizer_states(param)
-            for m in MOMENTS:
-                local[m] = states[name][m].flatten()[owned.start:owned.end].to(local[m].dtype)
+            for k, value in values[name].items():
+                local[k] = value.flatten()[owned.start:owned.end].to(local[k].dtype)
             if "step" in local:
                 local["step"] = torch.full_like(local["step"], float(self.step_count))
             shard._set_main_param_and_optimizer_states(param, local)
@@ -183,3 +189,23 @@ class ZeRO1Optimizer:
             for group in shard.optimizer.param_groups:
                 if "step" in group:  # Transformer Engine's FusedAdam counts per group
                     group["step"] = self.step_count
+
+    def param_states(self, empty: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Each parameter's Adam moments, whole over the data-parallel group, shaped like it."""
+        return self._gather(MOMENTS, empty)
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take this rank's slice of the moments; the Adam step count comes from `step_count`
+        (set it first)."""
+        self._scatter({name: {m: states[name][m] for m in MOMENTS} for name in states})
+
+    def master_weights(self, empty: bool = False) -> dict[str, torch.Tensor]:
+        """With BF16 weights, their FP32 master copies (whole, shaped like the parameters): what a
+        checkpoint stores as the weights. Empty when the weights are FP32 themselves."""
+        if not self.bf16_params:
+            return {}
+        return {name: tensors["param"] for name, tensors in self._gather(("param",), empty).items()}
+
+    def load_master_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.bf16_params:
+            self._scatter({name: {"param": weights[name]} for name in weights})
