@@ -27,7 +27,7 @@ from megatron_dsv3.model.moe.layer import BalanceLossAttach
 from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
-from megatron_dsv3.parallel.sharding import gather_full, load_full, split_of
+from megatron_dsv3.parallel.sharding import gather_full, gather_like, load_full
 from megatron_dsv3.parallel.zero1 import ZeRO1Optimizer
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from patches.megatron_cpu import cpu_shims
@@ -40,20 +40,6 @@ LR, CLIP = 1e-3, 0.5  # the reference's gradient norm is above CLIP, so clipping
 def global_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
     return data[:, :-1], data[:, 1:]
-
-
-def gather_like_params(model, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors shaped like this rank's parameters, made whole over their TP/EP split."""
-    params = dict(model.named_parameters())
-    full = {}
-    for name, value in values.items():
-        dim, group = split_of(params[name])
-        if dim is not None and groups.size(group) > 1:
-            parts = [torch.empty_like(value) for _ in range(groups.size(group))]
-            dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts, dim=dim)
-        full[name] = value.detach().clone()
-    return full
 
 
 def record_dispatch(log: list) -> None:
@@ -106,7 +92,8 @@ def step(args, out: Path) -> None:
     grads = gather_full(model, use_grad=True) if args.optimizer == "local" else {}
     params = gather_full(model)
     states = optimizer.param_states()
-    moments = {m: gather_like_params(model, {n: s[m] for n, s in states.items()}) for m in ("exp_avg", "exp_avg_sq")}
+    params_by_name = dict(model.named_parameters())
+    moments = {m: gather_like(params_by_name, {n: s[m] for n, s in states.items()}) for m in ("exp_avg", "exp_avg_sq")}
     update_expert_bias(model.routers(), config.bias_update_rate, groups.dp_group())
     bias = {m.layer_number: m.router.expert_bias.clone() for m in model.moe_layers()}
     rank = dist.get_rank()

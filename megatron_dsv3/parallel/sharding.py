@@ -53,11 +53,18 @@ def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def gather_full(model: nn.Module, use_grad: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its gradient) as the full, unsharded tensor, on every rank."""
+    tensors = named_tensors(model)
+    values = {name: t.grad if use_grad else t for name, t in tensors.items()}
+    return gather_like(tensors, {name: v for name, v in values.items() if v is not None})
+
+
+@torch.no_grad()
+def gather_like(tensors: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each of `values` (shaped like this rank's shard of `tensors[name]`: a gradient, an Adam
+    moment) made whole over that tensor's split, on every rank."""
     full = {}
-    for name, tensor in named_tensors(model).items():
-        value = tensor.grad if use_grad else tensor
-        if value is None:
-            continue
+    for name, value in values.items():
+        tensor = tensors[name]
         dim, group = split_of(tensor)
         if dim is not None and groups.size(group) > 1:
             parts = [torch.empty_like(value) for _ in range(groups.size(group))]
