@@ -77,19 +77,32 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return norm
 
 
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay for matrices, none for vectors (norm scales)."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+
+
 class AdamW(torch.optim.Optimizer):
-    """Decoupled-weight-decay Adam on FP32 master parameters; moments in `moment_dtype`.
+    """Decoupled-weight-decay Adam on FP32 master parameters; moments in `moment_dtype`. Each
+    group's `weight_decay` applies to all its parameters (see `decay_groups`).
 
     State is created eagerly so a checkpoint can be loaded before the first step."""
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+    def __init__(self, params: Iterable, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, moment_dtype: torch.dtype = torch.float32):
         super().__init__(list(params), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.step_count = 0
+        self.step_count, self.moment_dtype = 0, moment_dtype
+        self.init_state()
+
+    def init_state(self) -> None:
+        """Zero moments for every parameter of `param_groups` (call again after replacing them)."""
+        self.state.clear()
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p] = {"exp_avg": torch.zeros_like(p, dtype=moment_dtype),
-                                 "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype)}
+                self.state[p] = {"exp_avg": torch.zeros_like(p, dtype=self.moment_dtype),
+                                 "exp_avg_sq": torch.zeros_like(p, dtype=self.moment_dtype)}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -107,7 +120,7 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["exp_avg"].copy_(exp_avg)
                 state["exp_avg_sq"].copy_(exp_avg_sq)
-                if group["weight_decay"] and p.dim() > 1:
+                if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 denom = (exp_avg_sq / correction2).sqrt_().add_(group["eps"])
                 p.addcdiv_(exp_avg, denom, value=-group["lr"] / correction1)
@@ -123,7 +136,7 @@ class LocalOptimizer:
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1,
                  clip_grad: float = 1.0, moment_dtype: torch.dtype = torch.float32):
         self.model, self.clip_grad = model, clip_grad
-        self.adam = AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, moment_dtype=moment_dtype)
+        self.adam = AdamW(decay_groups(model.parameters(), weight_decay), lr=lr, betas=betas, moment_dtype=moment_dtype)
 
     @property
     def step_count(self) -> int:

@@ -260,10 +260,9 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     from megatron_dsv3.data import DataError
     from megatron_dsv3.launch.preflight import PreflightError
     from megatron_dsv3.parallel.groups import ParallelConfigError
-    from megatron_dsv3.parallel.zero1 import DistributedOptimizerError
     from megatron_dsv3.run_config import RunConfigError, load_run_config
 
-    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError, PreflightError, DistributedOptimizerError)
+    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError, PreflightError)
     try:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:

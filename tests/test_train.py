@@ -460,20 +460,6 @@ REFUSALS = {
 }
 
 
-def _transformer_engine_missing() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return True
-    return False
-
-
-if _transformer_engine_missing():  # with TE, Megatron's precision-aware optimizer takes BF16 moments
-    REFUSALS["bf16-moments-in-zero1-without-te"] = (
-        lambda *_: ["parallel.distributed_optimizer=true", "train.bf16_adam_moments=true"],
-        r"train\.bf16_adam_moments with parallel\.distributed_optimizer needs Transformer Engine's FusedAdam")
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # IndexedDataset.__del__
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refused_before_any_compute(case, tmp_path, capsys, monkeypatch, small_dataset):
@@ -698,3 +684,33 @@ def test_zero1_bf16_weights_keep_fp32_masters_through_a_resume(tmp_path, capsys,
     weights = [t for name, t in tensors.items() if name.endswith(".weight")]
     assert all(w.dtype == torch.float32 for w in weights)
     assert any(not torch.equal(w, w.bfloat16().float()) for w in weights), "the checkpoint holds BF16-rounded weights"
+
+
+@pytest.mark.timeout(300)
+def test_zero1_with_bf16_moments_matches_the_local_optimizer_with_half_the_moments_per_rank(tmp_path, ranks):
+    """train.bf16_adam_moments under ZeRO-1 (without Transformer Engine: our AdamW inside Megatron's
+    distributed optimizer) on DP2: the local optimizer's BF16-moment losses (1e-6 relative; observed
+    equal) with half its moment bytes per rank, a quarter of FP32 moments without ZeRO-1; a resume
+    from its step-2 checkpoint continues bitwise."""
+    zero1 = ["parallel.distributed_optimizer=true", "train.bf16_adam_moments=true"]
+    runs = {}
+    for name, extra in (("zero1", zero1),
+                        ("local", ["parallel.distributed_optimizer=false", "train.bf16_adam_moments=true"]),
+                        ("local_fp32", ["parallel.distributed_optimizer=false"]), ("zero1_resumed", zero1)):
+        run_dir = tmp_path / name
+        if name == "zero1_resumed":
+            (run_dir / "ckpt").mkdir(parents=True)
+            shutil.copytree(tmp_path / "zero1" / "ckpt" / "iter_0000002", run_dir / "ckpt" / "iter_0000002")
+            (run_dir / "ckpt" / "latest").write_text("2\n")
+        codes, logs = ranks.run(2, _args(run_dir, "train.steps=4", "checkpoint.save_interval=2", *extra),
+                                run_dir / "logs")
+        assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+        mib = float(re.search(r"Adam moments ([\d.]+) MiB on this rank", logs[0]).group(1))
+        runs[name] = (mib, _losses(run_dir))
+    assert runs["zero1"][0] == pytest.approx(runs["local"][0] / 2, rel=0.05)
+    assert runs["local"][0] == pytest.approx(runs["local_fp32"][0] / 2, rel=0.01)
+    assert sorted(runs["zero1"][1]) == [1, 2, 3, 4]
+    for step, loss in runs["local"][1].items():
+        assert runs["zero1"][1][step] == pytest.approx(loss, rel=1e-6), step
+    assert runs["local"][1][4] != runs["local_fp32"][1][4]  # BF16 moments really changed the update
+    assert runs["zero1_resumed"][1] == {step: runs["zero1"][1][step] for step in (3, 4)}

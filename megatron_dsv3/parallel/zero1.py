@@ -30,12 +30,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megatron_dsv3.optim import MOMENTS, all_reduce_flat
+from megatron_dsv3.optim import MOMENTS, AdamW, all_reduce_flat
 from megatron_dsv3.parallel import groups
-
-
-class DistributedOptimizerError(ValueError):
-    """A setting Megatron's distributed optimizer cannot honour here; the message names it."""
 
 
 def mark_for_megatron(model: nn.Module) -> None:
@@ -64,17 +60,12 @@ class ZeRO1Optimizer:
 
     `bf16_params` turns the model's weights to BF16 while the optimizer updates FP32 master copies
     of its slice (report section 3.3.3; Megatron's mixed precision). `bf16_moments` keeps exp_avg
-    and exp_avg_sq in BF16 (same section) through Megatron's precision-aware optimizer, which
-    needs Transformer Engine's FusedAdam."""
+    and exp_avg_sq in BF16 (same section): through Megatron's precision-aware optimizer (Transformer
+    Engine's FusedAdam) where TE is installed, else with our AdamW as the inner optimizer."""
 
     def __init__(self, model: nn.Module, transformer_config: TransformerConfig, lr: float, betas=(0.9, 0.95),
                  weight_decay: float = 0.1, clip_grad: float = 1.0, bf16_moments: bool = False,
                  bf16_params: bool = False):
-        if bf16_moments and not _transformer_engine_available():
-            raise DistributedOptimizerError(
-                "train.bf16_adam_moments with parallel.distributed_optimizer needs Transformer Engine's FusedAdam "
-                "(Megatron-Core's precision-aware optimizer), and transformer_engine is not importable here; "
-                "install it, or set parallel.distributed_optimizer=false to keep BF16 moments in our AdamW")
         self.model, self.weight_decay, self.bf16_params = model, weight_decay, bf16_params
         mark_for_megatron(model)
         if bf16_params:  # the optimizer keeps FP32 master copies of this rank's slice
@@ -85,14 +76,25 @@ class ZeRO1Optimizer:
             DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
                                           overlap_grad_reduce=False, overlap_param_gather=False),
             model)
+        with_te = bf16_moments and _transformer_engine_available()
         precision = dict(use_precision_aware_optimizer=True, exp_avg_dtype=torch.bfloat16,
-                         exp_avg_sq_dtype=torch.bfloat16) if bf16_moments else {}
+                         exp_avg_sq_dtype=torch.bfloat16) if with_te else {}
         config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
                                  adam_beta2=betas[1], adam_eps=1e-8, clip_grad=clip_grad, bf16=bf16_params,
                                  params_dtype=torch.bfloat16 if bf16_params else torch.float32,
                                  use_distributed_optimizer=True, **precision)
         self.megatron = get_megatron_optimizer(config, [self.ddp])
         self.shards = list(getattr(self.megatron, "chained_optimizers", [self.megatron]))  # dense, experts
+        if bf16_moments and not with_te:
+            # Without TE, the inner optimizer that updates this rank's FP32 slices is our AdamW, which
+            # keeps its moments in BF16; Megatron reaches it through `.optimizer` only.
+            # The slices are views, which torch.optim refuses as parameters; like Megatron, hand the
+            # groups over after construction.
+            for shard in self.shards:
+                adam = AdamW([torch.empty(0, requires_grad=True)], lr=lr, betas=betas, moment_dtype=torch.bfloat16)
+                adam.param_groups = shard.optimizer.param_groups
+                adam.init_state()
+                shard.optimizer = adam
         self.step_count = 0
         self._init_states()
 
@@ -129,7 +131,7 @@ class ZeRO1Optimizer:
         for name, param in self.model.named_parameters():
             shard = next((s for s in self.shards if any(param in b.param_index_map for b in s.buffers)), None)
             if shard is None:
-                raise DistributedOptimizerError(f"parameter {name} is in no buffer of Megatron's optimizer")
+                raise RuntimeError(f"parameter {name} is in no buffer of Megatron's optimizer")
             owned = None
             if param in shard.model_param_gbuf_map:  # only parameters overlapping this rank's slice
                 owned = shard._get_model_param_range_map(param)["param"]
@@ -186,6 +188,8 @@ class ZeRO1Optimizer:
                 local["step"] = torch.full_like(local["step"], float(self.step_count))
             shard._set_main_param_and_optimizer_states(param, local)
         for shard in self.shards:
+            if isinstance(shard.optimizer, AdamW):
+                shard.optimizer.step_count = self.step_count
             for group in shard.optimizer.param_groups:
                 if "step" in group:  # Transformer Engine's FusedAdam counts per group
                     group["step"] = self.step_count
