@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ZeRO-1 (Megatron-Core's DDP + distributed optimizer) vs this project's AdamW, tiny preset on CPU
-# (BENCHMARKS.md): tokens/s, Adam moments per rank, loss at step 40; ~3 min on 2 cores.
+# (BENCHMARKS.md): tokens/s, Adam moments per rank, loss at step 40; ~2 min on 2 cores.
 set -e
 cd "$(dirname "$0")/.."
 common="train.steps=40 train.log_interval=1 logging.console=true checkpoint.save_interval=0"
@@ -12,7 +12,9 @@ run1 r1_zero1 parallel.distributed_optimizer=true
 run2 dp2_local parallel.distributed_optimizer=false
 run2 dp2_zero1 parallel.distributed_optimizer=true
 run2 ep2_zero1 parallel.distributed_optimizer=true parallel.expert=2
-for d in r1_local r1_zero1 dp2_local dp2_zero1 ep2_zero1; do
+run2 dp2_local_bf16m parallel.distributed_optimizer=false train.bf16_adam_moments=true
+run2 dp2_zero1_bf16m parallel.distributed_optimizer=true train.bf16_adam_moments=true
+for d in r1_local r1_zero1 dp2_local dp2_zero1 ep2_zero1 dp2_local_bf16m dp2_zero1_bf16m; do
   .venv/bin/python - "$d" <<'PY'
 import json, re, statistics, sys
 name = sys.argv[1]
