@@ -1,7 +1,8 @@
 """ZeRO-1 through Megatron-Core: its DistributedDataParallel and distributed optimizer.
 
-DeepSeek-V3 shards the optimizer state over data-parallel ranks (report section 3.2.3 keeps FP32
-master weights and moments on the GPU only because ZeRO-1 spreads them). `ZeRO1Optimizer` wraps
+DeepSeek-V3 trains with ZeRO-1 data parallelism (report section 3.2: the optimizer state is
+sharded over data-parallel ranks, next to 16-way pipeline and 64-way expert parallelism), keeping
+FP32 master weights and BF16 moments (section 3.3.3). `ZeRO1Optimizer` wraps
 this rank's model stage in Megatron's DDP (gradients accumulate in contiguous FP32 buffers and are
 reduce-scattered, each rank keeping 1/DP of them) and steps Megatron's DistributedOptimizer: each
 data-parallel rank updates its slice of the parameters with Adam, then the slices are all-gathered.
