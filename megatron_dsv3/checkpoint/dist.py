@@ -115,7 +115,7 @@ def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) ->
     for name, target in named_tensors(model).items():
         target.copy_(loaded[f"model.{name}"])
     if optimizer is not None:
-        optimizer.load_master_weights({name: loaded[f"model.{name}"] for name in optimizer.master_weights(empty=True)})
+        optimizer.load_master_weights({name: loaded[f"model.{name}"] for name, _ in model.named_parameters()})
         moments: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in loaded.items():
             if key.startswith("optimizer."):

@@ -99,10 +99,6 @@ class ZeRO1Optimizer:
         self.step_count = 0
         self._init_states()
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.megatron.param_groups
-
     def zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
         with warnings.catch_warnings():  # it reads .grad of its FP32 shard views, which are not leaves
@@ -115,7 +111,7 @@ class ZeRO1Optimizer:
         parameters. Returns the norm before clipping."""
         copies = [p.main_grad for p in self.model.parameters() if getattr(p, "pipeline_copy", None) is not None]
         all_reduce_flat(copies, groups.embedding_group())
-        for group in self.param_groups:  # what Megatron's OptimizerParamScheduler would set
+        for group in self.megatron.param_groups:  # what Megatron's OptimizerParamScheduler would set
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)  # 0 for norms
         self.step_count += 1
@@ -127,7 +123,7 @@ class ZeRO1Optimizer:
 
     # ------------------------------------------------------------------ state
     def _owned(self):
-        """(shard optimizer, model parameter, this rank's range of the flattened parameter or None),
+        """(name, shard optimizer, parameter, this rank's range of the flattened parameter or None),
         in the model's parameter order, which every rank of a data-parallel group shares."""
         for name, param in self.model.named_parameters():
             shard = next((s for s in self.shards if any(param in b.param_index_map for b in s.buffers)), None)
