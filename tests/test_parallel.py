@@ -5,9 +5,17 @@ rank where it has them; pipelined layouts run them through Megatron-Core's 1F1B 
 same initial weights, then one optimizer step: ours (`local`) or Megatron-Core's DDP + distributed
 optimizer (`ZeRO-1`). Tolerances (fp32; results differ only by summation order across ranks):
 loss within 1e-5 relative, grad norm 1e-4 relative; every full gradient within 1e-5 absolute +
-1e-4 relative; Adam moments (0.1 g and 0.05 g^2 after one step) within 1e-4 relative; updated
-parameters within 2% of the learning rate (Adam's first step is lr * g / (|g| + eps), which
-amplifies summation-order noise in gradients near eps).
+1e-4 relative; Adam moments (0.1 g and 0.05 g^2 after one step) within 1e-4 relative.
+
+Updated parameters are checked by what one Adam step determines, not against the reference's
+within a blanket tolerance. After bias correction the first step moves a parameter by
+lr * g / (|g| + eps) (plus weight decay): about lr * sign(g) where |g| >> eps, but where |g| is
+near eps the summation-order noise that the moment tolerance allows can move it anywhere in
+[-lr, lr], so no fixed tolerance on the parameters is both safe and meaningful. What the step
+does determine is the parameter from the initial weights and the moments: each rank's updated
+parameters must equal AdamW's first step computed from its own moments to float rounding, and
+its moments must equal the reference's (above). Tensors without moments (the routing bias) are
+compared exactly.
 """
 from __future__ import annotations
 
@@ -17,7 +25,15 @@ import torch
 from distributed import run_ranks
 
 WORKER = "tests/parallel_worker.py"
-LR = 1e-3  # the worker's
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1  # the worker's AdamW (ours and Megatron's)
+
+
+def adam_first_step(initial: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> torch.Tensor:
+    """The parameter AdamW's first step makes from `initial` and the moments it recorded; weight
+    decay on matrices only, as both optimizers apply it."""
+    decay = WEIGHT_DECAY if initial.dim() > 1 else 0.0
+    first, second = exp_avg / (1 - BETAS[0]), exp_avg_sq / (1 - BETAS[1])
+    return initial * (1 - LR * decay) - LR * first / (second.sqrt() + EPS)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +74,16 @@ def test_one_step_matches_single_process(reference, tensor, pipeline, expert, wo
     # The update: every stage's parameters and Adam moments, gathered over TP/EP (and, for ZeRO-1,
     # over the data-parallel slices), equal the single process's.
     assert set().union(*(r["params"] for r in ranks)) == ref["params"].keys()
-    for r in ranks:
+    initial = torch.load(out / "state.pt")
+    for r in [ref, *ranks]:  # the reference too: the formula is the optimizers'
         for name, value in r["params"].items():
-            torch.testing.assert_close(value, ref["params"][name], atol=0.02 * LR, rtol=0, msg=lambda m: f"{name}: {m}")
+            if name in r["moments"]["exp_avg"]:
+                expected = adam_first_step(initial[name], r["moments"]["exp_avg"][name],
+                                           r["moments"]["exp_avg_sq"][name])
+                torch.testing.assert_close(value, expected, atol=2e-7, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+            else:
+                torch.testing.assert_close(value, ref["params"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    for r in ranks:
         for moment, scale in (("exp_avg", 1e-6), ("exp_avg_sq", 1e-10)):
             for name, value in r["moments"][moment].items():
                 torch.testing.assert_close(value, ref["moments"][moment][name], atol=scale, rtol=1e-4,
