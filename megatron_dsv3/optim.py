@@ -68,7 +68,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         if p.grad is not None and is_primary(p):
             square += p.grad.double().pow(2).sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(square)
+        dist.all_reduce(square, group=groups.world_group())
     norm = float(square.sqrt())
     if max_norm > 0 and norm > max_norm:
         for p in model.parameters():

@@ -7,7 +7,9 @@ Unknown keys are refused by name; the resolved config is saved beside the checkp
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +26,9 @@ class RunConfigError(ValueError):
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"preset": "tiny", "overrides": {}},
     # distributed_optimizer: Megatron-Core's DDP + distributed optimizer (ZeRO-1); auto = on GPU only.
-    "parallel": {"tensor": 1, "pipeline": 1, "expert": 1, "schedule": "1f1b", "distributed_optimizer": "auto"},
+    # timeout_s bounds every collective of the training step (a stalled rank fails the job).
+    "parallel": {"tensor": 1, "pipeline": 1, "expert": 1, "schedule": "1f1b", "distributed_optimizer": "auto",
+                 "timeout_s": 600},
     "train": {
         "steps": 300, "micro_batch_size": 8, "global_batch_size": 16, "seq_length": 128,
         "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 20, "weight_decay": 0.1,
@@ -38,31 +42,46 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_loss": 1.0e3,  # a loss above this (or NaN) stops the run
     },
     "data": dict(DATA_DEFAULTS),
-    "checkpoint": {"dir": "runs/tiny/checkpoints", "save_interval": 100, "resume": True, "keep": 3},
+    # save_timeout_s bounds a checkpoint's writes and the waits while rank 0 renames and prunes.
+    "checkpoint": {"dir": "runs/tiny/checkpoints", "save_interval": 100, "resume": True, "keep": 3,
+                   "save_timeout_s": 1800},
     "logging": {"interval": 10, "console": True, "jsonl": True, "wandb": False, "wandb_project": "megatron-dsv3",
                 "wandb_mode": None, "tensorboard": False},
     "launch": {},
 }
 
 
-def _merge(base: dict, update: dict, where: str, open_sections=("launch", "model.overrides", "data")) -> dict:
+OPEN_SECTIONS = ("launch", "model.overrides", "data")  # their keys are checked by their readers
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    """`update` over `base`, section by section: a key given replaces only that key."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         path = f"{where}.{key}" if where else key
-        if key not in out and where not in open_sections and not (where == "" and key in DEFAULTS):
+        is_open = any(where == section or where.startswith(section + ".") for section in OPEN_SECTIONS)
+        if key not in out and not is_open:
             raise RunConfigError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(out))}")
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in open_sections:
-            out[key] = _merge(out[key], value, path, open_sections)
+        if isinstance(out.get(key), dict):
+            if value is None:
+                continue  # an empty section in YAML
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{path} must be a mapping of keys, got {value!r}")
+            out[key] = _merge(out[key], value, path)
         else:
             out[key] = value
     return out
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
+    key, sep, raw = item.partition("=")
+    keys = key.split(".")
+    if not sep or len(keys) < 2 or not all(keys):
         raise RunConfigError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    try:
+        return keys, yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as error:
+        raise RunConfigError(f"override {item!r}: the value is not valid YAML ({error.problem})") from None
 
 
 def load_run_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -72,16 +91,24 @@ def load_run_config(path: Optional[str] = None, overrides: tuple[str, ...] = ())
         file = Path(path)
         if not file.is_file():
             raise RunConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(file.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RunConfigError(f"config file {path} is not valid YAML{where}: "
+                                 f"{getattr(error, 'problem', None) or error}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise RunConfigError(f"config file {path} cannot be read: {error}") from None
         if not isinstance(loaded, dict):
             raise RunConfigError(f"config file {path} must hold a mapping of sections")
-        config = _merge(config, loaded, "")
+        config = _merge(config, loaded)
     for item in overrides:
         keys, value = _parse_override(item)
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}
-        config = _merge(config, nested, "")
+        config = _merge(config, nested)
     validate_run_config(config)
     return config
 
@@ -92,47 +119,111 @@ def model_config(run: dict[str, Any]) -> DSV3Config:
     return DSV3Config.preset(run["model"]["preset"], **overrides)
 
 
+def _integer(run: dict, section: str, key: str, minimum: int) -> None:
+    value = run[section][key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise RunConfigError(f"{section}.{key} must be {kind}, got {value!r}")
+
+
+def _number(run: dict, section: str, key: str, low: float, high: float = float("inf"),
+            low_open: bool = False, high_open: bool = False) -> None:
+    """A real number in the interval; PyYAML (YAML 1.1) reads 1e6 or 3e-4 without a dot as
+    strings, so numeric strings are accepted and stored as floats."""
+    value = run[section][key]
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    in_range = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not in_range:
+        if high == float("inf"):
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise RunConfigError(f"{section}.{key} must be a number {interval}, got {run[section][key]!r}")
+    run[section][key] = float(value)
+
+
+def _boolean(run: dict, section: str, key: str) -> None:
+    if not isinstance(run[section][key], bool):
+        raise RunConfigError(f"{section}.{key} must be true or false, got {run[section][key]!r}")
+
+
+def _choice(run: dict, section: str, key: str, choices: tuple, meaning: str = "") -> None:
+    value = run[section][key]
+    if not any(value == choice and type(value) is type(choice) for choice in choices):
+        raise RunConfigError(f"{section}.{key}={value!r} is not one of {', '.join(map(str, choices))}{meaning}")
+
+
+def _value_schedule(run: dict, key: str) -> None:
+    schedule = run["train"][key]
+    if schedule is None:
+        return
+    pairs_ok = isinstance(schedule, list) and all(
+        isinstance(item, (list, tuple)) and len(item) == 2 for item in schedule)
+    if pairs_ok:
+        try:
+            pairs_ok = all(float(a) >= 0 and float(b) >= 0 for a, b in schedule)
+        except (TypeError, ValueError):
+            pairs_ok = False
+    if not pairs_ok:
+        raise RunConfigError(f"train.{key} must be null or a list of [tokens_from, value] pairs of "
+                             f"non-negative numbers, got {schedule!r}")
+
+
 def validate_run_config(run: dict[str, Any]) -> None:
-    train, par = run["train"], run["parallel"]
+    """Every run setting's check, each error naming its key."""
     for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval"):
-        if not isinstance(train[key], int) or train[key] <= 0:
-            raise RunConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    for key in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "clip_grad", "max_loss"):
-        value = train[key]
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e6 or 3e-4, without a dot, as strings
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RunConfigError(f"train.{key} must be a number, got {train[key]!r}")
-        train[key] = float(value)
+        _integer(run, "train", key, 1)
+    for key in ("warmup_steps", "seed"):
+        _integer(run, "train", key, 0)
+    _number(run, "train", "lr", 0, low_open=True)
+    _number(run, "train", "min_lr", 0, run["train"]["lr"] if isinstance(run["train"]["lr"], float) else float("inf"))
+    _number(run, "train", "weight_decay", 0)
+    for key in ("adam_beta1", "adam_beta2"):
+        _number(run, "train", key, 0, 1, high_open=True)
+    _number(run, "train", "clip_grad", 0)
+    _number(run, "train", "max_loss", 0, low_open=True)
+    for key in ("bf16", "bf16_adam_moments"):
+        _boolean(run, "train", key)
+    for key in ("bias_update_rate_schedule", "mtp_loss_weight_schedule"):
+        _value_schedule(run, key)
+    _choice(run, "train", "device", ("auto", "cpu", "cuda"))
+    _choice(run, "train", "fp8", ("none", "tile"))
+    _choice(run, "train", "recompute", ("none", "selective", "full"),
+            " (selective: RMSNorm, MLA up-projections and SwiGLU outputs rerun in backward; full: every decoder layer)")
+    _choice(run, "train", "param_dtype", ("float32", "bfloat16"))
+    train, par = run["train"], run["parallel"]
     for key in ("tensor", "pipeline", "expert"):
-        if not isinstance(par[key], int) or par[key] <= 0:
-            raise RunConfigError(f"parallel.{key} must be a positive integer, got {par[key]!r}")
+        _integer(run, "parallel", key, 1)
+    _choice(run, "parallel", "distributed_optimizer", ("auto", True, False))
+    _number(run, "parallel", "timeout_s", 0, low_open=True)
+    ckpt = run["checkpoint"]
+    if not isinstance(ckpt["dir"], str) or not ckpt["dir"]:
+        raise RunConfigError(f"checkpoint.dir must be a folder path, got {ckpt['dir']!r}")
+    _integer(run, "checkpoint", "save_interval", 0)
+    _integer(run, "checkpoint", "keep", 0)
+    _boolean(run, "checkpoint", "resume")
+    _number(run, "checkpoint", "save_timeout_s", 0, low_open=True)
+    _integer(run, "logging", "interval", 1)
+    for key in ("console", "jsonl", "wandb", "tensorboard"):
+        _boolean(run, "logging", key)
     if train["global_batch_size"] % train["micro_batch_size"]:
         raise RunConfigError(f"train.global_batch_size={train['global_batch_size']} is not a multiple of "
                              f"train.micro_batch_size={train['micro_batch_size']}")
-    if train["device"] not in ("auto", "cpu", "cuda"):
-        raise RunConfigError(f"train.device must be auto, cpu or cuda, got {train['device']!r}")
     from megatron_dsv3 import registry
 
     if par["schedule"] not in registry.names("schedule"):
         raise RunConfigError(f"parallel.schedule={par['schedule']!r} is not a registered pipeline schedule "
                              f"(registered: {', '.join(registry.names('schedule'))})")
-    if par["distributed_optimizer"] not in ("auto", True, False):
-        raise RunConfigError(f"parallel.distributed_optimizer={par['distributed_optimizer']!r} must be auto, true or false")
-    if train["param_dtype"] not in ("float32", "bfloat16"):
-        raise RunConfigError(f"train.param_dtype={train['param_dtype']!r} must be float32 or bfloat16")
     if train["param_dtype"] == "bfloat16" and not train["bf16"]:
         raise RunConfigError("train.param_dtype=bfloat16 needs train.bf16=true (BF16 weights compute under BF16 autocast)")
     if train["param_dtype"] == "bfloat16" and par["distributed_optimizer"] is False:
         raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed optimizer, "
                              "and parallel.distributed_optimizer is false")
-    if train["recompute"] not in ("none", "selective", "full"):
-        raise RunConfigError(f"train.recompute={train['recompute']!r} is not one of none, selective (RMSNorm, MLA "
-                             "up-projections and SwiGLU outputs rerun in backward) or full (every decoder layer)")
-    if train["fp8"] not in ("none", "tile"):
-        raise RunConfigError(f"train.fp8 must be none or tile, got {train['fp8']!r}")
-    model_config(run)  # refuses bad model presets/overrides by name
+    model = model_config(run)  # refuses bad model presets/overrides by name
+    if train["seq_length"] > model.max_position_embeddings:
+        raise RunConfigError(f"train.seq_length={train['seq_length']} is above the model's max_position_embeddings="
+                             f"{model.max_position_embeddings} (model.overrides.max_position_embeddings raises it)")
     resolve_data_config(run["data"])

@@ -4,8 +4,9 @@
     dsv3-train --config run.yaml train.steps=50  # YAML plus dotted overrides
     torchrun --nproc-per-node 4 -m megatron_dsv3.train parallel.tensor=2 parallel.expert=2
 
-Exit codes: 0 done, 2 refused input, 3 diverged (NaN or exploding loss), 75 preempted after
-saving a checkpoint (SIGTERM / SIGUSR1; Slurm requeues on it).
+Exit codes: 0 done, 2 refused input, 3 diverged (NaN or exploding loss), 4 a collective or a
+checkpoint write outlasted its bound (`parallel.timeout_s`, `checkpoint.save_timeout_s`: a rank
+stalled or died), 75 preempted after saving a checkpoint (SIGTERM / SIGUSR1; Slurm requeues on it).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-EXIT_REFUSED, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 75
+EXIT_REFUSED, EXIT_DIVERGED, EXIT_TIMED_OUT, EXIT_PREEMPTED = 2, 3, 4, 75
+# Model settings that schedules or the FP8 switch change between runs: not a change of model.
+RESUMABLE_MODEL_CHANGES = ("mtp_loss_weight", "bias_update_rate", "fp8")
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -36,14 +39,16 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def init_distributed(device: str) -> None:
-    """torchrun's variables, else Slurm's, else a one-process world (Megatron's groups need one)."""
+def init_distributed(device: str, save_timeout_s: float = 1800.0) -> None:
+    """torchrun's variables, else Slurm's, else a one-process world (Megatron's groups need one).
+    The default group carries checkpoint writes and start-up waits, so it is bounded by the save
+    timeout; the step's groups get their own bound in `initialize_parallel`."""
     env = os.environ
     if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     backend = "nccl" if device == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=int(env.get("DSV3_DIST_TIMEOUT", "600")))
+    timeout = datetime.timedelta(seconds=save_timeout_s)
     if "RANK" in env:
         if device == "cuda":
             torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
@@ -64,8 +69,10 @@ class PreemptionFlag:
         self.raised = True
 
     def agreed(self) -> bool:
+        from megatron_dsv3.parallel import groups
+
         flag = torch.tensor([1.0 if self.raised else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=groups.world_group())
         return bool(flag.item())
 
 
@@ -81,6 +88,33 @@ def _gather_expert_load(tracker) -> None:
     if groups.rank(pp) == 0:
         for state in states[1:]:
             tracker.absorb(state)
+
+
+def check_same_model(saved: dict[str, Any], config, path: Path) -> None:
+    """Refuse to resume a checkpoint saved with another model, naming every differing field."""
+    from megatron_dsv3.run_config import RunConfigError
+
+    now = config.to_dict()
+    differing = [f"{key}: {saved.get(key)!r} saved, {now.get(key)!r} now" for key in sorted(set(saved) | set(now))
+                 if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != now.get(key)]
+    if differing:
+        raise RunConfigError(f"checkpoint {path} was saved with another model ({'; '.join(differing)}): resume it "
+                             "with the model settings it was saved with, or start a fresh run with "
+                             "checkpoint.resume=false or another checkpoint.dir")
+
+
+def diverged(ckpt_dir: Path, bad_step: int, loss: float, grad_norm: float) -> str:
+    """Roll the checkpoints back to the last good one (rank 0) and say what happened."""
+    from megatron_dsv3.checkpoint import dist as ckpt
+
+    message = f"loss diverged at step {bad_step}: loss={loss:.4g}, grad norm={grad_norm:.4g}; "
+    if dist.get_rank() != 0:
+        return message + "rank 0 names the last good checkpoint"
+    good, moved = ckpt.roll_back(ckpt_dir, bad_step)
+    aside = f"; {len(moved)} later save(s) set aside in {ckpt_dir / 'abandoned'}" if moved else ""
+    if good is None:
+        return message + f"no checkpoint holds weights that gave a good loss{aside}"
+    return message + f"the last good checkpoint is {good}, which `latest` now names{aside}"
 
 
 def train(run: dict[str, Any]) -> int:
@@ -100,7 +134,7 @@ def train(run: dict[str, Any]) -> int:
 
     tcfg, pcfg, ccfg = run["train"], run["parallel"], run["checkpoint"]
     config = model_config(run)
-    layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"])
+    layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"], timeout_s=pcfg["timeout_s"])
     config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert,
                     pipeline_parallel_size=layout.pipeline)
     # Node-limited routing: each routing group must live on one node (refused otherwise).
@@ -117,12 +151,16 @@ def train(run: dict[str, Any]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and tcfg["device"] != "cpu" else "cpu")
 
     ckpt_dir = Path(ccfg["dir"])
-    resume_step = ckpt.latest_step(ckpt_dir) if ccfg["resume"] else None
+    resume_step, notes = ckpt.agree_on_resume(ckpt_dir) if ccfg["resume"] else (None, [])
+    for note in notes:
+        _log(f"checkpoint: {note}")
     # Samples consumed by all ranks so far (Megatron's consumed_samples): resume exactly where the
     # data stopped, even when the global batch size changed between runs.
     consumed = 0
     if resume_step is not None:
-        consumed = ckpt.load_common(ckpt.checkpoint_path(ckpt_dir, resume_step))["consumed_samples"]
+        saved = ckpt.load_common(ckpt.checkpoint_path(ckpt_dir, resume_step))
+        check_same_model(saved["model_config"], config, ckpt.checkpoint_path(ckpt_dir, resume_step))
+        consumed = saved["consumed_samples"]
     # Data first: a missing path or a vocabulary larger than the model's is refused before any compute.
     batches = build_train_iterator(run["data"], seq, mbs, gbs, dp_rank, dp_size, tcfg["seed"],
                                    config.vocab_size, start_sample=consumed)
@@ -164,6 +202,8 @@ def train(run: dict[str, Any]) -> int:
         step, optimizer.step_count = common["step"], common["optimizer_steps"]
         ckpt.load(path, model, optimizer)
         _log(f"resumed from step {step} ({path})")
+    for note in ckpt.start_line(ckpt_dir, resume_step):
+        _log(f"checkpoint: {note}")
     is_rank0 = dist.get_rank() == 0
     if is_rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -207,10 +247,7 @@ def train(run: dict[str, Any]) -> int:
         grad_norm = optimizer.step(lr)  # reduce over replicas, clip, update
         lm, mtp, bal = reduce_losses(stage_losses)
         if not (lm == lm and abs(lm) != float("inf")) or lm > tcfg["max_loss"] or grad_norm != grad_norm:
-            last = ckpt.latest_step(ckpt_dir)
-            where = ckpt.checkpoint_path(ckpt_dir, last) if last is not None else "none saved yet"
-            raise TrainingDiverged(f"loss diverged at step {step + 1}: loss={lm:.4g}, grad norm={grad_norm:.4g}; "
-                                   f"the last good checkpoint is {where}")
+            raise TrainingDiverged(diverged(ckpt_dir, step + 1, lm, grad_norm))
         loads = update_expert_bias(routers, gamma, groups.dp_group())
         for moe, load in zip(moe_layers, loads):
             tracker.update(moe.layer_number, load, moe.router.expert_bias)
@@ -272,7 +309,7 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     from patches.megatron_cpu import cpu_shims
 
     device = "cuda" if torch.cuda.is_available() and run["train"]["device"] != "cpu" else "cpu"
-    init_distributed(device)
+    init_distributed(device, run["checkpoint"]["save_timeout_s"])
     previous_handlers = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     try:
         with cpu_shims() if device == "cpu" else contextlib.nullcontext(), signal_safe_checkpoint_writer():
@@ -283,6 +320,14 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except RuntimeError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        print(f"dsv3-train: rank {dist.get_rank()}: a collective outlasted parallel.timeout_s="
+              f"{run['parallel']['timeout_s']:g} s or a checkpoint write checkpoint.save_timeout_s="
+              f"{run['checkpoint']['save_timeout_s']:g} s; another rank stalled or died "
+              f"({str(error).splitlines()[0][:200]})", file=sys.stderr)
+        return EXIT_TIMED_OUT
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state
@@ -296,8 +341,13 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
 def cli() -> None:
     """The console script. Python restores default handlers while the interpreter exits, and the
     default for SIGUSR1 is to die: a warning signal repeated by the batch script must not turn
-    exit 0 or 75 into a kill, so the process ignores both signals from the end of `main` on."""
-    sys.exit(main(exiting=True))
+    exit 0 or 75 into a kill, so the process ignores both signals from the end of `main` on.
+    The code is also recorded for dsv3-torchrun (megatron_dsv3.exit_status)."""
+    from megatron_dsv3 import exit_status
+
+    code = main(exiting=True)
+    exit_status.record(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

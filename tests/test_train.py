@@ -25,7 +25,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.log_interval=1",
-         "train.warmup_steps=10", "logging.jsonl=true", "logging.console=true", "logging.wandb=false"]
+         "train.warmup_steps=10", "logging.jsonl=true", "logging.console=true", "logging.wandb=false",
+         "parallel.timeout_s=60", "checkpoint.save_timeout_s=120"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -100,7 +101,7 @@ class RankServer:
     """Client of tests/train_ranks.py (see its docstring for the protocol)."""
 
     def __init__(self, log_dir: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "60",
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.err_path = log_dir / "server.err"
         self._err = open(self.err_path, "w")
@@ -271,7 +272,7 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, c
     assert _latest(ckpt_dir) == 2
     from megatron_dsv3.checkpoint import dist as ckpt
 
-    assert ckpt.list_checkpoints(ckpt_dir) == [2] and ckpt.latest_step(ckpt_dir) == 2
+    assert ckpt.list_checkpoints(ckpt_dir) == [2] and ckpt.choose_resume(ckpt_dir) == (2, [])
     crashed = _losses(run)
     assert sorted(crashed) == [1, 2, 3, 4]
     step2 = _digest(ckpt_dir / "iter_0000002")
@@ -442,7 +443,7 @@ REFUSALS = {
     "batch": (lambda *_: ["train.global_batch_size=5"], r"global_batch_size=5 is not a multiple"),
     "recompute": (lambda *_: ["train.recompute=some"], r"train\.recompute='some' is not one of none, selective"),
     "distributed-optimizer": (lambda *_: ["parallel.distributed_optimizer=maybe"],
-                              r"parallel\.distributed_optimizer='maybe' must be auto, true or false"),
+                              r"parallel\.distributed_optimizer='maybe' is not one of auto, True, False"),
     "bf16-weights-without-autocast": (lambda *_: ["train.param_dtype=bfloat16", "parallel.distributed_optimizer=true"],
                                       r"train\.param_dtype=bfloat16 needs train\.bf16=true"),
     "bf16-weights-without-masters": (lambda *_: ["train.param_dtype=bfloat16", "train.bf16=true",
@@ -451,13 +452,30 @@ REFUSALS = {
                                      r"parallel\.distributed_optimizer is false"),
     "bf16-weights-auto-on-cpu": (lambda *_: ["train.param_dtype=bfloat16", "train.bf16=true"],
                                  r"distributed_optimizer=auto picks only on GPU: set it to true"),
-    "lr-not-a-number": (lambda *_: ["train.lr=fast"], r"train\.lr must be a number, got 'fast'"),
+    "lr-not-a-number": (lambda *_: ["train.lr=fast"], r"train\.lr must be a number > 0, got 'fast'"),
     "missing-data": (lambda *_: ["data.paths=[/nonexistent/x]"], r"/nonexistent/x.*missing"),
     "unreadable-data": (_unreadable, r"locked\.bin is not readable"),
     "not-a-dataset": (_not_a_dataset, r"garbage'? is not a Megatron indexed dataset"),
     "vocab-too-small": (lambda tmp, prefix, mp: [f"data.paths=[{prefix}]", "model.overrides.vocab_size=100"],
                         r"holds token id (\d+), but the model's vocab_size is 100"),
+    "negative-lr": (lambda *_: ["train.lr=-1"], r"train\.lr must be a number > 0, got -1"),
+    "beta-above-1": (lambda *_: ["train.adam_beta1=2"], r"train\.adam_beta1 must be a number in \[0, 1\), got 2"),
+    "boolean-steps": (lambda *_: ["train.steps=true"], r"train\.steps must be a positive integer, got True"),
+    "sequence-above-positions": (lambda *_: ["train.seq_length=4096"],
+                                 r"train\.seq_length=4096 is above the model's max_position_embeddings=512"),
+    "save-interval-not-a-number": (lambda *_: ["checkpoint.save_interval=abc"],
+                                   r"checkpoint\.save_interval must be an integer >= 0, got 'abc'"),
+    "malformed-yaml": (lambda tmp, *_: ["--config", _file(tmp / "bad.yaml", "train:\n  steps: [3\n")],
+                       r"bad\.yaml is not valid YAML at line \d+"),
+    "section-of-wrong-type": (lambda tmp, *_: ["--config", _file(tmp / "typed.yaml", "train: 5\n")],
+                              r"train must be a mapping of keys, got 5"),
+    "unparseable-override": (lambda *_: ["train.lr=[1"], r"override 'train\.lr=\[1': the value is not valid YAML"),
 }
+
+
+def _file(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # IndexedDataset.__del__
@@ -498,7 +516,7 @@ def test_loss_above_max_loss_stops_before_any_checkpoint(tmp_path, capsys):
     code, out, err = _train(capsys, *_args(run, "train.steps=3", "train.max_loss=0.5", "checkpoint.save_interval=1"))
     assert code == 3, err[-2000:]
     assert re.search(r"loss diverged at step 1: loss=\d", err), err[-2000:]
-    assert "the last good checkpoint is none saved yet" in err
+    assert "no checkpoint holds weights that gave a good loss" in err
     assert _iter_dirs(run / "ckpt") == [] and _losses(run) == {}
 
 
@@ -513,7 +531,7 @@ def test_exploding_loss_stops_and_names_the_last_good_checkpoint(tmp_path, capsy
     code, out, err = _train(capsys, *_args(run, "train.steps=6", "checkpoint.save_interval=2", "train.lr=1e6"))
     assert code == 3, err[-2000:]
     assert "resumed from step 2" in out
-    match = re.search(r"loss diverged at step (\d+): loss=(\S+), grad norm=(\S+); the last good checkpoint is (\S+)",
+    match = re.search(r"loss diverged at step (\d+): loss=(\S+), grad norm=(\S+); the last good checkpoint is (\S+),",
                       err)
     assert match, err[-2000:]
     step, loss, norm, where = int(match.group(1)), float(match.group(2)), float(match.group(3)), match.group(4)
@@ -714,3 +732,213 @@ def test_zero1_with_bf16_moments_matches_the_local_optimizer_with_half_the_momen
         assert runs["zero1"][1][step] == pytest.approx(loss, rel=1e-6), step
     assert runs["local"][1][4] != runs["local_fp32"][1][4]  # BF16 moments really changed the update
     assert runs["zero1_resumed"][1] == {step: runs["zero1"][1][step] for step in (3, 4)}
+
+
+# ----------------------------------------------------------------------------- 11. faults and hostile input
+def test_dotted_override_changes_only_its_key(tmp_path, small_dataset):
+    """A dotted override under an open section (data, model.overrides) changes that key alone."""
+    from megatron_dsv3.run_config import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  paths: [{small_dataset}]\nmodel:\n  overrides:\n    hidden_size: 64\n"
+                      "launch:\n  env_overrides: {A: '1'}\n")
+    run = load_run_config(str(config), ("data.cache_dir=/x", "model.overrides.num_layers=2",
+                                        "launch.env_overrides.B=2"))
+    assert run["data"]["paths"] == [small_dataset] and run["data"]["cache_dir"] == "/x"
+    assert run["model"]["overrides"] == {"hidden_size": 64, "num_layers": 2}
+    assert run["launch"]["env_overrides"] == {"A": "1", "B": 2}
+
+
+def _set_up_steps_3_and_6(capsys, run: Path) -> None:
+    code, _, err = _train(capsys, *_args(run, "train.steps=6", "checkpoint.save_interval=3"))
+    assert code == 0, err[-2000:]
+    assert _iter_dirs(run / "ckpt") == ["iter_0000003", "iter_0000006"]
+
+
+def test_a_fresh_run_sets_earlier_saves_aside_and_keeps_its_own(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    _set_up_steps_3_and_6(capsys, run)
+    code, out, err = _train(capsys, *_args(run, "train.steps=2", "checkpoint.save_interval=2",
+                                           "checkpoint.resume=false", "checkpoint.keep=2"))
+    assert code == 0, err[-2000:]
+    assert f"saved {ckpt_dir / 'iter_0000002'}" in out
+    assert _iter_dirs(ckpt_dir) == ["iter_0000002"] and _latest(ckpt_dir) == 2
+    assert sorted(p.name for p in (ckpt_dir / "abandoned").iterdir()) == ["iter_0000003", "iter_0000006"]
+    assert "set aside iter_0000006" in out
+    code, out, err = _train(capsys, *_args(run, "train.steps=3", "checkpoint.save_interval=0"))
+    assert code == 0 and "resumed from step 2" in out, (out[-2000:], err[-2000:])
+
+
+def test_a_rollback_of_latest_keeps_the_new_saves_and_sets_the_abandoned_one_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    _set_up_steps_3_and_6(capsys, run)
+    (ckpt_dir / "latest").write_text("3\n")
+    code, out, err = _train(capsys, *_args(run, "train.steps=5", "checkpoint.save_interval=1", "checkpoint.keep=2"))
+    assert code == 0, err[-2000:]
+    assert "resumed from step 3" in out
+    assert _iter_dirs(ckpt_dir) == ["iter_0000004", "iter_0000005"] and _latest(ckpt_dir) == 5
+    assert [p.name for p in (ckpt_dir / "abandoned").iterdir()] == ["iter_0000006"]
+
+
+def test_keep_1_never_deletes_the_last_validated_checkpoint(tmp_path, capsys):
+    """The newest save is unvalidated until the next step's loss: the one before it stays."""
+    run = tmp_path / "run"
+    code, _, err = _train(capsys, *_args(run, "train.steps=3", "checkpoint.save_interval=1", "checkpoint.keep=1"))
+    assert code == 0, err[-2000:]
+    assert _iter_dirs(run / "ckpt") == ["iter_0000002", "iter_0000003"]
+
+
+def _damage_delete_shard(ckpt: Path) -> None:
+    next(ckpt.glob("*.distcp")).unlink()
+
+
+def _damage_truncate(name: str) -> Callable[[Path], None]:
+    def damage(ckpt: Path) -> None:
+        with open(ckpt / name, "r+b") as f:
+            f.truncate((ckpt / name).stat().st_size // 2)
+    return damage
+
+
+def _damage_truncate_shard(ckpt: Path) -> None:
+    _damage_truncate(next(ckpt.glob("*.distcp")).name)(ckpt)
+
+
+@pytest.mark.parametrize("damage, skipped", [
+    (_damage_delete_shard, r"__\d_\d\.distcp is missing"),
+    (_damage_truncate_shard, r"__\d_\d\.distcp is truncated"),
+    (_damage_truncate(".metadata"), r"unreadable"),
+    (_damage_truncate("common.pt"), r"unreadable"),
+], ids=["deleted-shard", "truncated-shard", "truncated-metadata", "truncated-common"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes(damage, skipped, tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    code, _, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    reference = _losses(run)
+    damage(ckpt_dir / "iter_0000004")
+    code, out, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    assert re.search(rf"skipped damaged checkpoint {re.escape(str(ckpt_dir / 'iter_0000004'))}: {skipped}", out), out
+    assert "resumed from step 2" in out
+    assert (ckpt_dir / "abandoned" / "iter_0000004").is_dir()  # set aside, not deleted
+    assert _losses(run)[4] == reference[4]  # steps 3-4 rerun from step 2 to the same loss
+    assert _latest(ckpt_dir) == 4
+
+
+def test_garbage_in_latest_is_named_and_the_newest_complete_checkpoint_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    code, _, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    (ckpt_dir / "latest").write_text("\x00garbage")
+    code, out, err = _train(capsys, *_args(run, "train.steps=5", "checkpoint.save_interval=0"))
+    assert code == 0, err[-2000:]
+    assert re.search(r"latest names '\\x00garbage', not a checkpoint here: ignored", out), out
+    assert "resumed from step 4" in out
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_agree_on_skipping_a_damaged_checkpoint(tmp_path, capsys, ranks):
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    argv = _args(run, "train.steps=4", "checkpoint.save_interval=2", "parallel.expert=2")
+    codes, logs = ranks.run(2, argv, run / "first")
+    assert codes == [0, 0], logs[0][-2000:]
+    reference = _losses(run)
+    _damage_delete_shard(ckpt_dir / "iter_0000004")
+    codes, logs = ranks.run(2, argv, run / "second")
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert "skipped damaged checkpoint" in logs[0] and "resumed from step 2" in logs[0]
+    assert _losses(run)[4] == reference[4]
+
+
+def test_a_crafted_metadata_file_is_refused_without_running_it(tmp_path, capsys):
+    """Resuming never unpickles arbitrary objects: a .metadata that would run a command is
+    named unsafe and skipped, and the command does not run, also when loaded directly."""
+    import pickle
+
+    from megatron_dsv3.checkpoint import dist as ckpt
+    from megatron_dsv3.checkpoint.metadata_guard import UnsafeCheckpointError
+
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    code, _, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    marker = tmp_path / "pwned"
+
+    class RunsACommand:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (ckpt_dir / "iter_0000004" / ".metadata").write_bytes(pickle.dumps(RunsACommand()))
+    code, out, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    assert re.search(r"skipped damaged checkpoint .*iter_0000004: \.metadata refers to (posix|os)\.system", out), out
+    assert "resumed from step 2" in out and not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata refers to (posix|os)\.system"):
+        _load_checkpoint(ckpt_dir / "abandoned" / "iter_0000004")
+    assert not marker.exists()
+    assert ckpt.problem_with(ckpt_dir / "iter_0000002") is None
+
+
+def test_after_divergence_latest_names_a_checkpoint_whose_weights_gave_a_good_loss(tmp_path, capsys):
+    """lr 1e6 from the first step: the weights are ruined at once, but the loss shows it only a
+    step later, so the step-2 save is poisoned; it is set aside, and `latest` never names it."""
+    run = tmp_path / "run"
+    ckpt_dir = run / "ckpt"
+    code, out, err = _train(capsys, *_args(run, "train.steps=10", "train.lr=1e6", "train.warmup_steps=1",
+                                           "checkpoint.save_interval=2"))
+    assert code == 3, err[-2000:]
+    bad = int(re.search(r"loss diverged at step (\d+)", err).group(1))
+    losses = _losses(run)
+    named = re.search(r"the last good checkpoint is (\S+),", err)
+    if named:
+        good = int(Path(named.group(1)).name.split("_")[1])
+        assert good + 1 < bad and losses[good + 1] < 1e3 and _latest(ckpt_dir) == good
+    else:
+        assert "no checkpoint holds weights that gave a good loss" in err and not (ckpt_dir / "latest").exists()
+    assert [int(p.name.split("_")[1]) for p in (ckpt_dir / "abandoned").iterdir()] == [bad - 1] if bad % 2 else True
+    assert all(int(name.split("_")[1]) + 1 < bad for name in _iter_dirs(ckpt_dir))
+    code, out, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]  # a rerun with a sane lr starts from good weights, not the poisoned save
+
+
+@pytest.mark.parametrize("change, field", [("model.overrides.num_layers=2", "num_layers"),
+                                           ("model.overrides.mtp_num_modules=0", "mtp_num_modules")])
+def test_resume_refuses_another_model_and_names_the_fields(change, field, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = _train(capsys, *_args(run, "train.steps=2", "checkpoint.save_interval=2"))
+    assert code == 0, err[-2000:]
+    saved = (run / "ckpt" / "run_config.yaml").read_text()
+    code, out, err = _train(capsys, *_args(run, "train.steps=4", change))
+    assert code == 2, err[-2000:]
+    assert re.search(rf"iter_0000002 was saved with another model \({field}: \d+ saved, \d+ now\)", err), err
+    assert (run / "ckpt" / "run_config.yaml").read_text() == saved and _latest(run / "ckpt") == 2
+    # A schedule changing the MTP weight lambda is not a change of model.
+    code, out, err = _train(capsys, *_args(run, "train.steps=3", "train.mtp_loss_weight_schedule=[[0, 0.1]]"))
+    assert code == 0 and "resumed from step 2" in out, err[-2000:]
+
+
+@pytest.mark.timeout(180)
+def test_a_stalled_rank_fails_the_job_within_the_collective_timeout(tmp_path, ranks):
+    """SIGSTOP one of two ranks mid-run: the other leaves its collective after parallel.timeout_s
+    with exit 4 and a message naming the bound, instead of waiting for Megatron's 30 minutes."""
+    import signal
+
+    run = tmp_path / "run"
+    argv = _args(run, "train.steps=100000", "checkpoint.save_interval=0", "parallel.timeout_s=5")
+    waited = {}
+
+    def stall_rank_1(pids: list[int], logs: list[Path]) -> None:
+        _wait_for(r"^step 2/", logs[0])
+        os.kill(pids[1], signal.SIGSTOP)
+        start = time.monotonic()
+        _wait_for(r"outlasted parallel\.timeout_s=5 s", logs[0], timeout=120)
+        waited["s"] = time.monotonic() - start
+        os.kill(pids[1], signal.SIGKILL)
+
+    codes, logs = ranks.run(2, argv, run / "logs", timeout=150, on_start=stall_rank_1)
+    assert codes[0] == 4, logs[0][-3000:]
+    assert waited["s"] < 120

@@ -5,9 +5,19 @@ ShardedTensor whose global shape is the unsharded one, so a run saved with one t
 parallel layout loads under another. A checkpoint is written to `iter_NNNNNNN.tmp` and renamed
 only once complete, then `latest` is replaced atomically: a crash in the middle of a save leaves
 the previous checkpoint as the one that loads.
+
+A run's checkpoints form one line of steps. At start-up rank 0 picks the checkpoint to resume
+(the one `latest` names, or the newest complete one before it when that one is damaged, named
+in the log) and tells every rank; saves past the starting step belong to an abandoned run (a
+fresh start, a rollback of `latest`, a damaged checkpoint) and are moved into `abandoned/`,
+where nothing resumes them and nothing deletes them. Pruning keeps the `keep` newest
+checkpoints and never the one just written or the newest one before it (the last one a
+training step has validated). After divergence, `latest` is rolled back to the newest
+checkpoint whose weights gave a good loss.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,8 +28,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
+from megatron_dsv3.checkpoint import metadata_guard
+from megatron_dsv3.checkpoint.metadata_guard import UnsafeCheckpointError
 from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel.sharding import named_tensors, replica_id, split_of
 
@@ -54,21 +67,126 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(directory: str | Path) -> list[int]:
+    """Steps of the renamed (complete when written) checkpoints in `directory`, ascending."""
     root = Path(directory)
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER.match(p.name)))
 
 
-def latest_step(directory: str | Path) -> Optional[int]:
-    """The step named in `latest`, or the newest complete checkpoint if `latest` is absent."""
-    marker = Path(directory) / "latest"
+def problem_with(path: str | Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be loaded (a missing, truncated or unsafe file), or None."""
+    path = Path(path)
+    try:
+        json.loads((path / "metadata.json").read_text())
+        common = torch.load(path / "common.pt", map_location="cpu", weights_only=True)
+        if "step" not in common.get("common", {}):
+            return "common.pt holds no step"
+        layout = metadata_guard.read_metadata(path)
+    except UnsafeCheckpointError as error:
+        return f".metadata {error}"
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
+    except Exception as error:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        return f"unreadable ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in (layout.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < size:
+            return f"{name} is truncated ({file.stat().st_size} of at least {size} bytes)"
+    return None
+
+
+def choose_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
+    """The step to resume (None: start fresh) and notes on what was skipped and why. Candidates:
+    the step `latest` names, then the complete checkpoints before it, newest first."""
+    directory = Path(directory)
+    steps, notes = list_checkpoints(directory), []
+    marker = directory / "latest"
     if marker.is_file():
-        step = int(marker.read_text().strip())
-        if checkpoint_path(directory, step).is_dir():
-            return step
-    steps = list_checkpoints(directory)
-    return steps[-1] if steps else None
+        text = marker.read_text().strip()
+        if text.isdigit() and int(text) in steps:
+            steps = [s for s in steps if s <= int(text)]
+        else:
+            notes.append(f"{marker} names {text[:40]!r}, not a checkpoint here: ignored")
+    for step in reversed(steps):
+        problem = problem_with(checkpoint_path(directory, step))
+        if problem is None:
+            return step, notes
+        notes.append(f"skipped damaged checkpoint {checkpoint_path(directory, step)}: {problem}")
+    return None, notes
+
+
+def agree_on_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
+    """`choose_resume` on rank 0, the same answer on every rank."""
+    choice = [choose_resume(directory) if _rank() == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def set_aside(directory: str | Path, steps: list[int]) -> list[Path]:
+    """Move these checkpoints into `directory/abandoned/` (never over an earlier one there)."""
+    moved = []
+    for step in steps:
+        source = checkpoint_path(directory, step)
+        target = Path(directory) / "abandoned" / source.name
+        target.parent.mkdir(exist_ok=True)
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{source.name}.{suffix}")
+        os.replace(source, target)
+        moved.append(target)
+    return moved
+
+
+def _write_latest(directory: str | Path, step: Optional[int]) -> None:
+    marker = Path(directory) / "latest"
+    if step is None:
+        marker.unlink(missing_ok=True)
+        return
+    marker_tmp = marker.with_suffix(".tmp")
+    marker_tmp.write_text(f"{step}\n")
+    os.replace(marker_tmp, marker)
+
+
+def start_line(directory: str | Path, start_step: Optional[int]) -> list[str]:
+    """Collectively make `start_step` (None: a fresh run) the end of the checkpoint line: later
+    saves are set aside and `latest` names the start. Returns what rank 0 moved, as log lines."""
+    notes = []
+    if _rank() == 0:
+        later = [s for s in list_checkpoints(directory) if start_step is None or s > start_step]
+        for path in set_aside(directory, later):
+            notes.append(f"set aside {path.name} as {path} (saved past step {start_step or 0}, where this run starts)")
+        if Path(directory).is_dir():
+            _write_latest(directory, start_step)
+    _barrier()
+    return notes
+
+
+def last_good(directory: str | Path, bad_step: int) -> Optional[int]:
+    """The newest checkpoint whose weights gave a good loss when the loss of step `bad_step`
+    (1-based) is the first bad one: a save at step s is first evaluated by the loss of s + 1."""
+    good = [s for s in list_checkpoints(directory) if s + 1 < bad_step]
+    return good[-1] if good else None
+
+
+def roll_back(directory: str | Path, bad_step: int) -> tuple[Optional[Path], list[Path]]:
+    """After divergence (rank 0 only): set aside the saves whose weights are not known good and
+    point `latest` at the last good one. Returns (its path or None, what was set aside)."""
+    good = last_good(directory, bad_step)
+    moved = set_aside(directory, [s for s in list_checkpoints(directory) if good is None or s > good])
+    _write_latest(directory, good)
+    return (checkpoint_path(directory, good) if good is not None else None), moved
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -76,12 +194,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _prune(directory: str | Path, newest: int, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints, never `newest` or the one before it."""
+    steps = list_checkpoints(directory)
+    kept = set(steps[-keep:]) if keep > 0 else set(steps)
+    kept |= {newest, max((s for s in steps if s < newest), default=newest)}
+    for old in steps:
+        if old not in kept:
+            shutil.rmtree(checkpoint_path(directory, old), ignore_errors=True)
+
+
 def save(directory: str | Path, step: int, model: nn.Module, optimizer: Any, common: dict[str, Any],
          keep: int = 3) -> Path:
-    """Write a checkpoint of `step` collectively; returns its path."""
+    """Write a checkpoint of `step` collectively; returns its path. The barriers and the
+    writes are bounded by the default process group's timeout (`checkpoint.save_timeout_s`)."""
     final = checkpoint_path(directory, step)
     tmp = final.with_name(final.name + ".tmp")
-    is_writer = not dist.is_initialized() or dist.get_rank() == 0
+    is_writer = _rank() == 0
     if is_writer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -93,12 +222,8 @@ def save(directory: str | Path, step: int, model: nn.Module, optimizer: Any, com
     if is_writer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        marker = Path(directory) / "latest"
-        marker_tmp = marker.with_suffix(".tmp")
-        marker_tmp.write_text(f"{step}\n")
-        os.replace(marker_tmp, marker)
-        for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-            shutil.rmtree(checkpoint_path(directory, old), ignore_errors=True)
+        _write_latest(directory, step)
+        _prune(directory, step, keep)
     _barrier()
     return final
 
@@ -111,7 +236,15 @@ def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) ->
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = sharded_state_dict(model, optimizer, loading=True)
     state["common"] = {}
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        with metadata_guard.restricted_metadata():
+            loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as error:  # PyTorch's (a BaseException) holds every rank's failure
+        reasons = [str(error), *map(str, getattr(error, "failures", {}).values())]
+        unsafe = next((r for r in reasons if metadata_guard.REFUSAL in r), None)
+        if unsafe is None:
+            raise
+        raise UnsafeCheckpointError(f"{path / '.metadata'} {unsafe[unsafe.index('refers to'):]}") from None
     for name, target in named_tensors(model).items():
         target.copy_(loaded[f"model.{name}"])
     if optimizer is not None:

@@ -6,6 +6,7 @@ same model code runs in a notebook and under torchrun.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,8 +30,11 @@ class ParallelConfigError(ValueError):
     """Parallel sizes that cannot be laid out on the world; the message names them."""
 
 
-def initialize_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1) -> ParallelLayout:
-    """Create Megatron-Core's groups on an initialised torch.distributed world."""
+def initialize_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1,
+                        timeout_s: float = 600.0) -> ParallelLayout:
+    """Create Megatron-Core's groups on an initialised torch.distributed world, every one (and
+    `world_group()`) bounded by `timeout_s`: a collective waiting longer fails the rank."""
+    global _world
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world % (tensor * pipeline) != 0:
         raise ParallelConfigError(
@@ -43,8 +47,19 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1) -> 
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
-            expert_model_parallel_size=expert, expert_tensor_parallel_size=1)
+            expert_model_parallel_size=expert, expert_tensor_parallel_size=1,
+            distributed_timeout_minutes=timeout_s / 60)
+        _world = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelLayout(tensor, pipeline, expert, data)
+
+
+_world: Optional[dist.ProcessGroup] = None
+
+
+def world_group() -> Optional[dist.ProcessGroup]:
+    """Every rank, over gloo, bounded like the model groups: for the step's host-side scalars
+    (the preemption flag, the gradient norm). The default group's longer bound is for saves."""
+    return _world if _initialized() else None
 
 
 def _initialized() -> bool:
