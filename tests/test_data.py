@@ -119,6 +119,29 @@ def test_prepare_errors_name_the_problem(tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
+def test_prepare_cli_refuses_an_output_prefix_it_would_hide_or_cannot_write(tmp_path, capsys):
+    src = tmp_path / "doc.txt"
+    src.write_text("hello")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "p.bin").mkdir()  # os.replace onto it fails, also for root
+    suggestion = f"give a prefix of files, e.g. {tmp_path / 'out' / 'name'}"
+    refusals = [
+        (f"{tmp_path / 'out'}{os.sep}", ["would write the hidden files", suggestion]),
+        (str(tmp_path / "out"), ["is an existing directory", suggestion]),
+        (str(tmp_path / "a_file" / "sub" / "data"), [f"{tmp_path / 'a_file'} is a file, not a directory"]),
+        (str(tmp_path / "p"), [f"cannot write {tmp_path / 'p'}.bin/.idx: Is a directory ({tmp_path / 'p.bin'})"]),
+    ]
+    for prefix, problems in refusals:
+        capsys.readouterr()
+        assert prepare_main(["--input", str(src), "--output-prefix", prefix]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("dsv3-prepare: error: ") and prefix in err, err
+        assert all(problem in err for problem in problems), err
+    assert os.listdir(tmp_path / "out") == []
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "doc.txt", "out", "p.bin"]  # no temporary files left
+
+
 def test_default_corpus_is_built_once_then_reused(tmp_path):
     prefix = ensure_default_dataset(str(tmp_path), max_bytes=100_000)
     tok = ByteTokenizer()

@@ -2,14 +2,14 @@
 import glob
 import io
 import json
-import struct
+import re
 
 import pytest
 import torch
 
 from megatron_dsv3.cli import report
 from megatron_dsv3.monitor import (ConsoleSink, ExpertLoadTracker, JsonlSink, MetricsLogger, WandbSink,
-                                   build_logger, format_console_line, is_logging_rank, max_vio)
+                                   build_logger, format_console_line, is_logging_rank, max_vio, wandb_log)
 
 
 def test_max_vio_is_zero_when_balanced_and_E_minus_1_when_collapsed():
@@ -111,6 +111,27 @@ def test_jsonl_sink_writes_one_object_per_line_and_appends_on_resume(tmp_path):
     assert all("time" in r for r in lines)
 
 
+_COMPLETE = "".join(json.dumps({"step": s, "loss": 4.0 - s / 10}) + "\n" for s in (10, 20))
+
+
+@pytest.mark.parametrize("text, kept_steps", [
+    (_COMPLETE + '{"step": 30, "loss": 2.', [10, 20]),  # torn mid-record: cut off
+    (_COMPLETE + '{"step": 30, "loss": 1.0}', [10, 20, 30]),  # complete but for its newline: kept
+    (_COMPLETE + '{"step": 30, "moe/layer_00/load": [' + "0.1, " * 20000, [10, 20]),  # torn, > 64 KiB
+    ('{"step": 10, "lo', []),  # killed while writing the first record
+], ids=["torn", "unterminated", "torn-long", "torn-only"])
+def test_jsonl_sink_resumes_after_a_torn_last_line_without_losing_a_record(tmp_path, text, kept_steps):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    sink = JsonlSink(path)
+    sink.write(40, {"loss": 1.5})
+    sink.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in records] == kept_steps + [40]
+    assert records[-1]["loss"] == 1.5 and set(records[-1]) == {"step", "time", "loss"}
+    assert all(r["loss"] == 4.0 - r["step"] / 10 for r in records[:-1])
+
+
 def test_console_line_format():
     metrics = {"loss": 4.5123, "mtp_loss": 4.8009, "balance_loss": 0.0012, "tokens_per_s": 1234.4,
                "grad_norm": 0.8312, "lr": 3e-3, "moe/max_vio_mean": 0.4213}
@@ -163,26 +184,62 @@ def test_is_logging_rank_without_distributed():
     assert is_logging_rank() and is_logging_rank(-1)
 
 
-def _read_wandb_records(path):
-    """Records of a .wandb file: ':W&B' header, then LevelDB-log framed protobufs."""
+def _wandb_log(records) -> bytes:
+    """A .wandb file as wandb's service writes it: header, then LevelDB-log chunks in 32 KiB blocks."""
+    block, chunk_header = wandb_log.BLOCK_BYTES, wandb_log.CHUNK_HEADER.size
+    out = bytearray(b":W&B\xe1\xbe\x00")
+    for record in records:
+        payload, first = record.SerializeToString(), True
+        while first or payload:
+            room = block - len(out) % block
+            if room < chunk_header:
+                out += bytes(room)
+                continue
+            piece, payload = payload[:room - chunk_header], payload[room - chunk_header:]
+            kind = {(True, True): wandb_log.FULL, (True, False): wandb_log.FIRST,
+                    (False, False): wandb_log.MIDDLE, (False, True): wandb_log.LAST}[first, not payload]
+            out += wandb_log.CHUNK_HEADER.pack(0, len(piece), kind) + piece
+            first = False
+    return bytes(out)
+
+
+def _history(step, size):
+    """A history record of exactly `size` serialized bytes."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, block = open(path, "rb").read(), 32768
-    assert data[:4] == b":W&B"
-    pos, buf, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            records.append(rec)
-            buf = b""
-    return records
+    def record(n):
+        return pb.Record(history=pb.HistoryRecord(step=pb.HistoryStep(num=step),
+                                                  item=[pb.HistoryItem(key="x", value_json="a" * n)]))
+    overhead = len(record(size).SerializeToString()) - size
+    assert len(record(size - overhead).SerializeToString()) == size
+    return record(size - overhead)
+
+
+def test_wandb_log_reader_finds_an_exit_record_split_over_blocks_and_waits_for_it(tmp_path):
+    pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+    block = wandb_log.BLOCK_BYTES
+    exit_record = pb.Record(exit=pb.RunExitRecord(exit_code=0, runtime=7))
+    # the 7-byte header, then a history record in chunks over blocks 0-3 that leaves 10 bytes of
+    # block 3: 4 * block - 7 - 4 chunk headers - 10; the exit record starts there and ends in block 4
+    history = _history(1, 4 * block - 7 - 4 * 7 - 10)
+    data = _wandb_log([history, exit_record])
+    assert wandb_log.CHUNK_HEADER.unpack_from(data, 4 * block - 10)[2] == wandb_log.FIRST  # exit starts
+    assert len(data) > 4 * block  # its LAST chunk opens block 4
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(data)
+    records = wandb_log.read_records(path)
+    assert [r.WhichOneof("record_type") for r in records] == ["history", "exit"]
+    assert records[0] == history and records[1].exit.runtime == 7
+    assert [r.WhichOneof("record_type") for r in wandb_log.read_records(path, 3)] == ["exit"]
+    assert wandb_log.has_exit_record(path)
+    wandb_log.wait_for_exit_record(path, timeout_s=0)
+    path.write_bytes(data[:-3])  # the service is still writing the exit record
+    assert [r.WhichOneof("record_type") for r in wandb_log.read_records(path)] == ["history"]
+    with pytest.raises(TimeoutError, match=re.escape(f"offline run {path} 0.2 s after run.finish()")):
+        wandb_log.wait_for_exit_record(path, timeout_s=0.2)
+    path.write_bytes(b"PK\x03\x04 not a wandb file")
+    with pytest.raises(ValueError, match="not a wandb transaction log"):
+        wandb_log.read_records(path)
 
 
 def test_wandb_offline_run_holds_scalars_and_expert_table(tmp_path, monkeypatch):
@@ -203,7 +260,7 @@ def test_wandb_offline_run_holds_scalars_and_expert_table(tmp_path, monkeypatch)
     files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
     history = {}
-    for rec in _read_wandb_records(files[0]):
+    for rec in wandb_log.read_records(files[0]):  # no waiting: close() returned after wandb wrote
         if rec.WhichOneof("record_type") == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
             history[rec.history.step.num] = row
@@ -256,14 +313,49 @@ def test_report_drops_records_of_steps_abandoned_by_a_resume(tmp_path):
     assert bad == 1
 
 
-def test_report_refuses_missing_or_empty_file(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics file at .*nowhere"):
-        report.main([str(tmp_path / "nowhere.jsonl")])
-    with pytest.raises(SystemExit, match="no metrics file at .*metrics.jsonl"):
-        report.main([str(tmp_path)])
+def _report_refusal(capsys, *argv):
+    """dsv3-report's exit code and its one-line error; nothing may reach stdout."""
+    capsys.readouterr()
+    code = report.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("dsv3-report: error: ") and err.count("\n") == 1
+    return code, err
+
+
+def test_report_refuses_a_missing_empty_or_binary_metrics_file(tmp_path, capsys):
+    code, err = _report_refusal(capsys, tmp_path / "nowhere.jsonl")
+    assert code == 2 and f"no metrics file at {tmp_path / 'nowhere.jsonl'}" in err
+    code, err = _report_refusal(capsys, tmp_path / "no_run_dir")
+    assert code == 2 and "no metrics file at" in err and "no_run_dir" in err
+    code, err = _report_refusal(capsys, tmp_path)  # a run directory without metrics.jsonl
+    assert code == 2 and f"no metrics file at {tmp_path / 'metrics.jsonl'}" in err
     (tmp_path / "metrics.jsonl").write_text("\n")
-    with pytest.raises(SystemExit, match="holds no metrics records"):
-        report.main([str(tmp_path)])
+    code, err = _report_refusal(capsys, tmp_path)
+    assert code == 2 and err.rstrip().endswith("metrics.jsonl holds no metrics records")
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 64)
+    code, err = _report_refusal(capsys, blob)
+    assert code == 2 and f"{blob} holds no metrics records: none of its 65 line(s)" in err  # 64 newlines
+
+
+def test_report_refuses_an_unwritable_out_path(tmp_path, capsys):
+    _synthetic_jsonl(tmp_path / "metrics.jsonl")
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "report.md"  # its parent is a file: unwritable, also for root
+    code, err = _report_refusal(capsys, tmp_path, "--out", out)
+    assert code == 2 and f"cannot write the report to {out}: Not a directory" in err
+    code, err = _report_refusal(capsys, tmp_path, "--out", tmp_path)
+    assert code == 2 and f"cannot write the report to {tmp_path}: Is a directory" in err
+
+
+def test_report_skips_a_torn_last_line_and_says_so(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 10, "loss": 3.0}) + "\n" + json.dumps({"step": 20, "loss": 2.5})
+                    + "\n" + '{"step": 30, "loss": 2.')
+    assert report.main([str(tmp_path)]) == 0
+    md = capsys.readouterr().out
+    assert "- steps: 10 .. 20 (2 logged steps)" in md and "- skipped 1 malformed line(s)" in md
+    assert "| loss | 3 (step 10) | 2.5 (step 20) |" in md
 
 
 def test_trackers_of_two_pipeline_stages_merge_into_one_summary():

@@ -7,6 +7,7 @@ A text file is one document; a .jsonl line is one document (its `--json-key` fie
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -24,8 +25,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_prefix_problem(prefix: str) -> Optional[str]:
+    """Why PREFIX.bin and PREFIX.idx cannot be written, or None if they can be tried."""
+    path = os.path.expanduser(prefix)
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if not path or path.endswith(separators) or os.path.isdir(path):
+        example = os.path.join(path.rstrip("".join(separators)) or ".", "name")
+        what = ("is an existing directory" if path and not path.endswith(separators) else
+                f"names no file, so it would write the hidden files {path}.bin and {path}.idx")
+        return f"--output-prefix {prefix!r} {what}; give a prefix of files, e.g. {example}"
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"cannot write {path}.bin/.idx: {ancestor} is a file, not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write {path}.bin/.idx: directory {ancestor} is not writable"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    problem = output_prefix_problem(args.output_prefix)
+    if problem:
+        print(f"dsv3-prepare: error: {problem}", file=sys.stderr)
+        return 2
     from megatron_dsv3.data.indexed import DataError, prepare
     from megatron_dsv3.data.tokenizer import TokenizerError
 
@@ -34,6 +58,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         args.append_eod)
     except (DataError, TokenizerError) as err:
         print(f"dsv3-prepare: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # inputs and tokenizer are read under DataError/TokenizerError
+        culprit = err.filename2 or err.filename  # os.replace names its target second
+        where = f" ({culprit})" if culprit else ""
+        print(f"dsv3-prepare: error: cannot write {args.output_prefix}.bin/.idx: {err.strerror or err}{where}",
+              file=sys.stderr)
         return 2
     print(f"wrote {stats.prefix}.bin/.idx: {stats.num_documents} documents, "
           f"{stats.num_tokens} tokens")

@@ -19,15 +19,20 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>[a-z0-9_
 SPARK = " .:-=+*#%@"  # 0 .. 2x the balanced load, one character per expert
 
 
+class ReportError(ValueError):
+    """A metrics file that cannot be reported on; the message names the file and the problem."""
+
+
 def read_records(path: str) -> tuple[list[dict[str, Any]], int]:
     """Records merged per step, in step order; returns (records, malformed line count).
 
-    A step lower than the previous line's means the run resumed from a checkpoint: the
-    records of the abandoned steps from that step on are dropped.
+    A line that is not a JSON object with a step (one torn by a kill, or not text at all) is
+    counted and skipped. A step lower than the previous line's means the run resumed from a
+    checkpoint: the records of the abandoned steps from that step on are dropped.
     """
     by_step: dict[int, dict[str, Any]] = {}
     bad, last = 0, None
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -113,9 +118,15 @@ def load_chart(layer: str, step: int, load: list[float], style: str, width: int 
 
 
 def build_report(path: str, style: str = "auto") -> str:
-    records, bad = read_records(path)
+    """The markdown report of the metrics file at ``path``; ReportError if it holds no records."""
+    try:
+        records, bad = read_records(path)
+    except OSError as err:
+        raise ReportError(f"cannot read {path}: {err.strerror or err}") from err
     if not records:
-        raise SystemExit(f"dsv3-report: {path} holds no metrics records")
+        raise ReportError(f"{path} holds no metrics records" + (
+            f": none of its {bad} line(s) is a JSON object with a step (is it a metrics JSONL file?)"
+            if bad else ""))
     md = ["# dsv3 run report", "", f"- source: `{path}`",
           f"- steps: {records[0]['step']} .. {records[-1]['step']} ({len(records)} logged steps)"]
     if bad:
@@ -153,15 +164,26 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "(auto: bars up to 32 experts)")
     args = parser.parse_args(argv)
     path = os.path.join(args.path, METRICS_FILENAME) if os.path.isdir(args.path) else args.path
-    if not os.path.isfile(path):
-        raise SystemExit(f"dsv3-report: no metrics file at {path} "
-                         f"(give a JSONL file or a run directory holding {METRICS_FILENAME})")
-    report = build_report(path, args.chart)
+    try:
+        if not os.path.isfile(path):
+            raise ReportError(f"no metrics file at {path} "
+                              f"(give a JSONL file or a run directory holding {METRICS_FILENAME})")
+        report = build_report(path, args.chart)
+        if args.out:
+            _write(args.out, report)
+    except ReportError as err:
+        print(f"dsv3-report: error: {err}", file=sys.stderr)
+        return 2
     sys.stdout.write(report)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report)
     return 0
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise ReportError(f"cannot write the report to {path}: {err.strerror or err}") from err
 
 
 if __name__ == "__main__":

@@ -11,20 +11,64 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, BinaryIO, Optional, TextIO
+
+from . import wandb_log
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>load|bias)$")
+
+
+def _last_line_start(f: BinaryIO, end: int) -> int:
+    """Offset of the first byte after the last newline before ``end`` (0 if none)."""
+    start = end
+    while start > 0:
+        read_from = max(0, start - 65536)
+        f.seek(read_from)
+        newline = f.read(start - read_from).rfind(b"\n")
+        if newline >= 0:
+            return read_from + newline + 1
+        start = read_from
+    return 0
+
+
+def end_torn_line(path: str | os.PathLike) -> None:
+    """Make the JSONL file at ``path`` end with a newline, as appending to it needs.
+
+    A last line without its newline was being written when its writer was killed. If it is a
+    complete JSON object it is kept and terminated; otherwise it is cut off: its record is lost
+    either way, and cutting keeps the file valid JSONL for readers that do not skip bad lines.
+    """
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        start = _last_line_start(f, end)
+        f.seek(start)
+        try:
+            complete = isinstance(json.loads(f.read()), dict)
+        except ValueError:
+            complete = False
+        if complete:
+            f.write(b"\n")
+        else:
+            f.truncate(start)
 
 
 class JsonlSink:
     """One JSON object per line, ``{"step": .., "time": .., **scalars, **arrays}``.
 
-    Opens in append mode, so a resumed run continues the same file; flushes every line.
+    Opens in append mode, so a resumed run continues the same file, after ending a line torn
+    by a kill (``end_torn_line``); flushes every line.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if os.path.isfile(self.path):
+            end_torn_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
@@ -42,7 +86,8 @@ class WandbSink:
     The table is long-format (step, layer, expert, load, bias), ready for custom charts and
     heatmaps; ``bar_charts=True`` also logs a ``wandb.plot.bar`` per layer
     (``{prefix}layer_NN/load_bar``). ``mode="offline"`` writes under ``dir`` without an
-    account; ``mode=None`` leaves it to ``WANDB_MODE``.
+    account; ``mode=None`` leaves it to ``WANDB_MODE``. ``close`` of an offline run returns once
+    wandb has written the whole run, so ``wandb sync`` can follow at once.
     """
 
     def __init__(self, project: str, run_name: Optional[str] = None, config: Optional[dict] = None,
@@ -57,6 +102,7 @@ class WandbSink:
             dir = os.fspath(dir)
         self.run = wandb.init(project=project, name=run_name, config=config, mode=mode, dir=dir,
                               **init_kwargs)
+        self._offline_run_file = self.run.settings.sync_file if self.run.offline else None
         self._pending_step: Optional[int] = None
         self._pending: dict[str, Any] = {}
 
@@ -101,6 +147,8 @@ class WandbSink:
     def close(self) -> None:
         self._flush()
         self.run.finish()
+        if self._offline_run_file:  # finish() returns before wandb's service has flushed the file
+            wandb_log.wait_for_exit_record(self._offline_run_file)
 
 
 class TensorBoardSink:
