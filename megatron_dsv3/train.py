@@ -181,7 +181,7 @@ def train(run: dict[str, Any]) -> int:
     distributed = pcfg["distributed_optimizer"]
     if distributed is True or (distributed == "auto" and device.type == "cuda"):
         # ZeRO-1: Megatron-Core's DDP + distributed optimizer shard the Adam state over data parallel.
-        from megatron_dsv3.parallel.zero1 import ZeRO1Optimizer
+        from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
 
         bf16_params = tcfg["param_dtype"] == "bfloat16"
         optimizer = ZeRO1Optimizer(model, stage.config, bf16_moments=tcfg["bf16_adam_moments"], bf16_params=bf16_params,
@@ -280,7 +280,7 @@ def train(run: dict[str, Any]) -> int:
             return EXIT_PREEMPTED
     if progress is not None:
         progress.close()
-    path = save(step) if ccfg["save_interval"] else None
+    path = save(step) if ccfg["save_interval"] and step != resume_step else None  # not the one just resumed
     if logger is not None:
         logger.close()
     if first_loss is not None:

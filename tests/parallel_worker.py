@@ -28,7 +28,7 @@ from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
 from megatron_dsv3.parallel.sharding import gather_full, gather_like, load_full
-from megatron_dsv3.parallel.zero1 import ZeRO1Optimizer
+from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from patches.megatron_cpu import cpu_shims
 

@@ -220,8 +220,14 @@ def save(directory: str | Path, step: int, model: nn.Module, optimizer: Any, com
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if is_writer:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.exists():  # a step saved again: keep the old one whole until the new one is in place
+            replaced = final.with_name(final.name + ".replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+            os.replace(tmp, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         _write_latest(directory, step)
         _prune(directory, step, keep)
     _barrier()

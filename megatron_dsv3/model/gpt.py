@@ -26,7 +26,7 @@ from megatron_dsv3.model.mtp import MTPModule, mtp_loss
 from megatron_dsv3.model.rope import RotaryEmbedding
 from megatron_dsv3.model.spec import decoder_layer_spec
 from megatron_dsv3.parallel import groups
-from megatron_dsv3.pipeline.stages import stage_layers
+from megatron_dsv3.parallel.layout import stage_layers
 
 LayerSpecFn = Callable[[DSV3Config, int], ModuleSpec]
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -58,7 +58,7 @@ class DSV3Model(nn.Module):
     def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0):
         super().__init__()
         self.config = config
-        # This rank's pipeline stage (the whole model without pipeline parallelism): see pipeline/stages.py.
+        # This rank's pipeline stage (the whole model without pipeline parallelism): see parallel/layout.py.
         stage, stages = groups.rank(groups.pp_group()), groups.size(groups.pp_group())
         self.first_stage, self.last_stage = stage == 0, stage == stages - 1
         self.input_hidden: Optional[torch.Tensor] = None  # [b, s, h] from the previous stage

@@ -1,13 +1,6 @@
-"""Optimizer side of a step: gradient averaging over data-parallel ranks, global-norm clipping,
-AdamW with FP32 master weights and optional BF16 moments (report section 3.3.3), and the
-warmup + cosine learning rate.
-
-Two optimizers give a training step the same interface (`zero_grad`, `step(lr) -> grad norm`,
-`param_states` / `load_param_states` and `master_weights` / `load_master_weights` for
-checkpoints, `step_count`): `LocalOptimizer` here, which keeps the whole Adam state on every
-data-parallel rank, and Megatron-Core's DDP + distributed
-optimizer (ZeRO-1) in `megatron_dsv3.parallel.zero1`. Both save moments in the same layout, so a
-run can resume under the other one.
+"""The local optimizer: gradient averaging over data-parallel ranks, global-norm clipping, AdamW
+with FP32 master weights and optional BF16 moments (report section 3.3.3), the whole Adam state
+on every data-parallel replica; and the warmup + cosine learning rate and value schedules.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megatron_dsv3.optim import MOMENTS, AdamW, all_reduce_flat
+from megatron_dsv3.optim.local import MOMENTS, AdamW, all_reduce_flat
 from megatron_dsv3.parallel import groups
 
 

@@ -7,23 +7,12 @@ same model code runs in a notebook and under torchrun.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tensor: int = 1
-    pipeline: int = 1
-    expert: int = 1
-    data: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.data
+from megatron_dsv3.parallel.layout import ParallelLayout
 
 
 class ParallelConfigError(ValueError):

@@ -1,7 +1,7 @@
 """Pipeline parallelism: which part of the model a stage holds, and how Megatron-Core's
 forward/backward schedules drive it (1F1B between stages, a plain micro-batch loop without).
 
-Stage s of P holds a contiguous run of decoder layers (`stage_layers`); the first stage also
+Stage s of P holds a contiguous run of decoder layers (`parallel.layout.stage_layers`); the first stage also
 holds the embedding, the last the final norm, the output head and the MTP modules. MTP embeds
 the tokens ahead with the main model's embedding (report section 2.2), so with P > 1 the last
 stage keeps a copy of it, marked `pipeline_copy`; its gradient is summed with the first stage's
@@ -25,17 +25,6 @@ from torch import nn
 from megatron_dsv3.parallel import groups
 
 PIPELINE_DTYPE = torch.float32
-
-
-def stage_layers(num_layers: int, stages: int, stage: int) -> range:
-    """Decoder layers of `stage`: contiguous and as even as possible. The first
-    `num_layers % stages` stages take one extra layer, since the last stage also carries the head
-    and MTP. DeepSeek-V3's 61 layers on 16 stages: 13 stages of 4 layers, then 3 of 3."""
-    if not 0 <= stage < stages <= num_layers:
-        raise ValueError(f"stage {stage} of {stages} cannot hold layers of a {num_layers}-layer model")
-    base, extra = divmod(num_layers, stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
 
 
 class ScheduledModel:
