@@ -86,9 +86,13 @@ class DSV3Config:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "DSV3Config":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-        config = dataclasses.replace(PRESETS[name], **overrides)
+        """A registered preset (`registry` kind "preset": the built-in ones and any a user
+        registers) with `overrides` replacing fields."""
+        from megatron_dsv3 import registry
+
+        if name not in registry.names("preset"):
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(registry.names('preset'))}")
+        config = dataclasses.replace(registry.get("preset", name), **overrides)
         config.validate()
         return config
 

@@ -53,7 +53,8 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-FP8_BLOCK = 128
+from megatron_dsv3.fp8.quantize import TILE as FP8_BLOCK, dequantize_blocks
+
 _SCALE_SUFFIX = "_scale_inv"  # "X.weight" + "_scale_inv" = "X.weight_scale_inv"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # old checkpoints carry the rope buffer
 _LAYER_RENAMES = {
@@ -82,34 +83,17 @@ class LoadResult:
 
 
 # ----------------------------------------------------------------------------- FP8
-def dequantize_fp8_blockwise(q: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
-                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w = q * s with one scale per `block` x `block` tile of the last two dims.
-
-    q [..., M, N] (float8_e4m3fn or any dtype), scale_inv [..., ceil(M/block), ceil(N/block)].
-    """
+def dequantize_fp8_blockwise(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """w = q * s with one scale per 128 x 128 block of the last two dims, checking the scale grid:
+    q [..., M, N] (float8_e4m3fn or any dtype), scale_inv [..., ceil(M/128), ceil(N/128)]. DeepSeek's
+    `weight_scale_inv` is the same per-block scale as `fp8.quantize_blocks` returns (its inverse
+    writes them), so the quantiser is the training one."""
     rows, cols = q.shape[-2:]
-    expected = (*q.shape[:-2], math.ceil(rows / block), math.ceil(cols / block))
+    expected = (*q.shape[:-2], math.ceil(rows / FP8_BLOCK), math.ceil(cols / FP8_BLOCK))
     if tuple(scale_inv.shape) != expected:
         raise HFWeightError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
-                            f"for a {tuple(q.shape)} weight in {block}x{block} blocks")
-    scale = scale_inv.float().repeat_interleave(block, dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block, dim=-1)[..., :cols]
-    return (q.float() * scale).to(dtype)
-
-
-def quantize_fp8_blockwise(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse, as DeepSeek stores weights: (q float8_e4m3fn, scale_inv fp32 per block).
-    For writing test checkpoints; training-time FP8 lives in megatron_dsv3.fp8."""
-    rows, cols = w.shape[-2:]
-    pad_r, pad_c = -rows % block, -cols % block
-    padded = torch.nn.functional.pad(w.float(), (0, pad_c, 0, pad_r))
-    tiles = padded.unflatten(-2, (-1, block)).unflatten(-1, (-1, block))  # [..., R, b, C, b]
-    amax = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-4)  # [..., R, C]
-    scale = amax / torch.finfo(torch.float8_e4m3fn).max
-    q = tiles / scale[..., :, None, :, None]
-    q = q.flatten(-2).flatten(-3, -2)[..., :rows, :cols].to(torch.float8_e4m3fn)
-    return q, scale
+                            f"for a {tuple(q.shape)} weight in {FP8_BLOCK}x{FP8_BLOCK} blocks")
+    return dequantize_blocks(q, scale_inv)
 
 
 # ------------------------------------------------------------------------- naming
@@ -481,5 +465,5 @@ def load_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: 
 
 
 __all__ = ["HFWeightError", "LoadResult", "MTPCopyMismatchWarning", "dequantize_fp8_blockwise", "export_hf_weights",
-           "hf_name", "iter_hf_weights", "load_hf_checkpoint", "load_hf_weights", "quantize_fp8_blockwise",
+           "hf_name", "iter_hf_weights", "load_hf_checkpoint", "load_hf_weights",
            "save_hf_checkpoint"]

@@ -172,10 +172,10 @@ def train(run: dict[str, Any]) -> int:
     schedule = registry.get("schedule", pcfg["schedule"])()
     stage = ScheduledModel(model, layout.tensor, layout.pipeline)
     if config.fp8 == "tile":
-        from megatron_dsv3.fp8 import apply_fp8, describe_backend
+        from megatron_dsv3.fp8 import Fp8Linear, describe_backend
 
-        replaced = apply_fp8(model)
-        _log(f"fp8: {len(replaced)} linears with 1x128/128x128 scaling; backend {describe_backend()}")
+        fp8_linears = sum(isinstance(m, Fp8Linear) for m in model.modules())
+        _log(f"fp8: {fp8_linears} linears with 1x128/128x128 scaling; backend {describe_backend()}")
     adam = dict(lr=tcfg["lr"], betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]), weight_decay=tcfg["weight_decay"],
                 clip_grad=tcfg["clip_grad"])
     distributed = pcfg["distributed_optimizer"]

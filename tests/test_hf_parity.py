@@ -11,7 +11,8 @@ import torch
 
 from megatron_dsv3 import DSV3Config, YarnConfig, build_model
 from megatron_dsv3.hf import (HFWeightError, MTPCopyMismatchWarning, dequantize_fp8_blockwise, export_hf_weights,
-                              load_hf_checkpoint, load_hf_weights, quantize_fp8_blockwise, save_hf_checkpoint)
+                              load_hf_checkpoint, load_hf_weights, save_hf_checkpoint)
+from megatron_dsv3.fp8 import quantize_blocks
 from megatron_dsv3.model.moe.router import Router
 
 transformers = pytest.importorskip("transformers")
@@ -178,7 +179,7 @@ def test_fp8_blockwise_dequantisation_known_answer():
         dequantize_fp8_blockwise(q, scale[:, :2])
     # Round trip through the quantiser: E4M3 keeps 3 mantissa bits -> relative error <= 2^-4.
     weight = torch.randn(300, 200)
-    q, s = quantize_fp8_blockwise(weight)
+    q, s = quantize_blocks(weight)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
     err = (dequantize_fp8_blockwise(q, s) - weight).abs()
     assert (err <= weight.abs() * 2**-4 + 1e-6).all() and err.max() > 0
@@ -191,7 +192,7 @@ def test_fp8_checkpoint_is_dequantised_on_load():
     fp8 = {}
     for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
                  "model.layers.0.mlp.gate_proj.weight"):  # 320 x 128: two row blocks, the second partial
-        q, s = quantize_fp8_blockwise(exported[name] * 40)
+        q, s = quantize_blocks(exported[name] * 40)
         exported[name], exported[name + "_scale_inv"] = q, s
         fp8[name] = dequantize_fp8_blockwise(q, s)
     target = build_model(config, seed=2)
@@ -292,7 +293,7 @@ def test_fp8_scale_in_another_shard_and_duplicate_keys(tmp_path):
 
     config = tiny(mtp_num_modules=0)
     weights = export_hf_weights(build_model(config, seed=1))
-    q, s = quantize_fp8_blockwise(weights["lm_head.weight"])
+    q, s = quantize_blocks(weights["lm_head.weight"])
     weights["lm_head.weight"] = q
     names = sorted(weights)
     save_file({k: weights[k].contiguous() for k in names[:len(names) // 2]}, str(tmp_path / "a.safetensors"))

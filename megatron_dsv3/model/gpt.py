@@ -159,7 +159,13 @@ class DSV3Model(nn.Module):
 
 
 def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0) -> DSV3Model:
-    """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups."""
+    """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups. With
+    `config.fp8 == "tile"` (the one switch for FP8) its linears and expert GEMMs are FP8."""
     lay = groups.layout()
     config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert, pipeline_parallel_size=lay.pipeline)
-    return DSV3Model(config, layer_spec, seed)
+    model = DSV3Model(config, layer_spec, seed)
+    if config.fp8 == "tile":
+        from megatron_dsv3.fp8 import apply_fp8
+
+        apply_fp8(model)
+    return model

@@ -31,7 +31,6 @@ forward. `attention_mask` and `position_ids` are ignored: attention is causal ov
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Any, Optional, Union
 
 import torch
@@ -162,6 +161,10 @@ def dsv3_config_from_megatron(config: TransformerConfig, **overrides: Any) -> DS
                                          expert_parallel_size=config.expert_model_parallel_size)
 
 
+FP8_UNSUPPORTED = ("not supported (untested): train FP8 with dsv3-train / DSV3Model (train.fp8: tile), "
+                   "which runs the 1x128 / 128x128 tile scaling itself")
+
+
 def megatron_config_from_dsv3(cfg: DSV3Config, **overrides: Any) -> MLATransformerConfig:
     """The MLATransformerConfig of a DSV3Config; `overrides` add or replace Megatron fields
     (parallel sizes, dtypes, use_cpu_initialization, dropout, ...). Fields unknown to the
@@ -192,12 +195,8 @@ def megatron_config_from_dsv3(cfg: DSV3Config, **overrides: Any) -> MLATransform
                       original_max_position_embeddings=cfg.yarn.original_max_position_embeddings,
                       beta_fast=cfg.yarn.beta_fast, beta_slow=cfg.yarn.beta_slow, mscale=cfg.yarn.mscale,
                       mscale_all_dim=cfg.yarn.mscale_all_dim)
-    if cfg.fp8 == "tile":
-        if importlib.util.find_spec("transformer_engine") is None:
-            # Megatron-Core's config checks the Transformer Engine version for FP8 MoE configs.
-            raise ConfigError("fp8='tile' maps to Megatron fp8='e4m3', fp8_recipe='blockwise', which "
-                              "Megatron-Core accepts only with Transformer Engine installed")
-        values.update(fp8="e4m3", fp8_recipe="blockwise")
+    if cfg.fp8 == "tile":  # the adapters refuse FP8 configs (check_supported): emit none they would refuse
+        raise ConfigError(f"fp8='tile' through these adapters is {FP8_UNSUPPORTED}")
     values.update(overrides)
     return build_megatron_config(MLATransformerConfig, **values)
 
@@ -222,7 +221,7 @@ def check_supported(config: TransformerConfig) -> None:
     need(not config.attention_dropout, f"attention_dropout={config.attention_dropout} (MLA applies no "
          "attention dropout; set --attention-dropout 0)")
     need(not (config.fp8 or getattr(config, "fp4", None)),
-         f"fp8={config.fp8!r} / fp4: FP8 through these adapters is untested; train FP8 with DSV3Model")
+         f"fp8={config.fp8!r} / fp4: FP8 through these adapters is {FP8_UNSUPPORTED}")
     need(config.tensor_model_parallel_size == 1 or config.expert_tensor_parallel_size == 1,
          f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} (routed experts are not "
          "tensor-sharded; set --expert-tensor-parallel-size 1)")
