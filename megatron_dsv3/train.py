@@ -124,7 +124,6 @@ def train(run: dict[str, Any]) -> int:
     from megatron_dsv3.data import build_train_iterator
     from megatron_dsv3 import registry
     from megatron_dsv3.model.gpt import build_model
-    from megatron_dsv3.model.moe.layer import BalanceLossAttach
     from megatron_dsv3.model.moe.router import update_expert_bias
     from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
     from megatron_dsv3.optim import LocalOptimizer, learning_rate, scheduled
@@ -239,11 +238,10 @@ def train(run: dict[str, Any]) -> int:
     while step < tcfg["steps"]:
         tokens_seen = step * gbs * seq
         lr = learning_rate(step, tcfg["steps"], tcfg["lr"], tcfg["min_lr"], tcfg["warmup_steps"])
-        config.mtp_loss_weight = scheduled(tcfg["mtp_loss_weight_schedule"], tokens_seen, config.mtp_loss_weight)
+        mtp_weight = scheduled(tcfg["mtp_loss_weight_schedule"], tokens_seen, config.mtp_loss_weight)
         gamma = scheduled(tcfg["bias_update_rate_schedule"], tokens_seen, config.bias_update_rate)
-        BalanceLossAttach.loss_scale = 1.0 / num_micro
         optimizer.zero_grad()
-        stage_losses = forward_backward(schedule, stage, batches, num_micro, mbs, seq, tcfg["bf16"])
+        stage_losses = forward_backward(schedule, stage, batches, num_micro, mbs, seq, tcfg["bf16"], mtp_weight)
         grad_norm = optimizer.step(lr)  # reduce over replicas, clip, update
         lm, mtp, bal = reduce_losses(stage_losses)
         if not (lm == lm and abs(lm) != float("inf")) or lm > tcfg["max_loss"] or grad_norm != grad_norm:
@@ -263,7 +261,7 @@ def train(run: dict[str, Any]) -> int:
             elapsed = time.perf_counter() - window_start
             metrics = {"loss": lm, "mtp_loss": mtp, "balance_loss": bal, "grad_norm": grad_norm,
                        "lr": lr, "tokens_per_s": window_tokens / elapsed,
-                       "bias_update_rate": gamma, "mtp_loss_weight": config.mtp_loss_weight}
+                       "bias_update_rate": gamma, "mtp_loss_weight": mtp_weight}
             _gather_expert_load(tracker)
             if logger is not None:
                 logger.log_expert_load(step, tracker)

@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from megatron_dsv3 import DSV3Config, build_model, registry
 from megatron_dsv3.model.moe import dispatch
-from megatron_dsv3.model.moe.layer import BalanceLossAttach
 from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
@@ -74,7 +73,6 @@ def step(args, out: Path) -> None:
     tokens, labels = (t[dp_rank * per_rank:(dp_rank + 1) * per_rank] for t in (tokens, labels))
     micro = 2  # gradient accumulation over micro-batches of 2 sequences
     num_micro = per_rank // micro
-    BalanceLossAttach.loss_scale = 1.0 / num_micro
     batches = iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
                     for i in range(num_micro)])
     # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then the optimizer.

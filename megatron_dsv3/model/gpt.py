@@ -45,13 +45,16 @@ class LMOutput:
 
 
 @contextlib.contextmanager
-def _replaying_forward():
+def _replaying_forward(layer: nn.Module):
     """A recomputed layer runs its forward twice; its routing load must be counted once."""
-    Router.count_load = False
+    routers = [m for m in layer.modules() if isinstance(m, Router)]
+    for router in routers:
+        router.count_load = False
     try:
         yield
     finally:
-        Router.count_load = True
+        for router in routers:
+            router.count_load = True
 
 
 class DSV3Model(nn.Module):
@@ -110,10 +113,16 @@ class DSV3Model(nn.Module):
             param.copy_(torch.randn(param.shape, generator=generator) * self.config.init_std)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[InferenceCache] = None):
+                cache: Optional[InferenceCache] = None, mtp_loss_weight: Optional[float] = None,
+                balance_loss_scale: float = 1.0):
         """tokens [b, s] -> logits [b, s, vocab] (no labels) or LMOutput (labels [b, s]).
 
-        A stage before the last returns its hidden state [b, s, h] for the next stage."""
+        A stage before the last returns its hidden state [b, s, h] for the next stage. Training
+        passes this step's MTP weight lambda (default: the config's) and the factor the schedule
+        applies to the loss (1 / micro-batches), which the balance losses' gradients take."""
+        mtp_loss_weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+        for moe in self.moe_layers():
+            moe.balance_loss_scale = balance_loss_scale
         offset = cache.offset if cache is not None else 0
         cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         hidden = self.embed_tokens(tokens) if self.first_stage else self.input_hidden
@@ -121,7 +130,7 @@ class DSV3Model(nn.Module):
         for layer in self.layers.values():
             if recompute:  # keep only each layer's input; rerun the layer in backward
                 hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False,
-                                    context_fn=lambda: (contextlib.nullcontext(), _replaying_forward()))
+                                    context_fn=lambda layer=layer: (contextlib.nullcontext(), _replaying_forward(layer)))
             else:
                 hidden = layer(hidden, cos, sin, cache)
         if cache is not None:
@@ -136,9 +145,9 @@ class DSV3Model(nn.Module):
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         loss = lm_loss
         mtp_losses = []
-        if len(self.mtp) and self.config.mtp_loss_weight > 0:
+        if len(self.mtp) and mtp_loss_weight > 0:
             mtp_losses = mtp_loss(self.mtp, hidden, tokens, labels, self.embed_tokens, self.lm_head, cos, sin)
-            loss = loss + self.config.mtp_loss_weight / len(self.mtp) * sum(mtp_losses)
+            loss = loss + mtp_loss_weight / len(self.mtp) * sum(mtp_losses)
         self._collect_balance_loss()
         if self.last_balance_loss is not None:
             loss = loss + self.last_balance_loss  # value only: the gradient was attached inside each MoE layer

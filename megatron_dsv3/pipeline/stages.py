@@ -51,11 +51,13 @@ class ScheduledModel:
 
 
 def forward_backward(schedule, stage: ScheduledModel, batches: Iterator[dict[str, torch.Tensor]],
-                     num_micro: int, micro_batch_size: int, seq_length: int, bf16: bool) -> list[float]:
+                     num_micro: int, micro_batch_size: int, seq_length: int, bf16: bool,
+                     mtp_loss_weight: Optional[float] = None) -> list[float]:
     """One step's forward and backward over `num_micro` micro-batches with `schedule` (Megatron's
     forward_backward_func). Every stage reads each batch: the first embeds its tokens, the last
     needs the labels and, for MTP, the tokens ahead. Returns this stage's [lm, mtp, balance] losses
-    averaged over the micro-batches (lm and mtp are zero before the last stage)."""
+    averaged over the micro-batches (lm and mtp are zero before the last stage). `mtp_loss_weight`
+    is this step's lambda (None: the model config's)."""
     model = stage.module
     device = next(model.parameters()).device
     sums = [0.0, 0.0, 0.0]
@@ -68,7 +70,8 @@ def forward_backward(schedule, stage: ScheduledModel, batches: Iterator[dict[str
     def forward_step(data_iterator, chunk: ScheduledModel):
         batch = next(data_iterator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device))
+            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
+                        mtp_loss_weight=mtp_loss_weight, balance_loss_scale=1.0 / num_micro)
         if model.last_balance_loss is not None:
             sums[2] += float(model.last_balance_loss) / num_micro
         if not model.last_stage:

@@ -17,24 +17,23 @@ from megatron_dsv3.parallel import groups
 
 
 class BalanceLossAttach(torch.autograd.Function):
-    """Returns `output` unchanged; in backward, feeds gradient `loss_scale` to the balance loss.
+    """Returns `output` unchanged; in backward, feeds gradient `scale` to the balance loss.
 
     This lets a balance loss computed inside any pipeline stage reach the optimizer without
-    being threaded through the stage outputs. The trainer sets `loss_scale` to the same factor
-    it applies to the main loss (1 / micro-batches).
+    being threaded through the stage outputs. The scale is the factor the schedule applies to
+    the main loss (1 / micro-batches), passed to the model's forward as `balance_loss_scale`.
     """
 
-    loss_scale = 1.0
-
     @staticmethod
-    def forward(ctx, output, balance_loss):
+    def forward(ctx, output, balance_loss, scale: float):
         ctx.save_for_backward(balance_loss)
+        ctx.scale = scale
         return output
 
     @staticmethod
     def backward(ctx, grad):
         (balance_loss,) = ctx.saved_tensors
-        return grad, torch.full_like(balance_loss, BalanceLossAttach.loss_scale)
+        return grad, torch.full_like(balance_loss, ctx.scale), None
 
 
 class DeepSeekMoE(nn.Module):
@@ -53,6 +52,7 @@ class DeepSeekMoE(nn.Module):
                                if config.num_shared_experts else None)
         self.dispatcher = TokenDispatcher(config.num_routed_experts, ep_group, groups.tp_group())
         self.last_balance_loss = None  # detached, for logging
+        self.balance_loss_scale = 1.0  # set by the model's forward from its argument
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, hidden] -> [batch, seq, hidden]."""
@@ -62,5 +62,5 @@ class DeepSeekMoE(nn.Module):
         out = routed if self.shared_experts is None else routed + self.shared_experts(x)
         if routing.balance_loss is not None:
             self.last_balance_loss = routing.balance_loss.detach()
-            out = BalanceLossAttach.apply(out, routing.balance_loss)
+            out = BalanceLossAttach.apply(out, routing.balance_loss, self.balance_loss_scale)
         return out

@@ -28,11 +28,10 @@ class Routing:
 
 
 class Router(nn.Module):
-    count_load = True  # off while a recomputed layer replays its forward (model/gpt.py)
-
     def __init__(self, config: DSV3Config):
         super().__init__()
         self.config = config
+        self.count_load = True  # off while a recomputed layer replays its forward (model/gpt.py)
         self.weight = nn.Parameter(torch.empty(config.num_routed_experts, config.hidden_size))
         # Persistent: the bias is training state and is saved with the model (HF: e_score_correction_bias).
         self.register_buffer("expert_bias", torch.zeros(config.num_routed_experts, dtype=torch.float32))
@@ -47,7 +46,7 @@ class Router(nn.Module):
         expert_ids = self.select(scores_TE.detach())
         chosen = scores_TE.gather(1, expert_ids)
         gates = chosen / chosen.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
-        if self.training and Router.count_load:
+        if self.training and self.count_load:
             self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=cfg.num_routed_experts)
         balance_loss = None
         if self.training and cfg.seq_aux_loss_coeff > 0:
