@@ -6,7 +6,9 @@ keeps. That process has default signal dispositions, and srun delivers a forward
 SIGTERM to every process of the job step: the Manager dies, and the very save the signal asked
 for fails with ConnectionRefusedError. Inside `signal_safe_checkpoint_writer()` the queue comes,
 on the first save as before, from a Manager that blocks those two signals (the training process
-itself handles them and saves).
+itself handles them and saves), and that dies with the training process on Linux: a rank killed
+with SIGKILL otherwise leaves it running, and with it the multiprocessing resource tracker, which
+exits only when every holder of its pipe (the rank and the Manager it spawned) has closed it.
 
     with signal_safe_checkpoint_writer():
         ...  # dist_checkpointing.save(...) survives SIGUSR1/SIGTERM to the process group
@@ -16,14 +18,28 @@ A Megatron-Core without that module function is left alone.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
+import os
 import signal
+import sys
+import threading
 from multiprocessing.managers import SyncManager
 
 from patches import _mark, _unmark
 
 NAME = "megatron.core.dist_checkpointing.strategies.filesystem_async:signal-safe-results-queue"
 PREEMPTION_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _writer_manager_setup(parent_pid: int, die_with_parent: bool) -> None:
+    """Initializer of the Manager process: preemption signals blocked; SIGKILL when the parent dies."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    if die_with_parent:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 @contextlib.contextmanager
@@ -43,12 +59,15 @@ def signal_safe_checkpoint_writer():
     def signal_safe_queue():
         if writer._results_queue is None:
             manager = SyncManager(ctx=mp.get_context("spawn"))
+            # The death signal follows the *thread* that starts the child: only the main thread lives
+            # as long as the process.
+            die_with_parent = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
             # Blocked, not ignored, and already in this thread while the child starts: the signal
             # mask survives fork and exec, so a signal repeated during the start-up cannot kill it.
             # Signals arriving meanwhile stay pending here and reach the trainer's handler after.
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
             try:
-                manager.start(initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, PREEMPTION_SIGNALS))
+                manager.start(initializer=_writer_manager_setup, initargs=(os.getpid(), die_with_parent))
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             managers.append(manager)

@@ -127,3 +127,23 @@ def test_failing_step_fails_the_job_with_its_exit_code(slurm, tmp_path):
     job = _wait(job_id)
     assert job["JobState"] == "FAILED"
     assert job["ExitCode"] == "3:0"
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_launcher_warning_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    """One srun task runs dsv3-torchrun, which runs torchrun with the 2 ranks: the warning reaches the
+    ranks, the step exits 75 (torchrun alone would exit 1) and the job requeues and resumes."""
+    steps = 100
+    job_id = _submit(tmp_path, f"train.steps={steps}", "train.seq_length=64", "launch.launcher=torchrun")
+    node_log = tmp_path / "slurm" / str(job_id) / "node-0.log"
+    _wait_for_text(node_log, r"\| loss ")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], check=True, timeout=30)
+    job = _wait(job_id)
+    log = node_log.read_text()
+    batch_out = (tmp_path / "slurm" / f"dsv3-tiny-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, batch_out, log)
+    assert "training step exited with code 75" in batch_out and "requeueing job" in batch_out
+    assert "the ranks saved a checkpoint and exited 75 (torchrun exited 1)" in log
+    resumed = re.search(r"resumed from step (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < steps, log
+    assert re.search(rf"step {steps}/{steps} \| loss", log), log

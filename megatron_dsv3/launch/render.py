@@ -1,4 +1,8 @@
-"""Render the sbatch script of a run from launch/slurm/sbatch.sh.tmpl."""
+"""Render the sbatch script of a run from launch/slurm/sbatch.sh.tmpl.
+
+Every value written into the script is shell-quoted, in `#SBATCH` lines too (sbatch reads single
+and double quotes as the shell does; values it would read differently are refused in run.py).
+"""
 from __future__ import annotations
 
 import re
@@ -7,10 +11,11 @@ from typing import Any, Iterable, Optional
 
 from megatron_dsv3.launch.presets import environment, launch_dir, load_preset
 from megatron_dsv3.launch.preflight import PreflightReport
-from megatron_dsv3.launch.run import layout as run_layout
+from megatron_dsv3.launch.run import CONTROL_CHARACTER, LaunchConfigError, layout as run_layout
 
 PREEMPTED_EXIT = 75  # dsv3-train: "preempted, checkpoint saved"
-# Each rank starts with SIGUSR1 ignored (not fatal) until dsv3-train installs its handler.
+# Each task (a dsv3-train rank, or dsv3-torchrun) starts with SIGUSR1 ignored (not fatal) until it
+# installs its handler: srun delivers the forwarded warning signal to every process of the step.
 IGNORE_USR1_UNTIL_HANDLED = """bash -c 'trap "" USR1; exec "$@"' dsv3-step"""
 
 
@@ -32,13 +37,14 @@ def train_command(run: dict[str, Any], config_path: str, overrides: Iterable[str
 def _directives(run: dict[str, Any]) -> list[str]:
     launch, lay = run["launch"], run_layout(run)
     torchrun = launch["launcher"] == "torchrun"
-    lines = [f"--job-name={launch['job_name']}", f"--nodes={lay.nodes}",
+    quote = shlex.quote
+    lines = [f"--job-name={quote(launch['job_name'])}", f"--nodes={lay.nodes}",
              f"--ntasks-per-node={1 if torchrun else lay.tasks_per_node}"]
     if not lay.cpu:
         lines += [f"--gpus-per-node={lay.gpus_per_node}", "--exclusive"]
-    lines += [f"--time={launch['time']}"]
-    lines += [f"--{key}={launch[key]}" for key in ("partition", "account") if launch[key]]
-    lines += [f"--output={launch['output_dir']}/%x-%j.out", "--open-mode=append",
+    lines += [f"--time={quote(launch['time'])}"]
+    lines += [f"--{key}={quote(launch[key])}" for key in ("partition", "account") if launch[key]]
+    lines += [f"--output={quote(launch['output_dir'] + '/%x-%j.out')}", "--open-mode=append",
               f"--signal=B:USR1@{launch['signal_seconds']}", "--requeue" if launch["requeue"] else "--no-requeue"]
     return [f"#SBATCH {line}" for line in lines]
 
@@ -51,10 +57,12 @@ def _step(run: dict[str, Any], command: list[str]) -> str:
         mounts = ['"$SLURM_SUBMIT_DIR:$SLURM_SUBMIT_DIR"'] + [shlex.quote(str(m)) for m in launch["container_mounts"]]
         groups += [[f"--container-image={shlex.quote(launch['container_image'])}"],
                    [f"--container-mounts={','.join(mounts)}", '--container-workdir="$SLURM_SUBMIT_DIR"']]
-    if launch["launcher"] == "torchrun":
+    if launch["launcher"] == "torchrun":  # torchrun under dsv3-torchrun, which relays preemption to the ranks
+        wrapper = [shlex.quote(launch["python"]), "-m", "megatron_dsv3.cli.torchrun"] if launch["python"] else [
+            "dsv3-torchrun"]
         groups += [["--ntasks-per-node=1", '--output="$LOG_DIR/node-%n.log"'],
-                   [shlex.quote(launch["python"] or "python3"), "-m", "torch.distributed.run",
-                    '--nnodes="$SLURM_JOB_NUM_NODES"', f"--nproc-per-node={lay.tasks_per_node}"],
+                   [IGNORE_USR1_UNTIL_HANDLED],
+                   [*wrapper, '--nnodes="$SLURM_JOB_NUM_NODES"', f"--nproc-per-node={lay.tasks_per_node}"],
                    ["--rdzv-backend=c10d", '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"'],
                    ['--log-dir="$LOG_DIR/torchrun"', "--redirects=3", "--tee=3", "--no-python"]]
     else:
@@ -62,13 +70,6 @@ def _step(run: dict[str, Any], command: list[str]) -> str:
                    [IGNORE_USR1_UNTIL_HANDLED]]
     groups.append([shlex.quote(arg) for arg in command])
     return " \\\n  ".join(" ".join(group) for group in groups)
-
-
-def _signal_step(torchrun: bool) -> str:
-    if torchrun:  # torchrun relays SIGTERM to its workers (it would die of SIGUSR1)
-        return '  kill -TERM "$STEP_PID" 2>/dev/null'
-    return ('  # repeated: a rank still starting up ignores USR1 until its handler is installed\n'
-            '  ( while kill -USR1 "$STEP_PID" 2>/dev/null; do sleep 10; done ) &')
 
 
 def _quote(value: str) -> str:
@@ -89,12 +90,10 @@ def _environment(run: dict[str, Any], preset: dict[str, Any]) -> list[str]:
 def render_sbatch(run: dict[str, Any], config_path: str, overrides: Iterable[str] = (),
                   report: Optional[PreflightReport] = None) -> str:
     """The batch script for `run` (already loaded with load_run); `config_path` as the ranks will see it."""
+    if CONTROL_CHARACTER.search(config_path):
+        raise LaunchConfigError(f"config path {config_path!r} contains a control character; rename the file")
     launch = run["launch"]
     preset = load_preset(launch["env_preset"])
-    torchrun = launch["launcher"] == "torchrun"
-    requeue_test = f'[[ "$rc" -eq {PREEMPTED_EXIT} ]]'
-    if torchrun:  # torchrun reports worker failures as 1: trust the signal we forwarded instead
-        requeue_test = f'[[ "$rc" -eq {PREEMPTED_EXIT} || "$PREEMPTED" -eq 1 ]]'
     if launch["requeue"]:
         action = ('  echo "dsv3-launch: checkpoint saved; requeueing job $SLURM_JOB_ID to resume"\n'
                   '  scontrol requeue "$SLURM_JOB_ID" && exit 0\n'
@@ -110,9 +109,8 @@ def render_sbatch(run: dict[str, Any], config_path: str, overrides: Iterable[str
         "environment": "\n".join(_environment(run, preset)),
         "log_dir": shlex.quote(str(launch["output_dir"])),
         "setup": ("\n# ---- site setup (launch.setup)\n" + setup) if setup else "",
-        "signal_step": _signal_step(torchrun),
         "step": _step(run, train_command(run, config_path, overrides)),
-        "requeue_test": requeue_test,
+        "preempted_exit": str(PREEMPTED_EXIT),
         "requeue_action": action,
     }
     template = (launch_dir() / "slurm" / "sbatch.sh.tmpl").read_text()
