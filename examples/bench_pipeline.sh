@@ -2,7 +2,7 @@
 # Pipeline-parallel throughput of the tiny preset on CPU vs one rank (BENCHMARKS.md); ~3 min on 2 cores.
 set -e
 cd "$(dirname "$0")/.."
-common="train.steps=40 train.log_interval=1 logging.console=false checkpoint.save_interval=0"
+common="train.steps=40 logging.interval=1 logging.console=false checkpoint.save_interval=0"
 rm -rf /tmp/bpp
 run1() { OMP_NUM_THREADS=2 .venv/bin/dsv3-train $common checkpoint.dir=/tmp/bpp/$1/ckpt ${@:2} >/dev/null 2>&1; }
 run2() { OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 -m megatron_dsv3.train $common checkpoint.dir=/tmp/bpp/$1/ckpt ${@:2} >/dev/null 2>&1; }

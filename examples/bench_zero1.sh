@@ -3,7 +3,7 @@
 # (BENCHMARKS.md): tokens/s, Adam moments per rank, loss at step 40; ~2 min on 2 cores.
 set -e
 cd "$(dirname "$0")/.."
-common="train.steps=40 train.log_interval=1 logging.console=true checkpoint.save_interval=0"
+common="train.steps=40 logging.interval=1 logging.console=true checkpoint.save_interval=0"
 rm -rf /tmp/bz1
 run1() { OMP_NUM_THREADS=2 .venv/bin/dsv3-train $common checkpoint.dir=/tmp/bz1/$1/ckpt ${@:2} >/tmp/bz1_$1.log 2>&1; }
 run2() { OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 -m megatron_dsv3.train $common checkpoint.dir=/tmp/bz1/$1/ckpt ${@:2} >/tmp/bz1_$1.log 2>&1; }

@@ -225,6 +225,7 @@ class DSV3Config:
 
 
 FP8_MODES = ("none", "tile")
+RECOMPUTE_MODES = ("none", "selective", "full")  # activation recomputation in backward (DSV3Model.recompute)
 
 PRESETS: dict[str, DSV3Config] = {
     "deepseek-v3-671b": DSV3Config(),

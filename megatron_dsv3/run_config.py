@@ -1,229 +1,457 @@
-"""The run configuration shared by dsv3-train and dsv3-launch: a YAML file plus dotted overrides.
+"""The run configuration shared by dsv3-train and dsv3-launch: a YAML file plus dotted overrides
+become one frozen `RunConfig` of typed sections, each setting defined once below with its
+default and its check.
 
-    dsv3-train --config examples/tiny-cpu.yaml train.steps=50 parallel.expert=2
+    run = load_run_config("examples/tiny-cpu.yaml", ("train.steps=50", "parallel.expert=2"))
+    run.train.steps, run.parallel.expert        # 50, 2
+    run.model_config()                           # the DSV3Config (train.fp8 chosen here, once)
 
-Sections: model, parallel, train, data, checkpoint, logging, launch (read by dsv3-launch).
-Unknown keys are refused by name; the resolved config is saved beside the checkpoints.
+Sections: model, parallel, train, data, checkpoint, logging, launch (read by dsv3-launch). A
+dotted override changes only its key. Unknown keys and bad values are refused by name
+(`RunConfigError`); the resolved config is saved beside the checkpoints (`to_dict`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import math
+import re
+import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.data.datasets import DEFAULTS as DATA_DEFAULTS, resolve_data_config
+from megatron_dsv3.config import FP8_MODES, RECOMPUTE_MODES, ConfigError, DSV3Config
+from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES
 
 
 class RunConfigError(ValueError):
     """A bad run configuration; the message names the key."""
 
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"preset": "tiny", "overrides": {}},
-    # distributed_optimizer: Megatron-Core's DDP + distributed optimizer (ZeRO-1); auto = on GPU only.
-    # timeout_s bounds every collective of the training step (a stalled rank fails the job).
-    "parallel": {"tensor": 1, "pipeline": 1, "expert": 1, "schedule": "1f1b", "distributed_optimizer": "auto",
-                 "timeout_s": 600},
-    "train": {
-        "steps": 300, "micro_batch_size": 8, "global_batch_size": 16, "seq_length": 128,
-        "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 20, "weight_decay": 0.1,
-        "adam_beta1": 0.9, "adam_beta2": 0.95, "clip_grad": 1.0, "seed": 1234,
-        "bf16": False, "fp8": "none", "bf16_adam_moments": False, "recompute": "none",
-        "param_dtype": "float32",  # bfloat16: BF16 weights, FP32 masters in the distributed optimizer
-        "log_interval": 10, "device": "auto",
-        # Schedules as [[tokens_from, value], ...]; the report's are gamma 0.001 until 14.3T tokens
-        # then 0, and lambda 0.3 until 10T then 0.1. None keeps the model preset's constant value.
-        "bias_update_rate_schedule": None, "mtp_loss_weight_schedule": None,
-        "max_loss": 1.0e3,  # a loss above this (or NaN) stops the run
-    },
-    "data": dict(DATA_DEFAULTS),
-    # save_timeout_s bounds a checkpoint's writes and the waits while rank 0 renames and prunes.
-    "checkpoint": {"dir": "runs/tiny/checkpoints", "save_interval": 100, "resume": True, "keep": 3,
-                   "save_timeout_s": 1800},
-    "logging": {"interval": 10, "console": True, "jsonl": True, "wandb": False, "wandb_project": "megatron-dsv3",
-                "wandb_mode": None, "tensorboard": False},
-    "launch": {},
-}
+Check = Callable[[str, Any], Any]  # (dotted key, value) -> the value to store, or RunConfigError
 
 
-OPEN_SECTIONS = ("launch", "model.overrides", "data")  # their keys are checked by their readers
+def setting(default: Any, check: Check) -> Any:
+    """A section field: its default and the check every value given for it passes."""
+    factory = (lambda: copy.deepcopy(default)) if isinstance(default, (list, dict)) else None
+    extra = {"default_factory": factory} if factory else {"default": default}
+    return dataclasses.field(metadata={"check": check}, **extra)
+
+
+# ----------------------------------------------------------------------------- checks
+def integer(minimum: int) -> Check:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise RunConfigError(f"{key} must be {kind}, got {value!r}")
+        return value
+    return check
+
+
+def number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Check:
+    """A real number in the interval. PyYAML (YAML 1.1) reads 1e6 or 3e-4 without a dot as
+    strings, so numeric strings are accepted and stored as floats."""
+    def check(key: str, value: Any) -> float:
+        parsed = value
+        if isinstance(value, str):
+            try:
+                parsed = float(value)
+            except ValueError:
+                pass
+        ok = (isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and math.isfinite(parsed)
+              and (parsed > low if low_open else parsed >= low) and (parsed < high if high_open else parsed <= high))
+        if not ok:
+            if high == math.inf:
+                interval = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise RunConfigError(f"{key} must be a number {interval}, got {value!r}")
+        return float(parsed)
+    return check
+
+
+def boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RunConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def one_of(*choices: Any, meaning: str = "") -> Check:
+    def check(key: str, value: Any) -> Any:
+        if not any(value == choice and type(value) is type(choice) for choice in choices):
+            shown = ", ".join("true" if c is True else "false" if c is False else str(c) for c in choices)
+            raise RunConfigError(f"{key}={value!r} is not one of {shown}{meaning}")
+        return value
+    return check
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def text(key: str, value: Any) -> str:
+    """One non-empty line (a number stands for its digits)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RunConfigError(f"{key} must be a string, got {value!r}")
+    value = str(value)
+    if not value or _CONTROL.search(value):
+        raise RunConfigError(f"{key}={value!r} must be one non-empty line without control characters (in a batch "
+                             "script a newline would end sbatch's #SBATCH block and run the rest as a command)")
+    return value
+
+
+def without(characters: str, why: str) -> Check:
+    def check(key: str, value: Any) -> str:
+        value = text(key, value)
+        if set(value) & set(characters):
+            raise RunConfigError(f"{key}={value!r} must not contain {' or '.join(map(repr, characters))}: {why}")
+        return value
+    return check
+
+
+def matching(pattern: str, form: str) -> Check:
+    compiled = re.compile(pattern)
+
+    def check(key: str, value: Any) -> str:
+        value = text(key, value)
+        if not compiled.fullmatch(value):
+            raise RunConfigError(f"{key}={value!r} is not {form}")
+        return value
+    return check
+
+
+def optional(inner: Check) -> Check:
+    def check(key: str, value: Any) -> Any:
+        return None if value is None else inner(key, value)
+    return check
+
+
+def list_of(inner: Check) -> Check:
+    def check(key: str, value: Any) -> list:
+        if not isinstance(value, list):
+            raise RunConfigError(f"{key} must be a list, got {value!r}")
+        return [inner(f"{key}[{i}]", item) for i, item in enumerate(value)]
+    return check
+
+
+def mapping(key: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise RunConfigError(f"{key} must be a mapping, got {value!r}")
+    return value
+
+
+def value_schedule(key: str, value: Any) -> Optional[list]:
+    """null, or [[tokens_from, value], ...] of non-negative numbers."""
+    if value is None:
+        return None
+    try:
+        ok = isinstance(value, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and float(p[0]) >= 0
+                                             and float(p[1]) >= 0 for p in value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise RunConfigError(f"{key} must be null or a list of [tokens_from, value] pairs of non-negative numbers, "
+                             f"got {value!r}")
+    return [[float(a), float(b)] for a, b in value]
+
+
+def registered(kind: str) -> Check:
+    def check(key: str, value: Any) -> str:
+        from megatron_dsv3 import registry
+
+        if value not in registry.names(kind):
+            raise RunConfigError(f"{key}={value!r} is not a registered {kind.replace('_', ' ')} "
+                                 f"(registered: {', '.join(registry.names(kind))})")
+        return value
+    return check
+
+
+def blend(key: str, value: Any) -> list:
+    """Dataset prefixes `[p1, p2]` or a weighted blend `[w1, p1, w2, p2]` (Megatron's --data-path)."""
+    if not isinstance(value, list) or any(isinstance(v, (bool, list, dict)) or v is None for v in value):
+        raise RunConfigError(f"{key} must be a list of dataset prefixes or [weight, prefix, ...], got {value!r}")
+    return value
+
+
+def environment(key: str, value: Any) -> dict:
+    """VARIABLE: value (null unsets it); names must be shell variable names, values plain scalars."""
+    value = mapping(key, value)
+    for name, setting_value in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise RunConfigError(f"{key} key {name!r} is not a shell variable name (letters, digits and '_', not "
+                                 "starting with a digit)")
+        if setting_value is not None and not isinstance(setting_value, (str, int, float, bool)):
+            raise RunConfigError(f"{key}.{name} must be a string, number, true/false or null (null unsets it), "
+                                 f"got {setting_value!r}")
+        if _CONTROL.search(str(setting_value)):
+            raise RunConfigError(f"{key}.{name}={setting_value!r} must not contain control characters")
+    return value
+
+
+def command(key: str, value: Any) -> Any:
+    """The training command: a string or a non-empty list of words (trusted shell input)."""
+    if value is None or (isinstance(value, list) and value and all(isinstance(w, str) for w in value)):
+        return value
+    if not isinstance(value, str):
+        raise RunConfigError(f"{key} must be a string or a non-empty list of strings, got {value!r}")
+    try:
+        words = shlex.split(value)
+    except ValueError as error:
+        raise RunConfigError(f"{key}={value!r} does not split into words: {error}") from None
+    if not words:
+        raise RunConfigError(f"{key} is empty; leave it null to run dsv3-train")
+    return value
+
+
+def slurm_time(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RunConfigError(f"{key}={value!r} must be quoted text such as \"24:00:00\" (YAML reads an unquoted "
+                             "24:00:00 as the base-60 number 86400)")
+    return matching(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE",
+                    "a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED")(key, value)
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    preset: str = setting("tiny", registered("preset"))
+    overrides: dict = setting({}, mapping)  # DSV3Config fields, checked by DSV3Config
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    tensor: int = setting(1, integer(1))
+    pipeline: int = setting(1, integer(1))
+    expert: int = setting(1, integer(1))
+    schedule: str = setting("1f1b", registered("schedule"))
+    # Megatron-Core's DDP + distributed optimizer (ZeRO-1); auto = on GPU only.
+    distributed_optimizer: Any = setting("auto", one_of("auto", True, False))
+    timeout_s: float = setting(600.0, number(0, low_open=True))  # every collective of a step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = setting(300, integer(1))
+    micro_batch_size: int = setting(8, integer(1))
+    global_batch_size: int = setting(16, integer(1))
+    seq_length: int = setting(128, integer(1))
+    lr: float = setting(3.0e-3, number(0, low_open=True))
+    min_lr: float = setting(3.0e-4, number(0))
+    warmup_steps: int = setting(20, integer(0))
+    weight_decay: float = setting(0.1, number(0))
+    adam_beta1: float = setting(0.9, number(0, 1, high_open=True))
+    adam_beta2: float = setting(0.95, number(0, 1, high_open=True))
+    clip_grad: float = setting(1.0, number(0))
+    seed: int = setting(1234, integer(0))
+    bf16: bool = setting(False, boolean)
+    fp8: str = setting("none", one_of(*FP8_MODES))
+    bf16_adam_moments: bool = setting(False, boolean)
+    recompute: str = setting("none", one_of(*RECOMPUTE_MODES, meaning=(
+        " (selective: RMSNorm, MLA up-projections and SwiGLU outputs rerun in backward; full: every decoder layer)")))
+    # bfloat16: BF16 weights, FP32 masters in the distributed optimizer
+    param_dtype: str = setting("float32", one_of("float32", "bfloat16"))
+    device: str = setting("auto", one_of("auto", "cpu", "cuda"))
+    # [[tokens_from, value], ...]; the report's: gamma 0.001 until 14.3T tokens then 0, lambda 0.3
+    # until 10T then 0.1. None keeps the model preset's constant value.
+    bias_update_rate_schedule: Optional[list] = setting(None, value_schedule)
+    mtp_loss_weight_schedule: Optional[list] = setting(None, value_schedule)
+    max_loss: float = setting(1.0e3, number(0, low_open=True))  # a loss above this (or NaN) stops the run
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    paths: list = setting([], blend)  # empty: the embedded stdlib corpus
+    cache_dir: str = setting(DEFAULT_CACHE_DIR, text)
+    tokenizer: str = setting("byte", text)  # "byte" or a tokenizer.json
+    backend: str = setting("megatron", one_of("megatron", "dali"))
+    split: str = setting("100,0,0", text)  # train,valid,test weights
+    valid_samples: Optional[int] = setting(None, optional(integer(1)))
+    corpus_max_bytes: int = setting(DEFAULT_MAX_BYTES, integer(1))  # of the embedded corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    dir: str = setting("runs/tiny/checkpoints", text)
+    save_interval: int = setting(100, integer(0))  # 0: save only at the end
+    resume: bool = setting(True, boolean)
+    keep: int = setting(3, integer(0))  # 0 keeps all
+    save_timeout_s: float = setting(1800.0, number(0, low_open=True))  # writes, and waits while rank 0 renames
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    interval: int = setting(10, integer(1))
+    console: bool = setting(True, boolean)
+    jsonl: bool = setting(True, boolean)
+    wandb: bool = setting(False, boolean)
+    wandb_project: str = setting("megatron-dsv3", text)
+    wandb_mode: Optional[str] = setting(None, optional(one_of("offline", "online")))  # None: WANDB_MODE decides
+    wandb_run_name: Optional[str] = setting(None, optional(text))  # default: the run directory's name
+    wandb_bar_charts: bool = setting(False, boolean)
+    tensorboard: bool = setting(False, boolean)
+
+
+SLURM_NAME = r"[A-Za-z0-9_.-]+"
+SLURM_NAME_FORM = "letters, digits, '_', '.', '-'"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSection:
+    """Read by dsv3-launch. Every value that reaches the batch script is checked here; `setup` and
+    `command` are shell by design: trusted input."""
+
+    nodes: int = setting(1, integer(1))
+    gpus_per_node: int = setting(8, integer(1))
+    tasks_per_node: Optional[int] = setting(None, optional(integer(1)))  # None: one per GPU (1 on CPU)
+    partition: Optional[str] = setting(None, optional(matching(
+        rf"{SLURM_NAME}(,{SLURM_NAME})*", f"Slurm partition name(s): {SLURM_NAME_FORM}, comma-separated")))
+    account: Optional[str] = setting(None, optional(matching(SLURM_NAME, f"a Slurm account name: {SLURM_NAME_FORM}")))
+    time: str = setting("04:00:00", slurm_time)
+    job_name: str = setting("dsv3", without("/\\", "it names the script and log files, and sbatch reads '\\' "
+                                                     "as an escape"))
+    env_preset: str = setting("h800", matching(SLURM_NAME, f"a preset name (megatron_dsv3/launch/presets/NAME.yaml; "
+                                                            f"{SLURM_NAME_FORM})"))
+    env_overrides: dict = setting({}, environment)
+    container_image: Optional[str] = setting(None, optional(text))
+    container_mounts: list = setting([], list_of(text))
+    launcher: str = setting("srun", one_of("srun", "torchrun"))
+    requeue: bool = setting(True, boolean)
+    signal_seconds: int = setting(120, integer(0))
+    output_dir: str = setting("runs/slurm", without("%\\", "sbatch expands %-patterns in --output and reads "
+                                                           "'\\' as an escape"))
+    cpu: bool = setting(False, boolean)
+    python: Optional[str] = setting(None, optional(text))
+    command: Any = setting(None, command)  # None: `dsv3-train` (or `<python> -m megatron_dsv3.train`)
+    setup: list = setting([], list_of(text))  # shell lines before the step (module load, source venv, ...)
+
+
+SECTIONS = {"model": ModelSection, "parallel": ParallelSection, "train": TrainSection, "data": DataSection,
+            "checkpoint": CheckpointSection, "logging": LoggingSection, "launch": LaunchSection}
+MOVED = {"train.log_interval": "logging.interval"}
+
+
+def _section(name: str, cls: type, given: Any) -> Any:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise RunConfigError(f"{name} must be a mapping of keys, got {given!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in given:
+        if key not in fields:
+            hint = f" (moved to {MOVED[f'{name}.{key}']})" if f"{name}.{key}" in MOVED else ""
+            raise RunConfigError(f"unknown config key {f'{name}.{key}'!r}{hint}; known keys here: "
+                                 f"{', '.join(sorted(fields))}")
+    values = {key: fields[key].metadata["check"](f"{name}.{key}", value) for key, value in given.items()}
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    launch: LaunchSection = dataclasses.field(default_factory=LaunchSection)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        """Sections from a mapping (missing keys take their defaults), every value checked."""
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise RunConfigError(f"unknown config section(s) {', '.join(map(repr, unknown))}; sections: "
+                                 f"{', '.join(SECTIONS)}")
+        run = cls(**{name: _section(name, section, values.get(name)) for name, section in SECTIONS.items()})
+        run._check_across_sections()
+        return run
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> DSV3Config:
+        """The model: the preset, its overrides, and FP8 from `train.fp8` (the one place it is chosen)."""
+        overrides = dict(self.model.overrides)
+        overrides.setdefault("fp8", self.train.fp8)
+        try:
+            return DSV3Config.preset(self.model.preset, **overrides)
+        except (ConfigError, TypeError) as error:
+            raise RunConfigError(f"model: {error}") from None
+
+    def _check_across_sections(self) -> None:
+        train, parallel = self.train, self.parallel
+        if train.min_lr > train.lr:
+            raise RunConfigError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}")
+        if train.param_dtype == "bfloat16" and not train.bf16:
+            raise RunConfigError("train.param_dtype=bfloat16 needs train.bf16=true (BF16 weights compute under "
+                                 "BF16 autocast)")
+        if train.param_dtype == "bfloat16" and parallel.distributed_optimizer is False:
+            raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
+                                 "optimizer, and parallel.distributed_optimizer is false")
+        model = self.model_config()
+        if train.seq_length > model.max_position_embeddings:
+            raise RunConfigError(f"train.seq_length={train.seq_length} is above the model's max_position_embeddings="
+                                 f"{model.max_position_embeddings} (model.overrides.max_position_embeddings raises it)")
+
+
+# ----------------------------------------------------------------------------- loading
+OPEN_MAPPINGS = ("model.overrides", "launch.env_overrides")  # keys checked by their readers
+VERBATIM_OVERRIDES = ("launch.time",)  # YAML 1.1 reads an unquoted 24:00:00 as the base-60 number 86400
 
 
 def _merge(base: dict, update: dict, where: str = "") -> dict:
-    """`update` over `base`, section by section: a key given replaces only that key."""
+    """`update` over `base`, key by key: a dotted override changes only its key."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         path = f"{where}.{key}" if where else key
-        is_open = any(where == section or where.startswith(section + ".") for section in OPEN_SECTIONS)
-        if key not in out and not is_open:
-            raise RunConfigError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(out))}")
-        if isinstance(out.get(key), dict):
-            if value is None:
-                continue  # an empty section in YAML
-            if not isinstance(value, dict):
-                raise RunConfigError(f"{path} must be a mapping of keys, got {value!r}")
+        if isinstance(value, dict) and out.get(key) is not None and not isinstance(out[key], dict):
+            raise RunConfigError(f"{path} must be a mapping of keys, got {out[key]!r}")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = _merge(out[key], value, path)
         else:
             out[key] = value
     return out
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str) -> dict:
     key, sep, raw = item.partition("=")
     keys = key.split(".")
     if not sep or len(keys) < 2 or not all(keys):
         raise RunConfigError(f"override {item!r} must look like section.key=value")
-    try:
-        return keys, yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as error:
-        raise RunConfigError(f"override {item!r}: the value is not valid YAML ({error.problem})") from None
-
-
-def load_run_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Defaults <- YAML file <- dotted overrides, validated."""
-    config = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise RunConfigError(f"config file {path} does not exist")
+    if key in VERBATIM_OVERRIDES:
+        value: Any = raw
+    else:
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RunConfigError(f"config file {path} is not valid YAML{where}: "
-                                 f"{getattr(error, 'problem', None) or error}") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise RunConfigError(f"config file {path} cannot be read: {error}") from None
-        if not isinstance(loaded, dict):
-            raise RunConfigError(f"config file {path} must hold a mapping of sections")
-        config = _merge(config, loaded)
+            raise RunConfigError(f"override {item!r}: the value is not valid YAML ({error})") from None
+    for part in reversed(keys):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise RunConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RunConfigError(f"config file {path} is not valid YAML{where}: "
+                             f"{getattr(error, 'problem', None) or error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunConfigError(f"config file {path} cannot be read: {error}") from None
+    if not isinstance(loaded, dict):
+        raise RunConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded
+
+
+def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides, every setting checked once."""
+    values = read_yaml(path) if path is not None else {}
     for item in overrides:
-        keys, value = _parse_override(item)
-        nested: Any = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        config = _merge(config, nested)
-    validate_run_config(config)
-    return config
-
-
-def model_config(run: dict[str, Any]) -> DSV3Config:
-    overrides = dict(run["model"].get("overrides") or {})
-    overrides.setdefault("fp8", run["train"]["fp8"])
-    return DSV3Config.preset(run["model"]["preset"], **overrides)
-
-
-def _integer(run: dict, section: str, key: str, minimum: int) -> None:
-    value = run[section][key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise RunConfigError(f"{section}.{key} must be {kind}, got {value!r}")
-
-
-def _number(run: dict, section: str, key: str, low: float, high: float = float("inf"),
-            low_open: bool = False, high_open: bool = False) -> None:
-    """A real number in the interval; PyYAML (YAML 1.1) reads 1e6 or 3e-4 without a dot as
-    strings, so numeric strings are accepted and stored as floats."""
-    value = run[section][key]
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    in_range = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
-    if not in_range:
-        if high == float("inf"):
-            interval = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise RunConfigError(f"{section}.{key} must be a number {interval}, got {run[section][key]!r}")
-    run[section][key] = float(value)
-
-
-def _boolean(run: dict, section: str, key: str) -> None:
-    if not isinstance(run[section][key], bool):
-        raise RunConfigError(f"{section}.{key} must be true or false, got {run[section][key]!r}")
-
-
-def _choice(run: dict, section: str, key: str, choices: tuple, meaning: str = "") -> None:
-    value = run[section][key]
-    if not any(value == choice and type(value) is type(choice) for choice in choices):
-        raise RunConfigError(f"{section}.{key}={value!r} is not one of {', '.join(map(str, choices))}{meaning}")
-
-
-def _value_schedule(run: dict, key: str) -> None:
-    schedule = run["train"][key]
-    if schedule is None:
-        return
-    pairs_ok = isinstance(schedule, list) and all(
-        isinstance(item, (list, tuple)) and len(item) == 2 for item in schedule)
-    if pairs_ok:
-        try:
-            pairs_ok = all(float(a) >= 0 and float(b) >= 0 for a, b in schedule)
-        except (TypeError, ValueError):
-            pairs_ok = False
-    if not pairs_ok:
-        raise RunConfigError(f"train.{key} must be null or a list of [tokens_from, value] pairs of "
-                             f"non-negative numbers, got {schedule!r}")
-
-
-def validate_run_config(run: dict[str, Any]) -> None:
-    """Every run setting's check, each error naming its key."""
-    for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval"):
-        _integer(run, "train", key, 1)
-    for key in ("warmup_steps", "seed"):
-        _integer(run, "train", key, 0)
-    _number(run, "train", "lr", 0, low_open=True)
-    _number(run, "train", "min_lr", 0, run["train"]["lr"] if isinstance(run["train"]["lr"], float) else float("inf"))
-    _number(run, "train", "weight_decay", 0)
-    for key in ("adam_beta1", "adam_beta2"):
-        _number(run, "train", key, 0, 1, high_open=True)
-    _number(run, "train", "clip_grad", 0)
-    _number(run, "train", "max_loss", 0, low_open=True)
-    for key in ("bf16", "bf16_adam_moments"):
-        _boolean(run, "train", key)
-    for key in ("bias_update_rate_schedule", "mtp_loss_weight_schedule"):
-        _value_schedule(run, key)
-    _choice(run, "train", "device", ("auto", "cpu", "cuda"))
-    _choice(run, "train", "fp8", ("none", "tile"))
-    _choice(run, "train", "recompute", ("none", "selective", "full"),
-            " (selective: RMSNorm, MLA up-projections and SwiGLU outputs rerun in backward; full: every decoder layer)")
-    _choice(run, "train", "param_dtype", ("float32", "bfloat16"))
-    train, par = run["train"], run["parallel"]
-    for key in ("tensor", "pipeline", "expert"):
-        _integer(run, "parallel", key, 1)
-    _choice(run, "parallel", "distributed_optimizer", ("auto", True, False))
-    _number(run, "parallel", "timeout_s", 0, low_open=True)
-    ckpt = run["checkpoint"]
-    if not isinstance(ckpt["dir"], str) or not ckpt["dir"]:
-        raise RunConfigError(f"checkpoint.dir must be a folder path, got {ckpt['dir']!r}")
-    _integer(run, "checkpoint", "save_interval", 0)
-    _integer(run, "checkpoint", "keep", 0)
-    _boolean(run, "checkpoint", "resume")
-    _number(run, "checkpoint", "save_timeout_s", 0, low_open=True)
-    _integer(run, "logging", "interval", 1)
-    for key in ("console", "jsonl", "wandb", "tensorboard"):
-        _boolean(run, "logging", key)
-    if train["global_batch_size"] % train["micro_batch_size"]:
-        raise RunConfigError(f"train.global_batch_size={train['global_batch_size']} is not a multiple of "
-                             f"train.micro_batch_size={train['micro_batch_size']}")
-    from megatron_dsv3 import registry
-
-    if par["schedule"] not in registry.names("schedule"):
-        raise RunConfigError(f"parallel.schedule={par['schedule']!r} is not a registered pipeline schedule "
-                             f"(registered: {', '.join(registry.names('schedule'))})")
-    if train["param_dtype"] == "bfloat16" and not train["bf16"]:
-        raise RunConfigError("train.param_dtype=bfloat16 needs train.bf16=true (BF16 weights compute under BF16 autocast)")
-    if train["param_dtype"] == "bfloat16" and par["distributed_optimizer"] is False:
-        raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed optimizer, "
-                             "and parallel.distributed_optimizer is false")
-    model = model_config(run)  # refuses bad model presets/overrides by name
-    if train["seq_length"] > model.max_position_embeddings:
-        raise RunConfigError(f"train.seq_length={train['seq_length']} is above the model's max_position_embeddings="
-                             f"{model.max_position_embeddings} (model.overrides.max_position_embeddings raises it)")
-    resolve_data_config(run["data"])
+        values = _merge(values, _parse_override(item))
+    return RunConfig.from_dict(values)

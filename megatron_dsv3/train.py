@@ -1,8 +1,11 @@
-"""dsv3-train: config -> process groups -> model -> data -> steps -> logs and checkpoints.
+"""dsv3-train: run config -> plan -> process groups, data, model, optimizer -> steps -> logs, checkpoints.
 
     dsv3-train                                   # tiny preset on the embedded corpus
     dsv3-train --config run.yaml train.steps=50  # YAML plus dotted overrides
     torchrun --nproc-per-node 4 -m megatron_dsv3.train parallel.tensor=2 parallel.expert=2
+
+`Trainer.train` is the loop, in named phases: build, resume, then per step `train_step`,
+`check`, `log`, `save`, and `stop` on preemption.
 
 Exit codes: 0 done, 2 refused input, 3 diverged (NaN or exploding loss), 4 a collective or a
 checkpoint write outlasted its bound (`parallel.timeout_s`, `checkpoint.save_timeout_s`: a rank
@@ -17,17 +20,22 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_dsv3.checkpoint import dist as ckpt
+from megatron_dsv3.plan import RunPlan, choose_device, make_plan
+from megatron_dsv3.run_config import RunConfig, RunConfigError
+
 EXIT_REFUSED, EXIT_DIVERGED, EXIT_TIMED_OUT, EXIT_PREEMPTED = 2, 3, 4, 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Model settings that schedules or the FP8 switch change between runs: not a change of model.
 RESUMABLE_MODEL_CHANGES = ("mtp_loss_weight", "bias_update_rate", "fp8")
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,6 +65,12 @@ def init_distributed(device: str, save_timeout_s: float = 1800.0) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def ranks_per_node() -> int:
+    """From torchrun (LOCAL_WORLD_SIZE) or Slurm (SLURM_NTASKS_PER_NODE, e.g. "8(x2)"); else the world."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return int(value) if value else dist.get_world_size()
+
+
 class PreemptionFlag:
     """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at the end of each step."""
 
@@ -76,24 +90,19 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def _gather_expert_load(tracker) -> None:
-    """Bring every pipeline stage's expert-load counts to its first stage (where rank 0 logs)."""
-    from megatron_dsv3.parallel import groups
-
-    pp = groups.pp_group()
-    if groups.size(pp) == 1:
-        return
-    states = [None] * groups.size(pp)
-    dist.all_gather_object(states, tracker.state(), group=pp)
-    if groups.rank(pp) == 0:
-        for state in states[1:]:
-            tracker.absorb(state)
+@dataclass
+class StepResult:
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    grad_norm: float
+    lr: float
+    bias_update_rate: float
+    mtp_loss_weight: float
 
 
-def check_same_model(saved: dict[str, Any], config, path: Path) -> None:
+def check_same_model(saved: dict, config, path: Path) -> None:
     """Refuse to resume a checkpoint saved with another model, naming every differing field."""
-    from megatron_dsv3.run_config import RunConfigError
-
     now = config.to_dict()
     differing = [f"{key}: {saved.get(key)!r} saved, {now.get(key)!r} now" for key in sorted(set(saved) | set(now))
                  if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != now.get(key)]
@@ -103,187 +112,222 @@ def check_same_model(saved: dict[str, Any], config, path: Path) -> None:
                              "checkpoint.resume=false or another checkpoint.dir")
 
 
-def diverged(ckpt_dir: Path, bad_step: int, loss: float, grad_norm: float) -> str:
-    """Roll the checkpoints back to the last good one (rank 0) and say what happened."""
-    from megatron_dsv3.checkpoint import dist as ckpt
+class Trainer:
+    """One run of the plan. Phases: `build`, `resume`, then per step `train_step`, `check`, `log`,
+    `save`; `stop` on preemption, `finish` at the end."""
 
-    message = f"loss diverged at step {bad_step}: loss={loss:.4g}, grad norm={grad_norm:.4g}; "
-    if dist.get_rank() != 0:
-        return message + "rank 0 names the last good checkpoint"
-    good, moved = ckpt.roll_back(ckpt_dir, bad_step)
-    aside = f"; {len(moved)} later save(s) set aside in {ckpt_dir / 'abandoned'}" if moved else ""
-    if good is None:
-        return message + f"no checkpoint holds weights that gave a good loss{aside}"
-    return message + f"the last good checkpoint is {good}, which `latest` now names{aside}"
+    def __init__(self, run: RunConfig, plan: RunPlan):
+        self.run, self.plan = run, plan
+        self.ckpt_dir = Path(run.checkpoint.dir)
+        self.step = 0
+        self.consumed_samples = 0  # by all ranks (Megatron's consumed_samples): where the data resumes
+        self.resumed_from: Optional[int] = None
+        self.first_loss: Optional[float] = None
+        self.last_loss: Optional[float] = None
 
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        """Process groups, data (checked before any compute), model, schedule, optimizer."""
+        from megatron_dsv3 import registry
+        from megatron_dsv3.data import build_train_iterator
+        from megatron_dsv3.model.gpt import build_model
+        from megatron_dsv3.parallel import groups, initialize_parallel
+        from megatron_dsv3.pipeline.stages import ScheduledModel
 
-def train(run: dict[str, Any]) -> int:
-    """Run the configured training; returns the process exit code."""
-    from megatron_dsv3.checkpoint import dist as ckpt
-    from megatron_dsv3.launch.preflight import nodes_per_token
-    from megatron_dsv3.data import build_train_iterator
-    from megatron_dsv3 import registry
-    from megatron_dsv3.model.gpt import build_model
-    from megatron_dsv3.model.moe.router import update_expert_bias
-    from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
-    from megatron_dsv3.optim import LocalOptimizer, learning_rate, scheduled
-    from megatron_dsv3.parallel import groups, initialize_parallel
-    from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
-    from megatron_dsv3.run_config import RunConfigError, model_config
+        run, plan, lay = self.run, self.plan, self.plan.layout
+        initialize_parallel(lay.tensor, lay.pipeline, lay.expert, timeout_s=run.parallel.timeout_s)
+        # Megatron-Core's forward/backward function: 1F1B across pipeline stages, a plain loop without.
+        self.schedule = registry.get("schedule", run.parallel.schedule)()
+        self.resumed_from, notes = ckpt.agree_on_resume(self.ckpt_dir) if run.checkpoint.resume else (None, [])
+        for note in notes:
+            _log(f"checkpoint: {note}")
+        if self.resumed_from is not None:
+            path = ckpt.checkpoint_path(self.ckpt_dir, self.resumed_from)
+            saved = ckpt.load_common(path)
+            check_same_model(saved["model_config"], plan.model, path)
+            self.consumed_samples = saved["consumed_samples"]
+        train = run.train
+        self.batches = build_train_iterator(run.data, train.seq_length, train.micro_batch_size,
+                                            train.global_batch_size, groups.rank(groups.dp_group()), lay.data,
+                                            train.seed, plan.model.vocab_size, start_sample=self.consumed_samples)
+        torch.manual_seed(train.seed)
+        self.model = build_model(plan.model, seed=train.seed).to(plan.device)
+        self.model.recompute = train.recompute
+        self.stage = ScheduledModel(self.model, lay.tensor, lay.pipeline)
+        self.optimizer = self._build_optimizer()
 
-    tcfg, pcfg, ccfg = run["train"], run["parallel"], run["checkpoint"]
-    config = model_config(run)
-    layout = initialize_parallel(pcfg["tensor"], pcfg["pipeline"], pcfg["expert"], timeout_s=pcfg["timeout_s"])
-    config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert,
-                    pipeline_parallel_size=layout.pipeline)
-    # Node-limited routing: each routing group must live on one node (refused otherwise).
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-                         or dist.get_world_size())
-    reach = nodes_per_token(config.num_routed_experts, config.num_expert_groups, config.num_limited_groups,
-                            layout.expert, 1, ranks_per_node)
-    dp_rank, dp_size = groups.rank(groups.dp_group()), layout.data
-    gbs, mbs, seq = tcfg["global_batch_size"], tcfg["micro_batch_size"], tcfg["seq_length"]
-    if gbs % (mbs * dp_size):
-        raise RunConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size={mbs} x "
-                             f"data-parallel size {dp_size}")
-    num_micro = gbs // (mbs * dp_size)
-    device = torch.device("cuda" if torch.cuda.is_available() and tcfg["device"] != "cpu" else "cpu")
+    def _build_optimizer(self):
+        train = self.run.train
+        adam = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay,
+                    clip_grad=train.clip_grad)
+        if self.plan.optimizer == "zero1":  # Megatron-Core's DDP + distributed optimizer
+            from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
 
-    ckpt_dir = Path(ccfg["dir"])
-    resume_step, notes = ckpt.agree_on_resume(ckpt_dir) if ccfg["resume"] else (None, [])
-    for note in notes:
-        _log(f"checkpoint: {note}")
-    # Samples consumed by all ranks so far (Megatron's consumed_samples): resume exactly where the
-    # data stopped, even when the global batch size changed between runs.
-    consumed = 0
-    if resume_step is not None:
-        saved = ckpt.load_common(ckpt.checkpoint_path(ckpt_dir, resume_step))
-        check_same_model(saved["model_config"], config, ckpt.checkpoint_path(ckpt_dir, resume_step))
-        consumed = saved["consumed_samples"]
-    # Data first: a missing path or a vocabulary larger than the model's is refused before any compute.
-    batches = build_train_iterator(run["data"], seq, mbs, gbs, dp_rank, dp_size, tcfg["seed"],
-                                   config.vocab_size, start_sample=consumed)
+            return ZeRO1Optimizer(self.model, self.stage.config, bf16_moments=train.bf16_adam_moments,
+                                  bf16_params=train.param_dtype == "bfloat16", **adam)
+        from megatron_dsv3.optim import LocalOptimizer
 
-    torch.manual_seed(tcfg["seed"])
-    model = build_model(config, seed=tcfg["seed"]).to(device)
-    model.recompute = tcfg["recompute"]
-    # Megatron-Core's forward/backward function: 1F1B across pipeline stages, a plain loop without.
-    schedule = registry.get("schedule", pcfg["schedule"])()
-    stage = ScheduledModel(model, layout.tensor, layout.pipeline)
-    if config.fp8 == "tile":
-        from megatron_dsv3.fp8 import Fp8Linear, describe_backend
+        return LocalOptimizer(self.model, moment_dtype=torch.bfloat16 if train.bf16_adam_moments else torch.float32,
+                              **adam)
 
-        fp8_linears = sum(isinstance(m, Fp8Linear) for m in model.modules())
-        _log(f"fp8: {fp8_linears} linears with 1x128/128x128 scaling; backend {describe_backend()}")
-    adam = dict(lr=tcfg["lr"], betas=(tcfg["adam_beta1"], tcfg["adam_beta2"]), weight_decay=tcfg["weight_decay"],
-                clip_grad=tcfg["clip_grad"])
-    distributed = pcfg["distributed_optimizer"]
-    if distributed is True or (distributed == "auto" and device.type == "cuda"):
-        # ZeRO-1: Megatron-Core's DDP + distributed optimizer shard the Adam state over data parallel.
-        from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        """Load the agreed checkpoint, set later saves aside, record the run config, start the logs."""
+        from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
+        from megatron_dsv3.parallel import groups
 
-        bf16_params = tcfg["param_dtype"] == "bfloat16"
-        optimizer = ZeRO1Optimizer(model, stage.config, bf16_moments=tcfg["bf16_adam_moments"], bf16_params=bf16_params,
-                                   **adam)
-        optimizer_name = (f"Megatron DistributedOptimizer (ZeRO-1 over DP{layout.data}"
-                          f"{', BF16 weights with FP32 master slices' if bf16_params else ''})")
-    elif tcfg["param_dtype"] == "bfloat16":
-        raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
-                             "optimizer, which parallel.distributed_optimizer=auto picks only on GPU: set it to true")
-    else:
-        optimizer = LocalOptimizer(model, moment_dtype=torch.bfloat16 if tcfg["bf16_adam_moments"] else torch.float32,
-                                   **adam)
-        optimizer_name = "AdamW, state on every data-parallel rank"
-    step = 0
-    if resume_step is not None:
-        path = ckpt.checkpoint_path(ckpt_dir, resume_step)
-        common = ckpt.load_common(path)
-        step, optimizer.step_count = common["step"], common["optimizer_steps"]
-        ckpt.load(path, model, optimizer)
-        _log(f"resumed from step {step} ({path})")
-    for note in ckpt.start_line(ckpt_dir, resume_step):
-        _log(f"checkpoint: {note}")
-    is_rank0 = dist.get_rank() == 0
-    if is_rank0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
-    logger = build_logger(run["logging"], ckpt_dir.parent, run) if is_rank0 else None
-    moe_layers = model.moe_layers()  # this pipeline stage's
-    routers = [moe.router for moe in moe_layers]
-    per_stage = [None] * layout.pipeline  # the MoE layer numbers of every stage, for one tracker of all
-    dist.all_gather_object(per_stage, [m.layer_number for m in moe_layers], group=groups.pp_group())
-    all_moe = sorted(n for numbers in per_stage for n in numbers)
-    tracker = ExpertLoadTracker(len(all_moe), config.num_routed_experts, all_moe)
-    preempt = PreemptionFlag()
-    params = sum(p.numel() for p in model.parameters())
-    _log(f"training {run['model']['preset']} ({params / 1e6:.2f}M params on this rank) for {tcfg['steps']} steps: "
-         f"world {dist.get_world_size()} = TP{layout.tensor} x PP{layout.pipeline} x DP{layout.data} "
-         f"(EP{layout.expert}), {pcfg['schedule']} over {num_micro} micro-batches of {mbs}x{seq} per rank, device {device}; "
-         f"a token's experts on <= {reach} node(s); {optimizer_name}, Adam moments "
-         f"{optimizer.state_bytes() / 2**20:.2f} MiB on this rank")
+        if self.resumed_from is not None:
+            path = ckpt.checkpoint_path(self.ckpt_dir, self.resumed_from)
+            common = ckpt.load_common(path)
+            self.step, self.optimizer.step_count = common["step"], common["optimizer_steps"]
+            ckpt.load(path, self.model, self.optimizer)
+            _log(f"resumed from step {self.step} ({path})")
+        for note in ckpt.start_line(self.ckpt_dir, self.resumed_from):
+            _log(f"checkpoint: {note}")
+        self.is_rank0 = dist.get_rank() == 0
+        if self.is_rank0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.ckpt_dir / "run_config.yaml").write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
+        self.logger = (build_logger(self.run.logging, self.ckpt_dir.parent, self.run.to_dict(), self.run.train.steps)
+                       if self.is_rank0 else None)
+        self.routers = self.model.routers()  # this pipeline stage's
+        per_stage = [None] * self.plan.layout.pipeline  # every stage's MoE layer numbers, for one tracker of all
+        dist.all_gather_object(per_stage, [m.layer_number for m in self.model.moe_layers()], group=groups.pp_group())
+        all_moe = sorted(n for numbers in per_stage for n in numbers)
+        self.tracker = ExpertLoadTracker(len(all_moe), self.plan.model.num_routed_experts, all_moe)
+        self.preemption = PreemptionFlag()
+        params = sum(p.numel() for p in self.model.parameters())
+        _log(f"training {self.run.model.preset} ({params / 1e6:.2f}M params on this rank) for {self.run.train.steps} "
+             f"steps: {self.plan.describe()}; Adam moments {self.optimizer.state_bytes() / 2**20:.2f} MiB on this rank")
+        if self.plan.model.fp8 == "tile":
+            from megatron_dsv3.fp8 import Fp8Linear, describe_backend
 
-    def save(at_step: int) -> Path:
-        common = {"step": at_step, "optimizer_steps": optimizer.step_count, "consumed_samples": consumed,
-                  "model_config": config.to_dict()}
-        return ckpt.save(ckpt_dir, at_step, model, optimizer, common, keep=ccfg["keep"])
+            linears = sum(isinstance(m, Fp8Linear) for m in self.model.modules())
+            _log(f"fp8: {linears} linears with 1x128/128x128 scaling; backend {describe_backend()}")
 
-    progress = None
-    if is_rank0 and sys.stderr.isatty():
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> StepResult:
+        """Forward and backward over the micro-batches, the optimizer step, the routing-bias step."""
+        from megatron_dsv3.model.moe.router import update_expert_bias
+        from megatron_dsv3.optim import learning_rate, scheduled
+        from megatron_dsv3.parallel import groups
+        from megatron_dsv3.pipeline.stages import forward_backward, reduce_losses
+
+        train, model_config = self.run.train, self.plan.model
+        tokens_seen = self.step * train.global_batch_size * train.seq_length
+        lr = learning_rate(self.step, train.steps, train.lr, train.min_lr, train.warmup_steps)
+        mtp_weight = scheduled(train.mtp_loss_weight_schedule, tokens_seen, model_config.mtp_loss_weight)
+        gamma = scheduled(train.bias_update_rate_schedule, tokens_seen, model_config.bias_update_rate)
+        self.optimizer.zero_grad()
+        stage_losses = forward_backward(self.schedule, self.stage, self.batches, self.plan.micro_batches,
+                                        train.micro_batch_size, train.seq_length, train.bf16, mtp_weight)
+        grad_norm = self.optimizer.step(lr)  # reduce over replicas, clip, update
+        lm, mtp, balance = reduce_losses(stage_losses)
+        loads = update_expert_bias(self.routers, gamma, groups.dp_group())
+        for moe, load in zip(self.model.moe_layers(), loads):
+            self.tracker.update(moe.layer_number, load, moe.router.expert_bias)
+        self.step += 1
+        self.consumed_samples += train.global_batch_size
+        return StepResult(lm, mtp, balance, grad_norm, lr, gamma, mtp_weight)
+
+    def check(self, result: StepResult) -> None:
+        """Stop on a NaN or exploding loss (every rank sees the same reduced values)."""
+        lm, norm = result.lm_loss, result.grad_norm
+        if lm != lm or abs(lm) == float("inf") or lm > self.run.train.max_loss or norm != norm:
+            raise TrainingDiverged(self._roll_back(self.step, lm, norm))
+        self.first_loss = lm if self.first_loss is None else self.first_loss
+        self.last_loss = lm
+
+    def _roll_back(self, bad_step: int, loss: float, grad_norm: float) -> str:
+        """Roll the checkpoints back to the last good one (rank 0) and say what happened."""
+        message = f"loss diverged at step {bad_step}: loss={loss:.4g}, grad norm={grad_norm:.4g}; "
+        if dist.get_rank() != 0:
+            return message + "rank 0 names the last good checkpoint"
+        good, moved = ckpt.roll_back(self.ckpt_dir, bad_step)
+        aside = f"; {len(moved)} later save(s) set aside in {self.ckpt_dir / 'abandoned'}" if moved else ""
+        if good is None:
+            return message + f"no checkpoint holds weights that gave a good loss{aside}"
+        return message + f"the last good checkpoint is {good}, which `latest` now names{aside}"
+
+    # ------------------------------------------------------------------ logs
+    def log(self, result: StepResult, tokens_per_s: float) -> None:
+        """Metrics and expert load from every pipeline stage, on rank 0's sinks."""
+        from megatron_dsv3.parallel import groups
+
+        pp = groups.pp_group()
+        if groups.size(pp) > 1:  # bring every stage's expert-load counts to the first stage
+            states = [None] * groups.size(pp)
+            dist.all_gather_object(states, self.tracker.state(), group=pp)
+            if groups.rank(pp) == 0:
+                for state in states[1:]:
+                    self.tracker.absorb(state)
+        if self.logger is None:
+            self.tracker.reset()
+            return
+        self.logger.log_expert_load(self.step, self.tracker)
+        self.logger.log(self.step, {
+            "loss": result.lm_loss, "mtp_loss": result.mtp_loss, "balance_loss": result.balance_loss,
+            "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": tokens_per_s,
+            "bias_update_rate": result.bias_update_rate, "mtp_loss_weight": result.mtp_loss_weight})
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        common = {"step": self.step, "optimizer_steps": self.optimizer.step_count,
+                  "consumed_samples": self.consumed_samples, "model_config": self.plan.model.to_dict()}
+        return ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, common, keep=self.run.checkpoint.keep)
+
+    def stop(self, saved: Optional[Path]) -> int:
+        """Preempted: save (unless this step was just saved) and exit to be requeued."""
+        path = saved or self.save()
+        _log(f"preempted: saved {path} at step {self.step}; exiting with {EXIT_PREEMPTED} to be requeued")
+        return EXIT_PREEMPTED
+
+    def finish(self) -> int:
+        """The final save (not of a step just resumed) and the summary line."""
+        saved = self.run.checkpoint.save_interval and self.step != self.resumed_from
+        path = self.save() if saved else None
+        if self.first_loss is not None:
+            _log(f"done: {self.step} steps, loss {self.first_loss:.4f} -> {self.last_loss:.4f}"
+                 + (f", saved {path}" if path else ""))
+        return 0
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        """Run the plan; returns the process exit code."""
+        steps, every = self.run.train.steps, self.run.checkpoint.save_interval
+        self.build()
+        self.resume()
+        progress = self._progress_bar()
+        window_start, window_steps = time.perf_counter(), 0
+        self.model.train()
+        try:
+            while self.step < steps:
+                result = self.train_step()
+                self.check(result)
+                window_steps += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{result.lm_loss:.3f}")
+                if self.step % self.run.logging.interval == 0 or self.step == steps:
+                    tokens = window_steps * self.run.train.global_batch_size * self.run.train.seq_length
+                    self.log(result, tokens / (time.perf_counter() - window_start))
+                    window_start, window_steps = time.perf_counter(), 0
+                saved = self.save() if every and self.step % every == 0 and self.step < steps else None
+                if self.preemption.agreed():
+                    return self.stop(saved)
+            return self.finish()
+        finally:
+            if progress is not None:
+                progress.close()
+            if self.logger is not None:
+                self.logger.close()
+
+    def _progress_bar(self):
+        if not (self.is_rank0 and sys.stderr.isatty()):
+            return None
         from tqdm import tqdm
 
-        progress = tqdm(total=tcfg["steps"], initial=step, unit="step", dynamic_ncols=True)
-    first_loss = last_loss = None
-    window_start, window_tokens = time.perf_counter(), 0
-    model.train()
-    while step < tcfg["steps"]:
-        tokens_seen = step * gbs * seq
-        lr = learning_rate(step, tcfg["steps"], tcfg["lr"], tcfg["min_lr"], tcfg["warmup_steps"])
-        mtp_weight = scheduled(tcfg["mtp_loss_weight_schedule"], tokens_seen, config.mtp_loss_weight)
-        gamma = scheduled(tcfg["bias_update_rate_schedule"], tokens_seen, config.bias_update_rate)
-        optimizer.zero_grad()
-        stage_losses = forward_backward(schedule, stage, batches, num_micro, mbs, seq, tcfg["bf16"], mtp_weight)
-        grad_norm = optimizer.step(lr)  # reduce over replicas, clip, update
-        lm, mtp, bal = reduce_losses(stage_losses)
-        if not (lm == lm and abs(lm) != float("inf")) or lm > tcfg["max_loss"] or grad_norm != grad_norm:
-            raise TrainingDiverged(diverged(ckpt_dir, step + 1, lm, grad_norm))
-        loads = update_expert_bias(routers, gamma, groups.dp_group())
-        for moe, load in zip(moe_layers, loads):
-            tracker.update(moe.layer_number, load, moe.router.expert_bias)
-        step += 1
-        consumed += gbs
-        window_tokens += gbs * seq
-        first_loss = lm if first_loss is None else first_loss
-        last_loss = lm
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{lm:.3f}")
-        if step % tcfg["log_interval"] == 0 or step == tcfg["steps"]:
-            elapsed = time.perf_counter() - window_start
-            metrics = {"loss": lm, "mtp_loss": mtp, "balance_loss": bal, "grad_norm": grad_norm,
-                       "lr": lr, "tokens_per_s": window_tokens / elapsed,
-                       "bias_update_rate": gamma, "mtp_loss_weight": mtp_weight}
-            _gather_expert_load(tracker)
-            if logger is not None:
-                logger.log_expert_load(step, tracker)
-                logger.log(step, metrics)
-            else:
-                tracker.reset()
-            window_start, window_tokens = time.perf_counter(), 0
-        saved = None
-        if ccfg["save_interval"] and step % ccfg["save_interval"] == 0 and step < tcfg["steps"]:
-            saved = save(step)
-        if preempt.agreed():
-            path = saved or save(step)  # not a second write of the step the interval save just wrote
-            _log(f"preempted: saved {path} at step {step}; exiting with {EXIT_PREEMPTED} to be requeued")
-            return EXIT_PREEMPTED
-    if progress is not None:
-        progress.close()
-    path = save(step) if ccfg["save_interval"] and step != resume_step else None  # not the one just resumed
-    if logger is not None:
-        logger.close()
-    if first_loss is not None:
-        _log(f"done: {step} steps, loss {first_loss:.4f} -> {last_loss:.4f}" + (f", saved {path}" if path else ""))
-    return 0
+        return tqdm(total=self.run.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
 
 
 def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
@@ -293,25 +337,30 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     args = parser.parse_args(argv)
     from megatron_dsv3.config import ConfigError
     from megatron_dsv3.data import DataError
-    from megatron_dsv3.launch.preflight import PreflightError
-    from megatron_dsv3.parallel.groups import ParallelConfigError
-    from megatron_dsv3.run_config import RunConfigError, load_run_config
+    from megatron_dsv3.plan import PlanError
+    from megatron_dsv3.run_config import load_run_config
 
-    refused = (RunConfigError, ConfigError, DataError, ParallelConfigError, PreflightError)
+    refused = (RunConfigError, ConfigError, DataError, PlanError)
     try:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return EXIT_REFUSED
-    from patches.megatron_checkpoint import signal_safe_checkpoint_writer
-    from patches.megatron_cpu import cpu_shims
+    from megatron_dsv3.compat.megatron_checkpoint import signal_safe_checkpoint_writer
+    from megatron_dsv3.compat.megatron_cpu import cpu_shims
 
-    device = "cuda" if torch.cuda.is_available() and run["train"]["device"] != "cpu" else "cpu"
-    init_distributed(device, run["checkpoint"]["save_timeout_s"])
+    cuda = torch.cuda.is_available()
+    try:
+        device = choose_device(run, cuda)
+    except refused as error:
+        print(f"dsv3-train: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    init_distributed(device, run.checkpoint.save_timeout_s)
     previous_handlers = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     try:
-        with cpu_shims() if device == "cpu" else contextlib.nullcontext(), signal_safe_checkpoint_writer():
-            return train(run)
+        plan = make_plan(run, dist.get_world_size(), ranks_per_node(), cuda)
+        with cpu_shims() if plan.device == "cpu" else contextlib.nullcontext(), signal_safe_checkpoint_writer():
+            return Trainer(run, plan).train()
     except TrainingDiverged as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -322,8 +371,8 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
         print(f"dsv3-train: rank {dist.get_rank()}: a collective outlasted parallel.timeout_s="
-              f"{run['parallel']['timeout_s']:g} s or a checkpoint write checkpoint.save_timeout_s="
-              f"{run['checkpoint']['save_timeout_s']:g} s; another rank stalled or died "
+              f"{run.parallel.timeout_s:g} s or a checkpoint write checkpoint.save_timeout_s="
+              f"{run.checkpoint.save_timeout_s:g} s; another rank stalled or died "
               f"({str(error).splitlines()[0][:200]})", file=sys.stderr)
         return EXIT_TIMED_OUT
     finally:

@@ -29,7 +29,7 @@ from megatron_dsv3.parallel import groups, initialize_parallel
 from megatron_dsv3.parallel.sharding import gather_full, gather_like, load_full
 from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
-from patches.megatron_cpu import cpu_shims
+from megatron_dsv3.compat.megatron_cpu import cpu_shims
 
 GLOBAL_BATCH, SEQ = 8, 16
 MODEL = dict(seq_aux_loss_coeff=1e-3, mtp_num_modules=1, mtp_loss_weight=0.3, bias_update_rate=0.01)

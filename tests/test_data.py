@@ -1,4 +1,5 @@
 """Data pipeline: tokenizers, dsv3-prepare, the stdlib corpus, Megatron datasets, DP iterator."""
+import dataclasses
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_dsv3.cli.prepare import main as prepare_main
+from megatron_dsv3.run_config import DataSection
 from megatron_dsv3.data import (
     ByteTokenizer,
     DataError,
@@ -34,7 +36,7 @@ def _take(iterator, n):
 def corpus(tmp_path_factory):
     """A small default corpus (first 200 kB of the stdlib) and its cache dir."""
     cache = str(tmp_path_factory.mktemp("cache"))
-    cfg = {"cache_dir": cache, "corpus_max_bytes": 200_000}
+    cfg = DataSection(cache_dir=cache, corpus_max_bytes=200_000)
     return cfg, ensure_default_dataset(cache, max_bytes=200_000)
 
 
@@ -203,7 +205,7 @@ def test_weighted_blend_samples_sources_in_proportion(tmp_path):
     a = _letters(tmp_path, "a", "a")
     b = _letters(tmp_path, "b", "b")
     assert parse_blend([1, a, "3", b]) == ([a, b], [1.0, 3.0])
-    cfg = {"cache_dir": str(tmp_path / "cache"), "paths": [1, a, 3, b]}
+    cfg = DataSection(cache_dir=str(tmp_path / "cache"), paths=[1, a, 3, b])
     batch = next(build_train_iterator(cfg, 16, 800, 800, 0, 1, seed=5, vocab_size=320))
     from_a = (batch["tokens"] == ord("a")).any(dim=1).float().mean().item()
     from_b = (batch["tokens"] == ord("b")).any(dim=1).float().mean().item()
@@ -243,7 +245,7 @@ def test_data_the_model_cannot_use_is_refused(corpus, tmp_path):
         build_datasets(cfg, SEQ, 10, 1, vocab_size=200)
     missing = str(tmp_path / "absent")
     with pytest.raises(DataError, match=r"absent\.idx is missing"):
-        build_train_iterator(dict(cfg, paths=[missing]), SEQ, 1, 1, 0, 1, 1, 320)
+        build_train_iterator(dataclasses.replace(cfg, paths=[missing]), SEQ, 1, 1, 0, 1, 1, 320)
     with pytest.raises(DataError, match=r"fewer than seq_length \+ 1"):
         build_datasets(cfg, 10_000_000, 10, 1, vocab_size=320)
     with pytest.raises(DataError, match="not a multiple"):
@@ -255,7 +257,7 @@ def test_dali_backend_yields_the_megatron_batches(corpus):
     cfg, _ = corpus
     args = (SEQ, 2, 8, 1, 2, 23, 320)
     ref = _take(build_train_iterator(cfg, *args, start_sample=8), 5)
-    got = _take(build_train_iterator(dict(cfg, backend="dali"), *args, start_sample=8), 5)
+    got = _take(build_train_iterator(dataclasses.replace(cfg, backend="dali"), *args, start_sample=8), 5)
     for a, b in zip(ref, got):
         assert b["tokens"].dtype == torch.long
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
@@ -265,7 +267,7 @@ def test_dali_backend_without_dali_says_how_to_install(corpus, monkeypatch):
     cfg, _ = corpus
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(DataError, match="pip install nvidia-dali-cuda120"):
-        build_train_iterator(dict(cfg, backend="dali"), SEQ, 1, 1, 0, 1, 1, 320)
+        build_train_iterator(dataclasses.replace(cfg, backend="dali"), SEQ, 1, 1, 0, 1, 1, 320)
 
 
 def _rank_batches(rank, port, cache, out):
@@ -273,7 +275,7 @@ def _rank_batches(rank, port, cache, out):
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
         timeout=__import__("datetime").timedelta(seconds=60),
     )
-    cfg = {"cache_dir": cache, "corpus_max_bytes": 150_000, "paths": []}
+    cfg = DataSection(cache_dir=cache, corpus_max_bytes=150_000, paths=[])
     batches = _take(build_train_iterator(cfg, SEQ, 2, 4, rank, 2, 29, 320), 2)
     torch.save(batches, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -290,7 +292,7 @@ def test_two_gloo_ranks_build_the_shared_cache_and_split_batches(tmp_path):
     )
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = _take(build_train_iterator(
-        {"cache_dir": cache, "corpus_max_bytes": 150_000}, SEQ, 4, 4, 0, 1, 29, 320), 2)
+        DataSection(cache_dir=cache, corpus_max_bytes=150_000), SEQ, 4, 4, 0, 1, 29, 320), 2)
     for step in range(2):
         assert torch.equal(torch.cat([got[0][step]["tokens"], got[1][step]["tokens"]]),
                            whole[step]["tokens"])

@@ -52,7 +52,7 @@ KILLS = int(os.environ.get("DSV3_FAULT_KILLS", "10"))
 WINDOW = 3  # a kill aims at one of the next 3 saves (or 6 steps) after the checkpoint its attempt resumes from
 ARGS = ["parallel.expert=2", f"train.steps={STEPS}", f"checkpoint.save_interval={SAVE_INTERVAL}",
         "train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=10",
-        "train.log_interval=1", "train.device=cpu", "logging.jsonl=true", "logging.console=true",
+        "logging.interval=1", "train.device=cpu", "logging.jsonl=true", "logging.console=true",
         "logging.wandb=false", "parallel.timeout_s=60", "checkpoint.save_timeout_s=120"]
 COMPARED = ("loss", "grad_norm", "lr", "mtp_loss", "balance_loss")
 RESUMED = re.compile(r"^resumed from step (\d+) \((.+)\)$", re.M)

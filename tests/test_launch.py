@@ -1,7 +1,7 @@
 """dsv3-launch: golden sbatch scripts, preflight refusals, node-limited routing, memory estimate."""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,10 +11,12 @@ import pytest
 
 from megatron_dsv3.cli import launch as cli
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.launch import (LaunchConfigError, Layout, PreflightError, check_schedule, count_params,
-                                  cuda_device_max_connections, estimate_memory, load_run, nodes_per_token,
+from megatron_dsv3.launch import (LaunchConfigError, PreflightError, cuda_device_max_connections, load_run,
                                   preflight, render_sbatch)
-from megatron_dsv3.launch.memory import GIB
+from megatron_dsv3.memory import GIB, count_params, estimate_memory
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.plan import check_schedule, nodes_per_token
+from megatron_dsv3.run_config import ParallelSection, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -35,7 +37,7 @@ def render(example: str, *overrides: str) -> str:
     return render_sbatch(run, example, overrides, report=preflight(run))
 
 
-def v3_run(*overrides: str) -> dict:
+def v3_run(*overrides: str) -> RunConfig:
     return load_run(ROOT / V3, overrides)
 
 
@@ -122,14 +124,13 @@ def test_h100_preset_renders():
 @pytest.mark.parametrize("tensor, expert, schedule, expected", [
     (2, 1, "1f1b", 1), (2, 8, "dualpipe", 1), (1, 8, "1f1b", 32), (1, 1, "dualpipe", 32), (1, 1, "1f1b", 8)])
 def test_cuda_device_max_connections_from_layout(tensor, expert, schedule, expected):
-    layout = Layout(nodes=1, gpus_per_node=8, tasks_per_node=8, tensor=tensor, pipeline=2, expert=expert,
-                    schedule=schedule, cpu=False)
-    assert cuda_device_max_connections(layout) == expected
+    parallel = ParallelSection(tensor=tensor, pipeline=2, expert=expert, schedule=schedule)
+    assert cuda_device_max_connections(parallel) == expected
 
 
 # ------------------------------------------------------------------ run YAML
 def test_unknown_launch_key_is_refused_by_name():
-    with pytest.raises(LaunchConfigError, match="unknown launch key.*gpu_per_node"):
+    with pytest.raises(LaunchConfigError, match="unknown config key 'launch.gpu_per_node'"):
         v3_run("launch.gpu_per_node=8")
 
 
@@ -172,11 +173,12 @@ def test_preflight_refuses_ep_that_breaks_node_limited_routing():
 
 # ------------------------------------------------------------------ layout and schedule
 @pytest.mark.parametrize("overrides, message", [
-    (("parallel.pipeline=24",), "does not divide the 2048 ranks"),
+    (("parallel.pipeline=24",), "tensor=1 x pipeline=24 does not divide the world size 2048"),
     (("parallel.tensor=16", "parallel.pipeline=1", "parallel.expert=8", "parallel.schedule=1f1b"),
      "must stay inside a node"),
-    (("launch.nodes=2", "parallel.pipeline=2", "parallel.expert=16"), "EP16 does not divide"),
-    (("train.global_batch_size=15000",), "not a multiple of micro_batch_size x DP"),
+    (("launch.nodes=2", "parallel.pipeline=2", "parallel.tensor=1", "parallel.expert=16"),
+     "expert=16 must divide tensor x data = 8"),
+    (("train.global_batch_size=15000",), "not a multiple of train.micro_batch_size=1 x data-parallel size 128"),
     (("launch.tasks_per_node=16",), "exceeds gpus_per_node"),
     (("parallel.tensor=3", "parallel.pipeline=1", "launch.nodes=3", "launch.gpus_per_node=3"
       , "parallel.expert=1", "parallel.schedule=1f1b", "train.global_batch_size=3"), "num_attention_heads"),
@@ -215,9 +217,10 @@ def test_param_counts_match_published_sizes():
 
 
 def test_published_671b_layout_passes_preflight():
+    plan = preflight(v3_run()).plan
+    assert plan.layout.world_size == 2048 and plan.layout.data == 128 and plan.layout.expert_data == 2
+    assert plan.micro_batches == 120 and plan.nodes_per_token == 4
     report = preflight(v3_run())
-    assert report.layout.world == 2048 and report.layout.data == 128 and report.layout.expert_data == 2
-    assert report.micro_batches == 120 and report.nodes_per_token == 4
     assert report.memory.total < 80 * GIB
 
 
@@ -232,14 +235,15 @@ def test_671b_on_one_node_is_refused_naming_estimate_and_capacity():
 def test_lite_fits_on_two_and_four_nodes():
     for nodes in (2, 4):
         report = preflight(load_run(ROOT / LITE, [f"launch.nodes={nodes}"]))
-        assert report.memory.total < 80 * GIB and report.layout.data == 8 * nodes
+        assert report.memory.total < 80 * GIB and report.plan.layout.data == 8 * nodes
 
 
 def test_recompute_and_fp8_shrink_activations():
     config = DSV3Config.preset("deepseek-v3-671b")
-    layout = preflight(v3_run()).layout
-    train = v3_run()["train"]
-    act = {(rc, fp8): estimate_memory(config, layout, {**train, "recompute": rc, "fp8": fp8}).activations
+    layout = preflight(v3_run()).plan.layout
+    train = v3_run().train
+    act = {(rc, fp8): estimate_memory(config, layout, "dualpipe", dataclasses.replace(train, recompute=rc, fp8=fp8)
+                                      ).activations
            for rc in ("none", "selective", "full") for fp8 in ("none", "tile")}
     assert act["full", "tile"] < act["selective", "tile"] < act["none", "tile"]
     assert act["selective", "tile"] < act["selective", "none"]
@@ -247,20 +251,25 @@ def test_recompute_and_fp8_shrink_activations():
 
 def test_dualpipe_holds_twice_the_parameters_and_one_more_micro_batch():
     config = DSV3Config.preset("deepseek-v3-671b")
-    train = v3_run()["train"]
-    base = dict(nodes=256, gpus_per_node=8, tasks_per_node=8, tensor=1, pipeline=16, expert=64, cpu=False)
-    one_f = estimate_memory(config, Layout(schedule="1f1b", **base), train)
-    dual = estimate_memory(config, Layout(schedule="dualpipe", **base), train)
+    train = v3_run().train
+    layout = ParallelLayout(tensor=1, pipeline=16, expert=64, data=128)
+    one_f = estimate_memory(config, layout, "1f1b", train)
+    dual = estimate_memory(config, layout, "dualpipe", train)
     assert dual.params == pytest.approx(2 * one_f.params)
     assert (dual.micro_batches_in_flight, one_f.micro_batches_in_flight) == (17, 16)
 
 
 def test_bf16_moments_and_zero1_shrink_optimizer_states():
     config = DSV3Config.preset("deepseek-v3-lite")
-    train = copy.deepcopy(load_run(ROOT / LITE)["train"])
-    layout = preflight(load_run(ROOT / LITE)).layout
-    fp32 = estimate_memory(config, layout, {**train, "bf16_adam_moments": False}).optimizer
-    bf16 = estimate_memory(config, layout, {**train, "bf16_adam_moments": True}).optimizer
+    train = load_run(ROOT / LITE).train
+    layout = preflight(load_run(ROOT / LITE)).plan.layout
+
+    def estimate(distributed_optimizer: bool = True, **changes):
+        return estimate_memory(config, layout, "1f1b", dataclasses.replace(train, **changes),
+                               distributed_optimizer=distributed_optimizer)
+
+    fp32 = estimate(bf16_adam_moments=False).optimizer
+    bf16 = estimate(bf16_adam_moments=True).optimizer
     assert bf16 == pytest.approx(fp32 * 8 / 12)  # master 4 + moments 8 -> 4 + 4 bytes
     wider = preflight(load_run(ROOT / LITE, ["launch.nodes=4"])).memory.optimizer
     narrower = preflight(load_run(ROOT / LITE, ["launch.nodes=2"])).memory.optimizer
@@ -268,15 +277,13 @@ def test_bf16_moments_and_zero1_shrink_optimizer_states():
     # Without the distributed optimizer every replica holds the whole state: lite's dense part is
     # replicated over DP32 and its experts over expert-DP 4. (Its FP32 weights: dsv3-train, and so
     # dsv3-launch, refuses BF16 weights without the distributed optimizer that holds their masters.)
-    fp32_weights_train = {**train, "param_dtype": "float32"}
-    sharded = estimate_memory(config, layout, fp32_weights_train).optimizer
-    replicated = estimate_memory(config, layout, fp32_weights_train, distributed_optimizer=False)
+    sharded = estimate(param_dtype="float32").optimizer
+    replicated = estimate(False, param_dtype="float32")
     assert sharded * 4 < replicated.optimizer < sharded * 32
     replicated_run = load_run(ROOT / LITE, ["parallel.distributed_optimizer=false", "train.param_dtype=float32"])
     assert preflight(replicated_run, check_memory=False).memory.optimizer == pytest.approx(replicated.optimizer)
     # FP32 weights (train.param_dtype: float32) have no master copy but twice the bytes.
-    fp32_weights = estimate_memory(config, layout, {**train, "param_dtype": "float32"})
-    assert fp32_weights.params == pytest.approx(2 * estimate_memory(config, layout, train).params)
+    assert estimate(param_dtype="float32").params == pytest.approx(2 * estimate().params)
 
 
 # ------------------------------------------------------------------ CLI

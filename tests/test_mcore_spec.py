@@ -1,6 +1,6 @@
 """DeepSeek-V3 through Megatron-Core's own GPTModel (megatron_dsv3.model.mcore), on one CPU process.
 
-A single-rank gloo world, Megatron's parallel state at TP=PP=EP=1 and `patches.megatron_cpu`'s
+A single-rank gloo world, Megatron's parallel state at TP=PP=EP=1 and `megatron_dsv3.compat.megatron_cpu`'s
 shims stand in for the GPU cluster. The central check: with DSV3Model's weights renamed into a
 GPTModel built from our specs, both models give the same logits. Measured max |diff| on torch 2.13
 CPU, fp32: 0.0 (bit-identical) for the tiny preset, with and without YaRN / q_lora_rank=0; the
@@ -27,7 +27,7 @@ import megatron_dsv3
 from megatron_dsv3 import ConfigError, DSV3Config, YarnConfig, build_model
 from megatron_dsv3.model import mcore
 from megatron_dsv3.model.moe.router import update_expert_bias
-from patches import megatron_cpu
+from megatron_dsv3.compat import megatron_cpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_dsv3.cli import report
+from megatron_dsv3.run_config import LoggingSection, RunConfig, RunConfigError
 from megatron_dsv3.monitor import (ConsoleSink, ExpertLoadTracker, JsonlSink, MetricsLogger, WandbSink,
                                    build_logger, format_console_line, is_logging_rank, max_vio, wandb_log)
 
@@ -155,16 +156,15 @@ def test_logger_prints_expert_max_vio_on_the_next_console_line(tmp_path):
 
 
 def test_build_logger_from_logging_section(tmp_path):
-    logger = build_logger({"interval": 5, "console": False}, tmp_path, {"train": {"steps": 100}})
-    assert logger.interval == 5 and logger.should_log(10) and not logger.should_log(11)
+    logger = build_logger(LoggingSection(console=False), tmp_path, {"train": {"steps": 100}})
     assert [type(s).__name__ for s in logger.sinks] == ["JsonlSink"]
     logger.log(5, {"loss": 1.0})
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 5
-    console = build_logger({"jsonl": False}, tmp_path, {"train": {"steps": 100}}).sinks[0]
+    console = build_logger(LoggingSection(jsonl=False), tmp_path, total_steps=100).sinks[0]
     assert console.total_steps == 100
-    with pytest.raises(ValueError, match="wandb_projct"):
-        build_logger({"wandb_projct": "x"}, tmp_path, {})
+    with pytest.raises(RunConfigError, match="unknown config key 'logging.wandb_projct'"):
+        RunConfig.from_dict({"logging": {"wandb_projct": "x"}})
 
 
 def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path):
@@ -172,9 +172,9 @@ def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="pip install tensorboard"):
-            build_logger({"tensorboard": True, "console": False, "jsonl": False}, tmp_path, {})
+            build_logger(LoggingSection(tensorboard=True, console=False, jsonl=False), tmp_path)
         return
-    logger = build_logger({"tensorboard": True, "console": False, "jsonl": False}, tmp_path, {})
+    logger = build_logger(LoggingSection(tensorboard=True, console=False, jsonl=False), tmp_path)
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))

@@ -24,7 +24,7 @@ def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path, sav
     with 0 it is started by the very save the signals asked for, while they keep coming."""
     ckpt = tmp_path / "ckpt"
     args = [sys.executable, "-m", "megatron_dsv3.train", "train.steps=400", "train.seq_length=32",
-            "train.micro_batch_size=2", "train.global_batch_size=2", "train.log_interval=1",
+            "train.micro_batch_size=2", "train.global_batch_size=2", "logging.interval=1",
             f"checkpoint.save_interval={save_interval}", f"checkpoint.dir={ckpt}", "logging.jsonl=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -62,7 +62,7 @@ def test_killed_trainer_leaves_no_checkpoint_writer_or_resource_tracker(tmp_path
     tracker, which exits when every holder of its pipe has closed it (the Manager held it too), follows."""
     log = tmp_path / "train.log"
     args = [sys.executable, "-m", "megatron_dsv3.train", "train.steps=100000", "train.seq_length=32",
-            "train.micro_batch_size=2", "train.global_batch_size=2", "train.log_interval=1",
+            "train.micro_batch_size=2", "train.global_batch_size=2", "logging.interval=1",
             "checkpoint.save_interval=5", f"checkpoint.dir={tmp_path / 'ckpt'}", "logging.jsonl=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with log.open("w") as out:  # a file: an orphan holding a pipe would keep a reader waiting

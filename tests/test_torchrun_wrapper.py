@@ -21,7 +21,7 @@ import pytest
 from distributed import ROOT, free_port
 from megatron_dsv3.cli.torchrun import EXIT_PREEMPTED, exit_code
 
-SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.log_interval=1",
+SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "logging.interval=1",
          "train.device=cpu", "train.steps=100000", "checkpoint.save_interval=2", "logging.jsonl=false"]
 
 
@@ -35,7 +35,7 @@ class Job:
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1",
                 "--max-restarts=0", "--no-python", sys.executable, "-m", "megatron_dsv3.train", *SMALL,
                 f"checkpoint.dir={self.ckpt}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "60",
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -81,7 +81,6 @@ def _rank(job: dict, rank: int, port: int) -> None:
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(job["nproc"]),
                            "LOCAL_WORLD_SIZE": str(job["nproc"]), "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(port)})
-    os.environ.setdefault("DSV3_DIST_TIMEOUT", "60")
     # Megatron-Core's checkpoint writer hands its results back through a queue that dsv3-train
     # serves from a spawned Manager process; a synchronous save puts and gets in this process, so
     # a plain queue does the same job without starting an interpreter per rank and job.
@@ -131,7 +130,6 @@ def _run_job(job: dict) -> None:
 
 
 def serve() -> None:
-    os.environ.setdefault("DSV3_DIST_TIMEOUT", "60")
     # Everything a rank needs, imported once here (no tensor op runs in this process).
     import megatron_dsv3.checkpoint.dist  # noqa: F401
     import megatron_dsv3.data  # noqa: F401
@@ -139,7 +137,7 @@ def serve() -> None:
     import megatron_dsv3.monitor  # noqa: F401
     import megatron_dsv3.optim  # noqa: F401
     import megatron_dsv3.train  # noqa: F401
-    import patches.megatron_cpu  # noqa: F401
+    import megatron_dsv3.compat.megatron_cpu  # noqa: F401
 
     _reply({"event": "ready"})
     for line in sys.stdin:

@@ -36,9 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         sys.stdout.write(script)
         return 0
-    output_dir = Path(run["launch"]["output_dir"])
+    output_dir = Path(run.launch.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
-    path = Path(args.script) if args.script else output_dir / f"{run['launch']['job_name']}.sbatch"
+    path = Path(args.script) if args.script else output_dir / f"{run.launch.job_name}.sbatch"
     path.write_text(script)
     try:
         job_id = submit(path)

@@ -5,7 +5,6 @@ from megatron_dsv3.data.datasets import (
     build_train_iterator,
     micro_batch_indices,
     parse_blend,
-    resolve_data_config,
 )
 from megatron_dsv3.data.indexed import DataError, prepare, token_stats, validate_prefix
 from megatron_dsv3.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
@@ -13,6 +12,6 @@ from megatron_dsv3.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerEr
 __all__ = [
     "ByteTokenizer", "DataError", "HFTokenizer", "TokenizerError", "build_datasets",
     "build_train_iterator", "ensure_default_dataset", "load_tokenizer", "micro_batch_indices",
-    "parse_blend", "prepare", "resolve_data_config", "stdlib_files", "token_stats",
+    "parse_blend", "prepare", "stdlib_files", "token_stats",
     "validate_prefix",
 ]

@@ -1,9 +1,5 @@
-"""Megatron-Core GPT datasets from the run's `data:` section, and the data-parallel iterator.
-
-`data_cfg` keys (all optional): `paths` (prefixes, or `[w, prefix, w, prefix, ...]` as in
-Megatron's --data-path; empty means the embedded stdlib corpus), `cache_dir`, `tokenizer`
-("byte" or tokenizer.json), `backend` ("megatron" or "dali"), `split` ("train,valid,test"
-weights), `valid_samples`, `corpus_max_bytes`.
+"""Megatron-Core GPT datasets from the run's `data:` section (`run_config.DataSection`: its keys,
+defaults and checks), and the data-parallel iterator.
 """
 from __future__ import annotations
 
@@ -16,33 +12,9 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES, ensure_default_dataset
+from megatron_dsv3.data.corpus import ensure_default_dataset
 from megatron_dsv3.data.indexed import DataError, validate_prefix
 from megatron_dsv3.data.tokenizer import load_tokenizer
-
-DEFAULTS = {
-    "paths": [],
-    "cache_dir": DEFAULT_CACHE_DIR,
-    "tokenizer": "byte",
-    "backend": "megatron",
-    "split": "100,0,0",
-    "corpus_max_bytes": DEFAULT_MAX_BYTES,
-}
-BACKENDS = ("megatron", "dali")
-
-
-def resolve_data_config(data_cfg: Optional[dict]) -> dict:
-    """`data_cfg` over the defaults, with unknown keys and backends refused."""
-    cfg = dict(DEFAULTS, **(data_cfg or {}))
-    unknown = set(cfg) - set(DEFAULTS) - {"valid_samples"}
-    if unknown:
-        raise DataError(f"unknown data option(s): {sorted(unknown)}")
-    if cfg["backend"] not in BACKENDS:
-        raise DataError(f"data.backend must be one of {BACKENDS}, got {cfg['backend']!r}")
-    cfg["paths"] = list(cfg["paths"] or [])
-    cfg["cache_dir"] = os.path.expanduser(cfg["cache_dir"])
-    return cfg
-
 
 def _is_weight(item) -> bool:
     if isinstance(item, numbers.Number) and not isinstance(item, bool):
@@ -96,28 +68,28 @@ def _single_process_rank():
         torch.distributed.get_rank = original
 
 
-def resolve_prefixes(cfg: dict, seq_length: int, vocab_size: int):
+def resolve_prefixes(data, seq_length: int, vocab_size: int):
     """(prefixes, weights, tokens per prefix), each prefix validated for this model."""
-    tokenizer = load_tokenizer(cfg["tokenizer"])
-    if cfg["paths"]:
-        prefixes, weights = parse_blend(cfg["paths"])
+    tokenizer = load_tokenizer(data.tokenizer)
+    if data.paths:
+        prefixes, weights = parse_blend(data.paths)
     else:
         prefix = _rank_zero_first(
-            ensure_default_dataset, cfg["cache_dir"], tokenizer, cfg["corpus_max_bytes"]
+            ensure_default_dataset, os.path.expanduser(data.cache_dir), tokenizer, data.corpus_max_bytes
         )
         prefixes, weights = [prefix], None
     tokens = [validate_prefix(p, vocab_size, seq_length) for p in prefixes]
     return prefixes, weights, tokens
 
 
-def _gpt_config(cfg: dict, prefixes, weights, seq_length: int, seed: int) -> GPTDatasetConfig:
+def _gpt_config(data, prefixes, weights, seq_length: int, seed: int) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
-        split=cfg["split"],
-        path_to_cache=os.path.join(cfg["cache_dir"], "indices"),
-        tokenizer=load_tokenizer(cfg["tokenizer"]),
+        split=data.split,
+        path_to_cache=os.path.join(os.path.expanduser(data.cache_dir), "indices"),
+        tokenizer=load_tokenizer(data.tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -125,26 +97,24 @@ def _gpt_config(cfg: dict, prefixes, weights, seq_length: int, seed: int) -> GPT
     )
 
 
-def build_datasets(data_cfg, seq_length: int, num_samples: int, seed: int, vocab_size: int):
-    """(train, valid) Megatron datasets (valid is None when the split gives it no weight).
-
-    Call on every rank: rank 0 writes the sample indices to the cache, the others read them.
-    """
-    cfg = resolve_data_config(data_cfg)
-    prefixes, weights, _ = resolve_prefixes(cfg, seq_length, vocab_size)
-    return _build(cfg, prefixes, weights, seq_length, num_samples, seed)
+def build_datasets(data, seq_length: int, num_samples: int, seed: int, vocab_size: int):
+    """(train, valid) Megatron datasets of the `data` section (valid is None when the split gives
+    it no weight). Call on every rank: rank 0 writes the sample indices to the cache, the others
+    read them."""
+    prefixes, weights, _ = resolve_prefixes(data, seq_length, vocab_size)
+    return _build(data, prefixes, weights, seq_length, num_samples, seed)
 
 
-def _build(cfg, prefixes, weights, seq_length, num_samples, seed):
-    config = _gpt_config(cfg, prefixes, weights, seq_length, seed)
+def _build(data, prefixes, weights, seq_length, num_samples, seed):
+    config = _gpt_config(data, prefixes, weights, seq_length, seed)
     has_valid = config.split_matrix[1] is not None
-    valid_samples = cfg.get("valid_samples") or max(1, num_samples // 10)
+    valid_samples = data.valid_samples or max(1, num_samples // 10)
     sizes = [num_samples, valid_samples if has_valid else 0, 0]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     with _single_process_rank():
         train, valid, _ = builder.build()
     if train is None or len(train) == 0:
-        raise DataError(f"data.split {cfg['split']!r} leaves no training samples")
+        raise DataError(f"data.split {data.split!r} leaves no training samples")
     return train, valid
 
 
@@ -175,7 +145,7 @@ def _megatron_batches(dataset, index_fn) -> Iterator[dict]:
 
 
 def build_train_iterator(
-    data_cfg,
+    data,
     seq_length: int,
     micro_batch_size: int,
     global_batch_size: int,
@@ -186,7 +156,8 @@ def build_train_iterator(
     start_sample: int = 0,
     num_samples: Optional[int] = None,
 ) -> Iterator[dict]:
-    """Endless `{"tokens", "labels"}` LongTensor[mbs, seq] micro-batches for one DP rank.
+    """Endless `{"tokens", "labels"}` LongTensor[mbs, seq] micro-batches of the `data` section
+    (`run_config.DataSection`) for one DP rank.
 
     `start_sample` is the number of samples already consumed (by all ranks): a resumed run
     passes it to continue exactly where it stopped. `num_samples` (default: about one epoch)
@@ -199,18 +170,17 @@ def build_train_iterator(
             f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
             f"{micro_batch_size} x data-parallel size {dp_size}"
         )
-    cfg = resolve_data_config(data_cfg)
-    prefixes, weights, tokens = resolve_prefixes(cfg, seq_length, vocab_size)
+    prefixes, weights, tokens = resolve_prefixes(data, seq_length, vocab_size)
     if num_samples is None:
         num_samples = max(global_batch_size, sum(tokens) // seq_length - len(prefixes))
-    train, _ = _build(cfg, prefixes, weights, seq_length, num_samples, seed)
+    train, _ = _build(data, prefixes, weights, seq_length, num_samples, seed)
 
     def index_fn(n):
         return micro_batch_indices(
             n, start_sample, global_batch_size, micro_batch_size, dp_rank, dp_size
         )
 
-    if cfg["backend"] == "dali":
+    if data.backend == "dali":
         from megatron_dsv3.data.dali import dali_batches
 
         return dali_batches(train, index_fn, micro_batch_size)

@@ -1,4 +1,5 @@
-"""Environment presets (launch/presets/*.yaml) and the environment a run's batch script exports."""
+"""Environment presets (package data: `megatron_dsv3/launch/presets/*.yaml`) and the environment a
+run's batch script exports."""
 from __future__ import annotations
 
 import os
@@ -8,12 +9,14 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_dsv3.launch.run import LaunchConfigError, Layout
+from megatron_dsv3.launch.run import LaunchConfigError
+from megatron_dsv3.run_config import ParallelSection
 
 
 def launch_dir() -> Path:
-    """The repository's `launch/` folder (templates, presets); $DSV3_LAUNCH_DIR overrides it."""
-    return Path(os.environ.get("DSV3_LAUNCH_DIR") or Path(__file__).resolve().parents[2] / "launch")
+    """The folder of the batch-script template and the presets: installed with the package;
+    $DSV3_LAUNCH_DIR points at a site's own copy."""
+    return Path(os.environ.get("DSV3_LAUNCH_DIR") or Path(__file__).resolve().parent)
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -30,16 +33,16 @@ def gpu_memory_gib(preset: dict[str, Any]) -> Optional[float]:
     return None if not gpu else float(gpu["memory_gib"])
 
 
-def cuda_device_max_connections(layout: Layout) -> int:
+def cuda_device_max_connections(parallel: ParallelSection) -> int:
     """CUDA_DEVICE_MAX_CONNECTIONS from the layout.
 
     1 when tensor parallel: TP communication overlap relies on kernels being issued in order on one
     hardware queue. 32 when expert parallel or a DualPipe schedule: all-to-all and P2P overlap with
     compute on many streams. Otherwise CUDA's default of 8.
     """
-    if layout.tensor > 1:
+    if parallel.tensor > 1:
         return 1
-    if layout.expert > 1 or layout.schedule in ("dualpipe", "dualpipev"):
+    if parallel.expert > 1 or parallel.schedule in ("dualpipe", "dualpipev"):
         return 32
     return 8
 
@@ -51,7 +54,7 @@ class EnvVar:
     source: str  # "preset <name>", "layout", "site override"
 
 
-def environment(preset: dict[str, Any], layout: Layout, overrides: dict[str, Any]) -> list[EnvVar]:
+def environment(preset: dict[str, Any], parallel: ParallelSection, overrides: dict[str, Any]) -> list[EnvVar]:
     """Preset variables, then the layout-derived ones, then site overrides, which always win."""
     name = preset.get("name", "?")
     values: dict[str, EnvVar] = {}
@@ -59,8 +62,8 @@ def environment(preset: dict[str, Any], layout: Layout, overrides: dict[str, Any
         values[key] = EnvVar(key, str(value), f"preset {name}")
     if preset.get("gpu"):
         values["CUDA_DEVICE_MAX_CONNECTIONS"] = EnvVar(
-            "CUDA_DEVICE_MAX_CONNECTIONS", str(cuda_device_max_connections(layout)),
-            f"layout TP{layout.tensor} EP{layout.expert} {layout.schedule}")
+            "CUDA_DEVICE_MAX_CONNECTIONS", str(cuda_device_max_connections(parallel)),
+            f"layout TP{parallel.tensor} EP{parallel.expert} {parallel.schedule}")
     for key, value in overrides.items():
         was = values.get(key)
         note = f"site override (preset: {was.value})" if was and was.value is not None else "site override"

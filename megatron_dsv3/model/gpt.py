@@ -17,7 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.config import RECOMPUTE_MODES, DSV3Config
 from megatron_dsv3.model.common import RMSNorm
 from megatron_dsv3.model.mla import InferenceCache
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
@@ -29,7 +29,6 @@ from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel.layout import stage_layers
 
 LayerSpecFn = Callable[[DSV3Config, int], ModuleSpec]
-RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass

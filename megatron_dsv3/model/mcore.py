@@ -59,7 +59,7 @@ from megatron_dsv3.model.mla import MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router, Routing
 from megatron_dsv3.model.rope import rope_frequencies
-from patches.megatron_api import build_megatron_config, config_value
+from megatron_dsv3.compat.megatron_api import build_megatron_config, config_value
 
 
 # ------------------------------------------------------------------------ configs
@@ -168,7 +168,7 @@ FP8_UNSUPPORTED = ("not supported (untested): train FP8 with dsv3-train / DSV3Mo
 def megatron_config_from_dsv3(cfg: DSV3Config, **overrides: Any) -> MLATransformerConfig:
     """The MLATransformerConfig of a DSV3Config; `overrides` add or replace Megatron fields
     (parallel sizes, dtypes, use_cpu_initialization, dropout, ...). Fields unknown to the
-    installed Megatron-Core are dropped with a warning (`patches.megatron_api`)."""
+    installed Megatron-Core are dropped with a warning (`megatron_dsv3.compat.megatron_api`)."""
     values: dict[str, Any] = dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         ffn_hidden_size=cfg.dense_ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=cfg.norm_eps,

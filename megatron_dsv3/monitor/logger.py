@@ -1,4 +1,5 @@
-"""MetricsLogger: fans metrics out to sinks; ``build_logger`` reads the run YAML's ``logging:``."""
+"""MetricsLogger: fans metrics out to sinks; ``build_logger`` reads the run's ``logging:`` section
+(``run_config.LoggingSection``: its keys, defaults and checks)."""
 from __future__ import annotations
 
 import numbers
@@ -9,20 +10,6 @@ from .expert_load import ExpertLoadTracker
 from .sinks import ConsoleSink, JsonlSink, TensorBoardSink, WandbSink
 
 METRICS_FILENAME = "metrics.jsonl"
-
-DEFAULT_LOGGING = {
-    "interval": 10,
-    "console": True,
-    "jsonl": True,
-    "wandb": False,
-    "wandb_project": "megatron-dsv3",
-    "wandb_mode": None,  # "offline" | "online" | None (WANDB_MODE decides)
-    "wandb_run_name": None,  # default: the run directory's name
-    "wandb_bar_charts": False,
-    "tensorboard": False,
-    "total_steps": None,  # default: train.steps / train.iters / train_iters of the run config
-}
-
 
 def is_logging_rank(rank: int = 0) -> bool:
     """True on the rank that logs (``rank=-1``: the last, where Megatron's loss lives).
@@ -51,12 +38,8 @@ def _to_scalar(value: Any) -> Any:
 class MetricsLogger:
     """Sends each record to every sink; call only on the logging rank."""
 
-    def __init__(self, sinks: list, interval: int = 1):
+    def __init__(self, sinks: list):
         self.sinks = list(sinks)
-        self.interval = max(1, int(interval))
-
-    def should_log(self, step: int) -> bool:
-        return step % self.interval == 0
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Scalars (floats, ints, 0-d tensors) of one step."""
@@ -83,32 +66,20 @@ class MetricsLogger:
         self.close()
 
 
-def _total_steps(run_config: Optional[dict]) -> Optional[int]:
-    cfg = run_config or {}
-    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-    for value in (train.get("steps"), train.get("iters"), cfg.get("train_iters")):
-        if value:
-            return int(value)
-    return None
-
-
-def build_logger(logging_cfg: Optional[dict], run_dir: str | os.PathLike,
-                 run_config: Optional[dict] = None) -> MetricsLogger:
-    """MetricsLogger from the ``logging:`` section; files go under ``run_dir``."""
-    unknown = set(logging_cfg or {}) - set(DEFAULT_LOGGING)
-    if unknown:
-        raise ValueError(f"unknown logging keys {sorted(unknown)}; known: {sorted(DEFAULT_LOGGING)}")
-    cfg = {**DEFAULT_LOGGING, **(logging_cfg or {})}
+def build_logger(logging, run_dir: str | os.PathLike, run_config: Optional[dict] = None,
+                 total_steps: Optional[int] = None) -> MetricsLogger:
+    """MetricsLogger from the ``logging:`` section; files go under ``run_dir``; ``run_config``
+    (a plain dict) is recorded by wandb."""
     run_dir = os.fspath(run_dir)
     sinks: list = []
-    if cfg["console"]:
-        sinks.append(ConsoleSink(total_steps=cfg["total_steps"] or _total_steps(run_config)))
-    if cfg["jsonl"]:
+    if logging.console:
+        sinks.append(ConsoleSink(total_steps=total_steps))
+    if logging.jsonl:
         sinks.append(JsonlSink(os.path.join(run_dir, METRICS_FILENAME)))
-    if cfg["tensorboard"]:
+    if logging.tensorboard:
         sinks.append(TensorBoardSink(os.path.join(run_dir, "tensorboard")))
-    if cfg["wandb"]:
-        name = cfg["wandb_run_name"] or os.path.basename(os.path.abspath(run_dir))
-        sinks.append(WandbSink(cfg["wandb_project"], name, run_config, cfg["wandb_mode"], dir=run_dir,
-                               bar_charts=cfg["wandb_bar_charts"]))
-    return MetricsLogger(sinks, interval=cfg["interval"])
+    if logging.wandb:
+        name = logging.wandb_run_name or os.path.basename(os.path.abspath(run_dir))
+        sinks.append(WandbSink(logging.wandb_project, name, run_config, logging.wandb_mode, dir=run_dir,
+                               bar_charts=logging.wandb_bar_charts))
+    return MetricsLogger(sinks)

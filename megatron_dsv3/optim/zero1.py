@@ -18,7 +18,7 @@ attributes Megatron's gradient-norm and bucketing code reads:
 
 Checkpoints: `param_states` gathers each parameter's moments over the data-parallel group into
 the shape of this rank's parameter, the layout `LocalOptimizer` uses, so a ZeRO-1 run resumes on
-any data-parallel size and under either optimizer. On CPU, `patches.cpu_shims` lets Megatron's
+any data-parallel size and under either optimizer. On CPU, `megatron_dsv3.compat.cpu_shims` lets Megatron's
 optimizer accept CPU parameters.
 """
 from __future__ import annotations

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.launch.run import Layout
+from megatron_dsv3.parallel.layout import ParallelLayout
 
 GIB = 1024**3
-RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ class MemoryEstimate:
         return f"{self.total / GIB:.1f} GiB{cap} per GPU ({parts} GiB; {self.params_per_rank / 1e9:.2f}B params per rank)"
 
 
-def in_flight(layout: Layout, micro_batches: int) -> tuple[float, float]:
+def in_flight(layout: ParallelLayout, schedule: str, micro_batches: int) -> tuple[float, float]:
     """(micro-batches held by the busiest rank, layers each of them has passed on that rank).
 
     1F1B: the first stage holds up to PP micro-batches of its L/PP layers. DualPipe: PP + 1 chunks of
@@ -129,38 +128,36 @@ def in_flight(layout: Layout, micro_batches: int) -> tuple[float, float]:
     pp = layout.pipeline
     if pp == 1:
         return 1.0, 1.0
-    if layout.schedule == "dualpipe":
+    if schedule == "dualpipe":
         return float(min(pp + 1, micro_batches)), 1.0 / pp
-    if layout.schedule == "dualpipev":
+    if schedule == "dualpipev":
         return float(min(2 * pp + 1, micro_batches)), 1.0 / (2 * pp)
     return float(min(pp, micro_batches)), 1.0 / pp
 
 
-def estimate_memory(c: DSV3Config, layout: Layout, train: dict, reserve_gib: float = 0.0,
+def estimate_memory(c: DSV3Config, layout: ParallelLayout, schedule: str, train, reserve_gib: float = 0.0,
                     distributed_optimizer: bool = True) -> MemoryEstimate:
-    """Per-GPU memory of `c` trained under `layout` with the run's `train:` section."""
-    recompute = train.get("recompute") or "none"
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"train.recompute={recompute!r} is not one of {RECOMPUTE}")
-    fp8 = (train.get("fp8") or "none") != "none"
-    mixed = train.get("param_dtype") == "bfloat16"  # BF16 weights + FP32 masters
+    """Per-GPU memory of `c` trained under `layout` and `schedule` with the run's `train:` section
+    (`run_config.TrainSection`)."""
+    recompute, fp8 = train.recompute, train.fp8 != "none"
+    mixed = train.param_dtype == "bfloat16"  # BF16 weights + FP32 masters
     counts = count_params(c)
     tp, pp = layout.tensor, layout.pipeline
-    copies = 2 if layout.schedule == "dualpipe" and pp > 1 else 1
+    copies = 2 if schedule == "dualpipe" and pp > 1 else 1
     model_all = counts.total + c.mtp_num_modules * counts.mtp_module
     routed = counts.routed_all / (layout.expert * tp) * copies / pp
     shared = (model_all - counts.routed_all) / tp * copies / pp
     per_rank = routed + shared
     weight_bytes = 2 if mixed else 4
-    moment_bytes = 2 * (2 if train.get("bf16_adam_moments") else 4)
+    moment_bytes = 2 * (2 if train.bf16_adam_moments else 4)
     state_bytes = moment_bytes + (4 if mixed else 0)  # + FP32 master copy under mixed precision
     expert_shards, dense_shards = (layout.expert_data, layout.data) if distributed_optimizer else (1, 1)
     optimizer = state_bytes * (routed / expert_shards + shared / dense_shards)
 
-    tokens = int(train["seq_length"]) * int(train["micro_batch_size"])
+    tokens = train.seq_length * train.micro_batch_size
     layers = c.num_layers + c.mtp_num_modules
-    micro_batches = max(1, int(train["global_batch_size"]) // (int(train["micro_batch_size"]) * layout.data))
-    held, share = in_flight(layout, micro_batches)
+    micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * layout.data))
+    held, share = in_flight(layout, schedule, micro_batches)
     kinds = [moe for moe, present in ((True, c.num_moe_layers), (False, c.first_k_dense_layers)) if present]
     worst_layer = max(layer_activation_bytes(c, moe, "none" if recompute == "full" else recompute, fp8) for moe in kinds)
     if recompute == "full":

@@ -12,7 +12,7 @@ the outermost exit restores. Each shim names the Megatron-Core code it works aro
 seen failing on megatron-core 0.16.1 with torch 2.13 (CPU build), and the same calls are present
 in 0.17-0.19.
 
-Shims (what `patches.applied()` lists while active):
+Shims (what `megatron_dsv3.compat.applied()` lists while active):
   torch.cuda.current_device     -> torch.device("cpu")
   torch.cuda.synchronize        -> no-op
   cpu-rng-tracker               -> Megatron's model-parallel RNG tracker backed by CPU generator states
@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from patches import _mark, _unmark
+from megatron_dsv3.compat import _mark, _unmark
 
 _lock = threading.Lock()
 _depth = 0

@@ -26,7 +26,7 @@ import sys
 import threading
 from multiprocessing.managers import SyncManager
 
-from patches import _mark, _unmark
+from megatron_dsv3.compat import _mark, _unmark
 
 NAME = "megatron.core.dist_checkpointing.strategies.filesystem_async:signal-safe-results-queue"
 PREEMPTION_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}

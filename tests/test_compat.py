@@ -1,4 +1,4 @@
-"""patches/: each CPU shim does what it says inside `cpu_shims()` and is fully undone on exit;
+"""megatron_dsv3.compat: each CPU shim does what it says inside `cpu_shims()` and is fully undone on exit;
 `build_megatron_config` drops (with a warning) fields the installed Megatron-Core lacks."""
 import dataclasses
 import warnings
@@ -10,10 +10,10 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import random as mpu_random
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-import patches
-from patches import megatron_cpu
-from patches.megatron_api import DroppedConfigFieldWarning, build_megatron_config, config_value
-from patches.megatron_cpu import CPURNGStatesTracker, cpu_shims
+from megatron_dsv3 import compat
+from megatron_dsv3.compat import megatron_cpu
+from megatron_dsv3.compat.megatron_api import DroppedConfigFieldWarning, build_megatron_config, config_value
+from megatron_dsv3.compat.megatron_cpu import CPURNGStatesTracker, cpu_shims
 
 SHIMS = ["torch.cuda.current_device", "torch.cuda.synchronize",
          "megatron.core.tensor_parallel.random:cpu-rng-tracker", "torch:cuda-factory-redirect"]
@@ -23,9 +23,9 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are n
 
 @pytest.fixture(autouse=True)
 def no_shims_leak():
-    assert patches.applied() == []
+    assert compat.applied() == []
     yield
-    assert patches.applied() == [] and not megatron_cpu.active()
+    assert compat.applied() == [] and not megatron_cpu.active()
 
 
 def _originals():
@@ -45,7 +45,7 @@ def test_current_device_and_synchronize_work_inside_and_raise_again_after():
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.current_device()
     with cpu_shims():
-        assert patches.applied() == SHIMS
+        assert compat.applied() == SHIMS
         assert torch.cuda.current_device() == torch.device("cpu")
         assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
         assert torch.cuda.synchronize() is None
@@ -156,7 +156,7 @@ def test_exit_restores_everything_even_after_an_exception():
     with pytest.raises(ValueError):
         with cpu_shims():
             raise ValueError("boom")
-    assert patches.applied() == [] and _same(before, _originals())
+    assert compat.applied() == [] and _same(before, _originals())
 
 
 @cpu_only
@@ -164,19 +164,19 @@ def test_nested_use_and_apply_twice_are_safe():
     before = _originals()
     with cpu_shims():
         with cpu_shims():
-            assert patches.applied() == SHIMS
-        assert patches.applied() == SHIMS  # the inner exit restores nothing
+            assert compat.applied() == SHIMS
+        assert compat.applied() == SHIMS  # the inner exit restores nothing
         assert torch.cuda.current_device() == torch.device("cpu")
-    assert patches.applied() == [] and _same(before, _originals())
+    assert compat.applied() == [] and _same(before, _originals())
 
     assert megatron_cpu.apply() == SHIMS
     assert megatron_cpu.apply() == []  # already active: nothing applied twice
     assert len(torch.overrides._get_current_function_mode_stack()) == before[-1] + 1
     megatron_cpu.undo()
-    assert patches.applied() == SHIMS
+    assert compat.applied() == SHIMS
     megatron_cpu.undo()
     megatron_cpu.undo()  # one more than applied: a no-op
-    assert patches.applied() == [] and _same(before, _originals())
+    assert compat.applied() == [] and _same(before, _originals())
 
 
 @cpu_only

@@ -2,7 +2,7 @@
 
 Each workaround is scoped and undoable:
 
-    from patches import cpu_shims, applied
+    from megatron_dsv3.compat import cpu_shims, applied
     with cpu_shims():          # no-op when CUDA is available
         print(applied())       # ['megatron.core.tensor_parallel.random:cpu-rng-tracker', ...]
         ...                    # build and run Megatron-Core modules on CPU
@@ -16,7 +16,7 @@ _ACTIVE: list[str] = []
 
 
 def applied() -> list[str]:
-    """Names of the patches active right now, in the order they were applied."""
+    """Names of the workarounds active right now, in the order they were applied."""
     return list(_ACTIVE)
 
 
@@ -28,7 +28,7 @@ def _unmark(name: str) -> None:
     _ACTIVE.remove(name)
 
 
-from patches.megatron_api import build_megatron_config, config_value  # noqa: E402
-from patches.megatron_cpu import cpu_shims  # noqa: E402
+from megatron_dsv3.compat.megatron_api import build_megatron_config, config_value  # noqa: E402
+from megatron_dsv3.compat.megatron_cpu import cpu_shims  # noqa: E402
 
 __all__ = ["applied", "build_megatron_config", "config_value", "cpu_shims"]

@@ -1,0 +1,349 @@
+"""Pipeline schedules as per-rank operation lists, and a discrete-event simulation of them.
+
+A micro-batch passes through `stages` model chunks in order; a chunk is (micro_batch, stage).
+Each rank runs its list of operations in order:
+
+- "F"   forward of one chunk (cost F)
+- "B"   input gradient only (cost B - W), its weight gradient deferred to a later "W" (cost W)
+- "BW"  full backward, input and weight gradient together (cost B)
+- "F&B" the forward of one chunk overlapped with the full backward of another (cost F&B)
+
+F, B, W and F&B are the DeepSeek-V3 report's symbols (B is the full backward). The builders
+(`one_f_one_b`, `zb1p`, `dualpipe`, `dualpipev`) write each schedule as the phases of its figure
+and need nothing but Python, so a real forward/backward function can walk the same lists.
+`simulate` times them under the data dependencies; `summarize` reads off the bubble, the peak of
+micro-batches' activations held and the parameter footprint.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+Chunk = tuple[int, int]  # (micro_batch, stage)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a rank; `chunks` is (chunk,) or, for "F&B", (forward chunk, backward chunk)."""
+
+    kind: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def forward(self) -> Chunk | None:
+        return self.chunks[0] if self.kind in ("F", "F&B") else None
+
+    @property
+    def backward(self) -> Chunk | None:
+        """The chunk whose input gradient this op computes."""
+        return {"B": self.chunks[0], "BW": self.chunks[0], "F&B": self.chunks[-1]}.get(self.kind)
+
+    @property
+    def weight_grad(self) -> Chunk | None:
+        """The chunk whose weight gradient this op computes."""
+        return {"W": self.chunks[0], "BW": self.chunks[0], "F&B": self.chunks[-1]}.get(self.kind)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Times of F, the full backward B, its weight-gradient part W, an overlapped F&B pair, and
+    the point-to-point latency between ranks. The defaults are the figures' F = W = B/2, with
+    F&B = F + B (an overlap that hides communication only)."""
+
+    f: float = 1.0
+    b: float = 2.0
+    w: float = 1.0
+    fb: float = 3.0
+    p2p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.f, self.b, self.w, self.fb, self.p2p) < 0 or self.w > self.b:
+            raise ValueError(f"costs must be >= 0 with W <= B: {self}")
+
+    def of(self, op: Op) -> float:
+        return {"F": self.f, "B": self.b - self.w, "W": self.w, "BW": self.b, "F&B": self.fb}[op.kind]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-rank operation lists of one training step; `stages_per_rank` model chunks on each rank,
+    and `model_copies` times the whole model's parameters stored across the ranks."""
+
+    name: str
+    micro_batches: int
+    stages: int
+    ranks: tuple[tuple[Op, ...], ...]
+    stages_per_rank: int
+    model_copies: int
+
+
+class _RankProgram:
+    """Appends a rank's ops, taking each phase's micro-batches in order and queueing deferred W."""
+
+    def __init__(self, phases: dict[str, tuple[list[int], int]]):
+        self.next_forward = {p: deque((mb, stage) for mb in mbs) for p, (mbs, stage) in phases.items()}
+        self.next_backward = {p: deque(q) for p, q in self.next_forward.items()}
+        self.deferred_w: deque[Chunk] = deque()
+        self.ops: list[Op] = []
+
+    def f(self, phase: str) -> None:
+        self.ops.append(Op("F", (self.next_forward[phase].popleft(),)))
+
+    def b(self, phase: str, split: bool) -> None:
+        chunk = self.next_backward[phase].popleft()
+        self.ops.append(Op("B" if split else "BW", (chunk,)))
+        if split:
+            self.deferred_w.append(chunk)
+
+    def w(self) -> None:
+        self.ops.append(Op("W", (self.deferred_w.popleft(),)))
+
+    def f_and_b(self, forward_phase: str, backward_phase: str) -> None:
+        chunks = (self.next_forward[forward_phase].popleft(), self.next_backward[backward_phase].popleft())
+        self.ops.append(Op("F&B", chunks))
+
+    def finish(self) -> tuple[Op, ...]:
+        left = [q for q in (*self.next_forward.values(), *self.next_backward.values(), self.deferred_w) if q]
+        assert not left, f"phases left work unscheduled: {left}"
+        return tuple(self.ops)
+
+
+def one_f_one_b(pp: int, micro_batches: int) -> Schedule:
+    """1F1B: rank r runs PP-1-r warm-up forwards, then alternates forward and full backward, then
+    drains the remaining backwards."""
+    ranks = []
+    for r in range(pp):
+        prog = _RankProgram({"down": (list(range(micro_batches)), r)})
+        warmup = min(pp - 1 - r, micro_batches)
+        for _ in range(warmup):
+            prog.f("down")
+        for _ in range(micro_batches - warmup):
+            prog.f("down")
+            prog.b("down", split=False)
+        for _ in range(warmup):
+            prog.b("down", split=False)
+        ranks.append(prog.finish())
+    return Schedule("1F1B", micro_batches, pp, tuple(ranks), stages_per_rank=1, model_copies=1)
+
+
+def zb1p(pp: int, micro_batches: int) -> Schedule:
+    """ZB1P (zero-bubble ZB-H1): 1F1B's order and memory with the backward split in B and W; rank r
+    holds back r weight gradients in the steady state, which fill the cool-down's waits."""
+    ranks = []
+    for r in range(pp):
+        prog = _RankProgram({"down": (list(range(micro_batches)), r)})
+        warmup = min(pp - 1 - r, micro_batches)
+        for _ in range(warmup):
+            prog.f("down")
+        for _ in range(micro_batches - warmup):
+            prog.f("down")
+            prog.b("down", split=True)
+            if len(prog.deferred_w) > r:
+                prog.w()
+        for _ in range(warmup):
+            prog.b("down", split=True)
+            prog.w()
+        while prog.deferred_w:
+            prog.w()
+        ranks.append(prog.finish())
+    return Schedule("ZB1P", micro_batches, pp, tuple(ranks), stages_per_rank=1, model_copies=1)
+
+
+def _dual_rank(h: int, half: int, near: list[int], far: list[int]) -> tuple[Op, ...]:
+    """One rank of DualPipe/DualPipeV: `h` ranks from its end of the pipe, `half` ranks per half.
+
+    "near" is stage h of the micro-batches `near`, "far" is stage 2*half-1-h of `far`. The phases
+    as the report's figure reads from left to right."""
+    prog = _RankProgram({"near": (near, h), "far": (far, 2 * half - 1 - h)})
+    middle = h == half - 1
+    for _ in range(2 * (half - h - 1)):              # 1. warm-up: near forwards only
+        prog.f("near")
+    for _ in range(h + 1):                           # 2. near and far forwards alternate
+        prog.f("near")
+        prog.f("far")
+    for _ in range(half - h - 1):                    # 3. far backward (W right after), far forward
+        prog.b("far", split=True)
+        prog.w()
+        prog.f("far")
+    for i in range(len(near) - 2 * half + h + 1):    # 4. steady state: overlapped pairs both ways
+        if i == 0 and middle:                        # the turn of the pipe: not overlapped
+            prog.f("near")
+            prog.b("far", split=False)
+        else:
+            prog.f_and_b("near", "far")
+        prog.f_and_b("far", "near")
+    for _ in range(half - h - 1):                    # 5. far backward, far forward with near backward
+        prog.b("far", split=False)
+        prog.f_and_b("far", "near")
+    backwards = 2 * (h + 1)                          # 6. backwards both ways; the last h+1 defer W
+    for j in range(backwards):
+        prog.b("far" if j % 2 == 0 else "near", split=j >= backwards - (h + 1))
+    for _ in range(half - h - 1):                    # 7. a deferred W, then a near backward
+        prog.w()
+        prog.b("near", split=True)
+    while prog.deferred_w:                           # 8. the remaining deferred W
+        prog.w()
+    return prog.finish()
+
+
+def _check_dual(pp_ranks: int, per_direction: int, name: str) -> None:
+    if pp_ranks < 2 or pp_ranks % 2:
+        raise ValueError(f"{name} needs an even number of ranks >= 2, got {pp_ranks}")
+    if per_direction < pp_ranks:
+        raise ValueError(f"{name} on {pp_ranks} ranks needs >= {pp_ranks} micro-batches per direction, "
+                         f"got {per_direction}")
+
+
+def dualpipe(pp: int, micro_batches: int) -> Schedule:
+    """DualPipe on PP ranks: micro-batches 0..M/2-1 enter at rank 0, M/2..M-1 at rank PP-1; rank r
+    holds stage r of the first direction and stage PP-1-r of the second (two copies of the model).
+    Needs PP even and M even, M >= 2 PP."""
+    if micro_batches % 2:
+        raise ValueError(f"DualPipe needs an even number of micro-batches, got {micro_batches}")
+    _check_dual(pp, micro_batches // 2, "DualPipe")
+    half = pp // 2
+    down, up = list(range(micro_batches // 2)), list(range(micro_batches // 2, micro_batches))
+    ranks = tuple(_dual_rank(r, half, down, up) if r < half else _dual_rank(pp - 1 - r, half, up, down)
+                  for r in range(pp))
+    return Schedule("DualPipe", micro_batches, pp, ranks, stages_per_rank=2, model_copies=2)
+
+
+def dualpipev(stages: int, micro_batches: int) -> Schedule:
+    """DualPipeV: DualPipe cut in half, `stages` (the table's PP) on stages/2 ranks; rank r holds
+    stage r and stage stages-1-r, and every micro-batch goes down the V and back up.
+    Needs M >= stages."""
+    if stages % 2:
+        raise ValueError(f"DualPipeV needs an even number of stages, got {stages}")
+    _check_dual(stages, micro_batches, "DualPipeV")
+    half = stages // 2
+    every = list(range(micro_batches))
+    ranks = tuple(_dual_rank(r, half, every, every) for r in range(half))
+    return Schedule("DualPipeV", micro_batches, stages, ranks, stages_per_rank=2, model_copies=1)
+
+
+SCHEDULES = {"1F1B": one_f_one_b, "ZB1P": zb1p, "DualPipe": dualpipe, "DualPipeV": dualpipev}
+
+
+def requirements(op: Op, stages: int) -> list[tuple[str, Chunk]]:
+    """The results ("F" or "B" of a chunk, or "B" for a W) this op waits for."""
+    needs = []
+    if op.forward is not None and op.forward[1] > 0:
+        needs.append(("F", (op.forward[0], op.forward[1] - 1)))
+    if op.backward is not None:
+        mb, stage = op.backward
+        needs.append(("F", op.backward))
+        if stage < stages - 1:
+            needs.append(("B", (mb, stage + 1)))
+    if op.kind == "W":
+        needs.append(("B", op.chunks[0]))
+    return needs
+
+
+def results(op: Op) -> Iterable[tuple[str, Chunk]]:
+    """What the op computes: ("F" | "B" | "W", chunk) for forward, input and weight gradient."""
+    for key, chunk in (("F", op.forward), ("B", op.backward), ("W", op.weight_grad)):
+        if chunk is not None:
+            yield key, chunk
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run: an op repeated, missing, or waiting on one that never comes."""
+
+
+def validate(schedule: Schedule) -> None:
+    """Every chunk gets exactly one forward, input gradient and weight gradient, all on one rank."""
+    where: dict[tuple[str, Chunk], int] = {}
+    for rank, ops in enumerate(schedule.ranks):
+        for op in ops:
+            for key, chunk in results(op):
+                if (key, chunk) in where:
+                    raise ScheduleError(f"{schedule.name}: {key} of chunk {chunk} scheduled twice")
+                where[key, chunk] = rank
+    for mb in range(schedule.micro_batches):
+        for stage in range(schedule.stages):
+            ranks = {where.get((key, (mb, stage))) for key in "FBW"}
+            if None in ranks or len(ranks) != 1:
+                raise ScheduleError(f"{schedule.name}: chunk {(mb, stage)} has F/B/W on ranks {ranks}")
+
+
+@dataclass(frozen=True)
+class Slot:
+    rank: int
+    start: float
+    end: float
+    op: Op
+
+
+def simulate(schedule: Schedule, costs: Costs) -> list[Slot]:
+    """Times every op: it starts when its rank is free and the results it needs have arrived (a
+    result from another rank arrives p2p after it was computed). Raises ScheduleError on deadlock."""
+    validate(schedule)
+    finished: dict[tuple[str, Chunk], tuple[float, int]] = {}
+    position = [0] * len(schedule.ranks)
+    clock = [0.0] * len(schedule.ranks)
+    slots: list[Slot] = []
+    progressed = True
+    while progressed:
+        progressed = False
+        for rank, ops in enumerate(schedule.ranks):
+            while position[rank] < len(ops):
+                op = ops[position[rank]]
+                needs = requirements(op, schedule.stages)
+                if any(need not in finished for need in needs):
+                    break
+                start = max([clock[rank]] + [finished[n][0] + (costs.p2p if finished[n][1] != rank else 0.0)
+                                             for n in needs])
+                clock[rank] = start + costs.of(op)
+                slots.append(Slot(rank, start, clock[rank], op))
+                for key in results(op):
+                    finished[key] = (clock[rank], rank)
+                position[rank] += 1
+                progressed = True
+    stuck = {r: ops[position[r]] for r, ops in enumerate(schedule.ranks) if position[r] < len(ops)}
+    if stuck:
+        raise ScheduleError(f"{schedule.name} deadlocks; waiting ops by rank: {stuck}")
+    return slots
+
+
+def peak_activations(ops: Iterable[Op]) -> int:
+    """Most chunks whose forward ran and whose input gradient has not, counted after each op."""
+    held = peak = 0
+    for op in ops:
+        held += (op.forward is not None) - (op.backward is not None)
+        peak = max(peak, held)
+    return peak
+
+
+def summarize(schedule: Schedule, costs: Costs) -> dict:
+    """The step time, each rank's bubble (step time minus its busy time; the largest is the
+    schedule's), the peak activations per rank and the parameter footprint."""
+    slots = simulate(schedule, costs)
+    step_time = max(s.end for s in slots)
+    busy = [0.0] * len(schedule.ranks)
+    for s in slots:
+        busy[s.rank] += s.end - s.start
+    bubbles = [step_time - b for b in busy]
+    peaks = [peak_activations(ops) for ops in schedule.ranks]
+    return {
+        "schedule": schedule.name,
+        "ranks": len(schedule.ranks),
+        "stages": schedule.stages,
+        "micro_batches": schedule.micro_batches,
+        "step_time": step_time,
+        "bubble": max(bubbles),
+        "bubble_per_rank": bubbles,
+        "peak_activations": max(peaks),
+        "peak_activations_per_rank": peaks,
+        "stages_per_rank": schedule.stages_per_rank,
+        "model_copies": schedule.model_copies,
+    }
+
+
+def table_bubble(name: str, stages: int, costs: Costs) -> float:
+    """The report's bubble formula for a schedule over `stages` pipeline stages (its table's PP).
+    The simulation reproduces it when B - W = F (F and the input gradient take equally long, as
+    in the figures), W <= F and F&B <= F + B; 1F1B's holds for any costs."""
+    f, b, w, fb = costs.f, costs.b, costs.w, costs.fb
+    return {"1F1B": (stages - 1) * (f + b), "ZB1P": (stages - 1) * (f + b - 2 * w),
+            "DualPipe": (stages // 2 - 1) * (fb + b - 3 * w), "DualPipeV": (stages // 2 - 1) * (fb + b - 3 * w)}[name]

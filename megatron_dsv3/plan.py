@@ -1,0 +1,148 @@
+"""The plan of a run: everything dsv3-train will do that follows from the run config and the world
+it starts in, derived and checked in one place. `dsv3-train` executes it; `dsv3-launch`'s
+preflight prints and checks the same plan (with its own memory estimate) before submitting.
+
+    plan = make_plan(run, world=16, ranks_per_node=8, cuda=True)
+    plan.layout, plan.micro_batches, plan.stage_layers, plan.nodes_per_token, plan.optimizer
+    print(plan.describe()); plan.memory(reserve_gib=4).total
+
+`PlanError` names the rule broken and the numbers, before any compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_dsv3.config import ConfigError, DSV3Config
+from megatron_dsv3.memory import MemoryEstimate, estimate_memory
+from megatron_dsv3.parallel.layout import ParallelLayout, stage_layers
+from megatron_dsv3.run_config import RunConfig
+
+
+class PlanError(ValueError):
+    """A run that cannot be laid out or scheduled; the message names the settings and numbers."""
+
+
+def nodes_per_token(num_experts: int, num_groups: int, num_limited_groups: int,
+                    expert_parallel: int, expert_tensor_parallel: int, ranks_per_node: int) -> int:
+    """Node-limited routing (report section 2.1.2 / 3.2.2): the most nodes one token's experts live on.
+
+    Megatron-Core orders expert ranks tp-ep-dp-pp with the experts' own tensor parallelism
+    (ETP; dsv3-train uses ETP = 1 whatever the attention TP), so one EP group covers
+    span = EP * ETP consecutive ranks and EP rank i holds experts [i*E/EP, (i+1)*E/EP).
+    - span <= ranks_per_node: the group must sit inside one node (span divides ranks_per_node);
+      every token then stays on 1 node.
+    - span > ranks_per_node: the group must cover whole nodes, ep_nodes = span / ranks_per_node,
+      each holding E / ep_nodes consecutive experts. Routing groups are E / G consecutive experts,
+      so each group lies inside one node iff G is a multiple of ep_nodes. A token then picks at
+      most `num_limited_groups` groups and so reaches at most min(M, ep_nodes) nodes.
+      DeepSeek-V3: 256 experts, EP64 on 8-GPU nodes -> 8 nodes of 32 experts, 8 groups of 32:
+      group == node, M = 4.
+    """
+    span = expert_parallel * expert_tensor_parallel
+    if span <= ranks_per_node:
+        if ranks_per_node % span:
+            raise PlanError(f"expert-parallel groups of EP{expert_parallel} x ETP{expert_tensor_parallel} = {span} ranks "
+                            f"straddle nodes of {ranks_per_node} ranks; use a divisor of {ranks_per_node}")
+        return 1
+    if span % ranks_per_node:
+        raise PlanError(f"EP{expert_parallel} x ETP{expert_tensor_parallel} = {span} ranks is not a whole number of "
+                        f"{ranks_per_node}-rank nodes; node-limited routing needs EP groups made of whole nodes")
+    ep_nodes = span // ranks_per_node
+    if num_groups % ep_nodes:
+        hint = (" (the model has a single routing group: keep EP x ETP within one node)" if num_groups == 1 else
+                f"; use EP x ETP <= {ranks_per_node * num_groups} with {num_groups} dividing by the node count")
+        raise PlanError(
+            f"node-limited routing broken: EP{expert_parallel} spans {ep_nodes} nodes of {num_experts // ep_nodes} "
+            f"experts, but the {num_groups} routing groups of {num_experts // num_groups} experts do not each fit in "
+            f"one node (num_expert_groups must be a multiple of {ep_nodes}){hint}")
+    return min(num_limited_groups, ep_nodes)
+
+
+def check_schedule(schedule: str, pipeline: int, micro_batches: int) -> None:
+    """DualPipe: PP even, micro-batches even and >= 2*PP. DualPipeV: micro-batches >= 2*PP."""
+    if schedule not in ("dualpipe", "dualpipev"):
+        return
+    if pipeline < 2:
+        raise PlanError(f"{schedule} needs at least 2 pipeline ranks, got parallel.pipeline={pipeline}")
+    if schedule == "dualpipe" and pipeline % 2:
+        raise PlanError(f"dualpipe needs an even pipeline size, got parallel.pipeline={pipeline}")
+    if micro_batches < 2 * pipeline:
+        raise PlanError(f"{schedule} needs at least 2 x PP = {2 * pipeline} micro-batches per step, got "
+                        f"{micro_batches} (global_batch_size / (micro_batch_size x DP))")
+    if schedule == "dualpipe" and micro_batches % 2:
+        raise PlanError(f"dualpipe needs an even number of micro-batches per step, got {micro_batches}")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run: RunConfig
+    model: DSV3Config
+    layout: ParallelLayout
+    ranks_per_node: int
+    micro_batches: int  # per data-parallel rank and step
+    stage_layers: tuple[range, ...]  # decoder layers of each pipeline stage
+    nodes_per_token: int
+    device: str  # "cuda" or "cpu"
+    optimizer: str  # "zero1" (Megatron's distributed optimizer) or "local"
+
+    @property
+    def schedule(self) -> str:
+        return self.run.parallel.schedule
+
+    def memory(self, reserve_gib: float = 0.0) -> MemoryEstimate:
+        """Per-GPU memory estimate of the most loaded rank (`memory.py`)."""
+        return estimate_memory(self.model, self.layout, self.schedule, self.run.train, reserve_gib,
+                               distributed_optimizer=self.optimizer == "zero1")
+
+    def describe(self) -> str:
+        lay, train = self.layout, self.run.train
+        optimizer = (f"Megatron DistributedOptimizer (ZeRO-1 over DP{lay.data}"
+                     + (", BF16 weights with FP32 master slices)" if train.param_dtype == "bfloat16" else ")")
+                     if self.optimizer == "zero1" else "AdamW, state on every data-parallel rank")
+        cut = ", ".join(f"{len(r)}" for r in self.stage_layers)
+        return (f"world {lay.world_size} = TP{lay.tensor} x PP{lay.pipeline} x DP{lay.data} (EP{lay.expert}); "
+                f"{self.schedule} over {self.micro_batches} micro-batches of {train.micro_batch_size}x"
+                f"{train.seq_length} per rank; decoder layers per stage [{cut}]; a token's experts on <= "
+                f"{self.nodes_per_token} node(s); device {self.device}; {optimizer}")
+
+
+def choose_device(run: RunConfig, cuda: bool) -> str:
+    """"cuda" when a GPU is visible and `train.device` allows it; refused when it asks for one that is not."""
+    if run.train.device == "cuda" and not cuda:
+        raise PlanError("train.device=cuda, but no CUDA device is visible")
+    return "cuda" if cuda and run.train.device != "cpu" else "cpu"
+
+
+def make_plan(run: RunConfig, world: int, ranks_per_node: int, cuda: bool) -> RunPlan:
+    """The plan of `run` on `world` ranks, `ranks_per_node` to a node; `cuda`: a GPU is visible."""
+    par, train = run.parallel, run.train
+    tp, pp, ep = par.tensor, par.pipeline, par.expert
+    if world % (tp * pp):
+        raise PlanError(f"tensor={tp} x pipeline={pp} does not divide the world size {world}")
+    data = world // (tp * pp)
+    if (tp * data) % ep:
+        raise PlanError(f"expert={ep} must divide tensor x data = {tp * data} (world {world}, pipeline {pp})")
+    if tp > ranks_per_node or ranks_per_node % tp:
+        raise PlanError(f"tensor parallel TP{tp} must stay inside a node of {ranks_per_node} ranks")
+    model = run.model_config()
+    stages = pp * (2 if par.schedule == "dualpipev" else 1)
+    try:
+        model.validate(tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=stages)
+    except ConfigError as error:
+        raise PlanError(f"model {run.model.preset}: {error}") from None
+    if train.global_batch_size % (train.micro_batch_size * data):
+        raise PlanError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {data}")
+    micro_batches = train.global_batch_size // (train.micro_batch_size * data)
+    check_schedule(par.schedule, pp, micro_batches)
+    reach = nodes_per_token(model.num_routed_experts, model.num_expert_groups, model.num_limited_groups, ep, 1,
+                            ranks_per_node)
+    device = choose_device(run, cuda)
+    zero1 = par.distributed_optimizer is True or (par.distributed_optimizer == "auto" and device == "cuda")
+    if train.param_dtype == "bfloat16" and not zero1:
+        raise PlanError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
+                        "optimizer, which parallel.distributed_optimizer=auto picks only on GPU: set it to true")
+    return RunPlan(run=run, model=model, layout=ParallelLayout(tp, pp, ep, data), ranks_per_node=ranks_per_node,
+                   micro_batches=micro_batches, stage_layers=tuple(stage_layers(model.num_layers, pp, s)
+                                                                   for s in range(pp)),
+                   nodes_per_token=reach, device=device, optimizer="zero1" if zero1 else "local")
