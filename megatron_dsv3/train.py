@@ -231,12 +231,24 @@ class Trainer:
         return StepResult(lm, mtp, balance, grad_norm, lr, gamma, mtp_weight)
 
     def check(self, result: StepResult) -> None:
-        """Stop on a NaN or exploding loss (every rank sees the same reduced values)."""
+        """Stop on a NaN or exploding loss (every rank sees the same reduced values). A NaN/Inf that
+        reached an FP8 quantiser makes the loss or the norm NaN too; the FP8 record names it."""
         lm, norm = result.lm_loss, result.grad_norm
         if lm != lm or abs(lm) == float("inf") or lm > self.run.train.max_loss or norm != norm:
-            raise TrainingDiverged(self._roll_back(self.step, lm, norm))
+            raise TrainingDiverged(self._roll_back(self.step, lm, norm) + self._fp8_overflow())
         self.first_loss = lm if self.first_loss is None else self.first_loss
         self.last_loss = lm
+
+    def _fp8_overflow(self) -> str:
+        if self.plan.model.fp8 != "tile":
+            return ""
+        from megatron_dsv3.fp8 import FP8RangeError, raise_deferred_overflow
+
+        try:
+            raise_deferred_overflow()  # the one host sync of the FP8 checks, only when a step went bad
+        except FP8RangeError as error:
+            return f"; FP8: {error}"
+        return ""
 
     def _roll_back(self, bad_step: int, loss: float, grad_norm: float) -> str:
         """Roll the checkpoints back to the last good one (rank 0) and say what happened."""

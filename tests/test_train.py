@@ -101,7 +101,7 @@ class RankServer:
     """Client of tests/train_ranks.py (see its docstring for the protocol)."""
 
     def __init__(self, log_dir: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # CPU ranks on a CUDA host too
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.err_path = log_dir / "server.err"
         self._err = open(self.err_path, "w")

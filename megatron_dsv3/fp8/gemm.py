@@ -42,9 +42,10 @@ def fp8_gemm(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b
     sb_NC = _row_scales(b_scales, N)  # [..., N, K/128]
     batch = torch.broadcast_shapes(a_fp8.shape[:-2], b_fp8.shape[:-2])
     acc_MN = torch.zeros(*batch, M, N, dtype=torch.float32, device=a_fp8.device)
-    for c, k0 in enumerate(range(0, K, TILE)):
-        a_chunk = a_fp8[..., k0:k0 + TILE].float()  # [..., M, <=128]
-        b_chunk = b_fp8[..., k0:k0 + TILE].float()  # [..., N, <=128]
-        partial_MN = a_chunk @ b_chunk.transpose(-1, -2)
-        acc_MN += partial_MN * a_scales[..., :, c, None] * sb_NC[..., None, :, c]
+    with torch.autocast(a_fp8.device.type, enabled=False):  # BF16 autocast would round the FP32 partials
+        for c, k0 in enumerate(range(0, K, TILE)):
+            a_chunk = a_fp8[..., k0:k0 + TILE].float()  # [..., M, <=128]
+            b_chunk = b_fp8[..., k0:k0 + TILE].float()  # [..., N, <=128]
+            partial_MN = a_chunk @ b_chunk.transpose(-1, -2)
+            acc_MN += partial_MN * a_scales[..., :, c, None] * sb_NC[..., None, :, c]
     return acc_MN.to(out_dtype)

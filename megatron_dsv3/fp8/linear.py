@@ -6,6 +6,8 @@ Dgrad  dx = dy W  : dy in 1x128 tiles along out_features, W^T reuses W's blocks 
 Wgrad  dW = dy^T x: both operands in 1x128 tiles along the token dimension.
 The activation kept for Wgrad is FP8 (section 3.3.3): x^T tiled along tokens plus its scales;
 the high-precision x is not saved. Master weights stay in their own dtype.
+NaN/Inf met by a quantiser are recorded on the device and raised, naming the GEMM operand, by
+`raise_deferred_overflow()` once per step: no host sync per quantisation.
 """
 from __future__ import annotations
 
@@ -14,24 +16,27 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .backends import scaled_gemm
-from .quantize import quantize_blocks, quantize_tiles
+from .backends import (current_backend, expert_gemm_rows, gemm_uses_kernel, scaled_gemm, te_fp8_autocast,
+                       te_linear_sharing)
+from .quantize import TILE, quantize_blocks, quantize_tiles
 
 
 class _Fp8MatmulFn(torch.autograd.Function):
     """x [..., M, K] @ w [..., N, K]^T (+ bias) with the three GEMMs in FP8; leading dims batch experts."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, power_of_two):
-        x_fp8, x_scales = quantize_tiles(x, power_of_two, name="FP8 GEMM input")
-        w_fp8, w_scales = quantize_blocks(weight, name="FP8 GEMM weight")
+    def forward(ctx, x, weight, bias, power_of_two, label):
+        x_fp8, x_scales = quantize_tiles(x, power_of_two, name=f"{label} input", deferred_check=True)
+        w_fp8, w_scales = quantize_blocks(weight, name=f"{label} weight", deferred_check=True)
         y = scaled_gemm(x_fp8, x_scales, w_fp8, w_scales)  # [..., M, N] FP32
         if bias is not None:
             y = y + bias.float()
         # Wgrad contracts over tokens, so cache x^T in 1x128 tiles along tokens, in FP8.
-        xt_fp8, xt_scales = quantize_tiles(x.transpose(-1, -2), power_of_two, name="FP8 GEMM input")
+        xt_fp8, xt_scales = quantize_tiles(x.transpose(-1, -2), power_of_two, name=f"{label} input",
+                                           deferred_check=True)
         ctx.save_for_backward(xt_fp8, xt_scales, w_fp8, w_scales)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.label = label
         return y.to(x.dtype)
 
     @staticmethod
@@ -40,52 +45,91 @@ class _Fp8MatmulFn(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dy_fp8, dy_scales = quantize_tiles(dy, name="FP8 GEMM output gradient")  # tiles along N
+            # 1x128 tiles along N
+            dy_fp8, dy_scales = quantize_tiles(dy, name=f"{ctx.label} output gradient", deferred_check=True)
             dx = scaled_gemm(dy_fp8, dy_scales, w_fp8.transpose(-1, -2), w_scales.transpose(-1, -2)).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            dyt_fp8, dyt_scales = quantize_tiles(dy.transpose(-1, -2), name="FP8 GEMM output gradient")
+            dyt_fp8, dyt_scales = quantize_tiles(dy.transpose(-1, -2), name=f"{ctx.label} output gradient",
+                                                 deferred_check=True)
             dw = scaled_gemm(dyt_fp8, dyt_scales, xt_fp8, xt_scales).to(w_dtype)  # [..., N, K]
         if b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.float().flatten(0, -2).sum(0).to(b_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None = None,
-               power_of_two: bool = False) -> torch.Tensor:
+               power_of_two: bool = False, label: str = "fp8_matmul") -> torch.Tensor:
     """x @ w^T (+ bias) for 2-D x [M, K], w [N, K], differentiable, all GEMMs FP8."""
-    return _Fp8MatmulFn.apply(x_MK, w_NK, bias, power_of_two)
+    return _Fp8MatmulFn.apply(x_MK, w_NK, bias, power_of_two, label)
 
 
-def fp8_batched_matmul(x_ECK: torch.Tensor, w_ENK: torch.Tensor) -> torch.Tensor:
-    """Grouped FP8 GEMM for MoE experts: x @ w^T per expert, [E, C, K] x [E, N, K] -> [E, C, N]."""
-    return _Fp8MatmulFn.apply(x_ECK, w_ENK, None, False)
+class ExpertFp8Matmul:
+    """FP8 GEMMs of the MoE experts.
+
+    Called as x [E, C, K] @ w [E, N, K]^T -> [E, C, N] (every expert padded to one capacity);
+    `grouped` takes instead each expert's rows padded to a multiple of `row_multiple`, so every
+    expert's Fprop, Dgrad and Wgrad (1x128 tiles along tokens) is a kernel-sized 2-D GEMM.
+    """
+    row_multiple = TILE
+
+    def __call__(self, x_ECK: torch.Tensor, w_ENK: torch.Tensor) -> torch.Tensor:
+        return _Fp8MatmulFn.apply(x_ECK, w_ENK, None, False, "routed experts")
+
+    def grouped(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, rows_E: list[int],
+                label: str = "routed experts") -> torch.Tensor:
+        """x [sum(rows_E), K], expert e's rows in block e (each a multiple of 128) -> [sum(rows_E), N]."""
+        outs = []
+        for e, x_e in enumerate(x_MK.split(rows_E)):
+            if rows_E[e] == 0:
+                outs.append(x_e.new_zeros(0, w_ENK.shape[1]))
+                continue
+            expert_gemm_rows["total"] += rows_E[e]
+            expert_gemm_rows["kernel"] += rows_E[e] if gemm_uses_kernel(x_e, w_ENK[e]) else 0
+            outs.append(_Fp8MatmulFn.apply(x_e, w_ENK[e], None, False, f"{label} (expert {e})"))
+        return torch.cat(outs)
+
+
+fp8_batched_matmul = ExpertFp8Matmul()
 
 
 class Fp8Linear(nn.Linear):
     """Drop-in nn.Linear whose three GEMMs run in FP8 with tile/block scaling.
 
     power_of_two: round activation scales up to powers of two (the report does this for the
-    inputs of the linear after attention, section 3.3.3).
+    inputs of the linear after attention, section 3.3.3; TE's recipe sets its own scales).
+    label: names this layer in FP8 overflow errors (`apply_fp8` sets the module's dotted name).
+    On the "transformer-engine" backend the GEMMs run in a TE Linear holding the same Parameters
+    (not registered as a submodule, so parameters and state_dict keys stay this module's).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 power_of_two: bool = False):
+                 power_of_two: bool = False, label: str = "Fp8Linear"):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.power_of_two = power_of_two
+        self.power_of_two, self.label = power_of_two, label
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, power_of_two: bool = False) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, power_of_two: bool = False, label: str = "Fp8Linear") -> "Fp8Linear":
         """Wrap an existing nn.Linear, sharing its Parameter objects (no copy, no re-init)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.power_of_two = power_of_two
+        new.power_of_two, new.label = power_of_two, label
         new.train(linear.training)
         return new
 
+    def _te_linear(self) -> nn.Module:
+        te_linear = self.__dict__.get("_te_linear_cache")
+        if te_linear is None or te_linear.weight is not self.weight:  # built once; again if the weight was replaced
+            te_linear = self.__dict__["_te_linear_cache"] = te_linear_sharing(self.weight, self.bias)
+        return te_linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y_MN = _Fp8MatmulFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self.power_of_two)
+        if current_backend() == "transformer-engine":
+            with te_fp8_autocast():
+                return self._te_linear()(x)
+        y_MN = _Fp8MatmulFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self.power_of_two,
+                                  self.label)
         return y_MN.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -117,5 +161,5 @@ def apply_fp8(model: nn.Module, skip: Iterable[str] = ("embed_tokens", "lm_head"
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear.from_linear(mod, power_of_two=_skipped(name, power_of_two)))
+        setattr(parent, child, Fp8Linear.from_linear(mod, power_of_two=_skipped(name, power_of_two), label=name))
     return [name for name, _ in targets]
