@@ -48,7 +48,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ Megatron-Core has no registry (its schedule choice is an if/else), so plugins re
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 KINDS = ("layer_spec", "preset", "schedule")
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

@@ -83,10 +83,10 @@ class PreemptionFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        from megatron_dsv3.parallel import groups
+        from megatron_dsv3.parallel import comm, groups
 
         flag = torch.tensor([1.0 if self.raised else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=groups.world_group())
+        comm.all_reduce(flag, groups.world_group(), op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -153,7 +153,8 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.model = build_model(plan.model, seed=train.seed).to(plan.device)
         self.model.recompute = train.recompute
-        self.stage = ScheduledModel(self.model, lay.tensor, lay.pipeline)
+        self.stage = ScheduledModel(self.model, lay.tensor, lay.pipeline,
+                                    torch.bfloat16 if train.bf16 else torch.float32)  # the dtype crossing stages
         self.optimizer = self._build_optimizer()
 
     def _build_optimizer(self):
@@ -174,7 +175,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the agreed checkpoint, set later saves aside, record the run config, start the logs."""
         from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
-        from megatron_dsv3.parallel import groups
+        from megatron_dsv3.parallel import comm, groups
 
         if self.resumed_from is not None:
             path = ckpt.checkpoint_path(self.ckpt_dir, self.resumed_from)
@@ -191,8 +192,8 @@ class Trainer:
         self.logger = (build_logger(self.run.logging, self.ckpt_dir.parent, self.run.to_dict(), self.run.train.steps)
                        if self.is_rank0 else None)
         self.routers = self.model.routers()  # this pipeline stage's
-        per_stage = [None] * self.plan.layout.pipeline  # every stage's MoE layer numbers, for one tracker of all
-        dist.all_gather_object(per_stage, [m.layer_number for m in self.model.moe_layers()], group=groups.pp_group())
+        # every stage's MoE layer numbers, for one tracker of all
+        per_stage = comm.all_gather_object([m.layer_number for m in self.model.moe_layers()], groups.pp_group())
         all_moe = sorted(n for numbers in per_stage for n in numbers)
         self.tracker = ExpertLoadTracker(len(all_moe), self.plan.model.num_routed_experts, all_moe)
         self.preemption = PreemptionFlag()
@@ -264,12 +265,11 @@ class Trainer:
     # ------------------------------------------------------------------ logs
     def log(self, result: StepResult, tokens_per_s: float) -> None:
         """Metrics and expert load from every pipeline stage, on rank 0's sinks."""
-        from megatron_dsv3.parallel import groups
+        from megatron_dsv3.parallel import comm, groups
 
         pp = groups.pp_group()
         if groups.size(pp) > 1:  # bring every stage's expert-load counts to the first stage
-            states = [None] * groups.size(pp)
-            dist.all_gather_object(states, self.tracker.state(), group=pp)
+            states = comm.all_gather_object(self.tracker.state(), pp)
             if groups.rank(pp) == 0:
                 for state in states[1:]:
                     self.tracker.absorb(state)

@@ -10,6 +10,9 @@ that the parallel runs load.
 
 `node_limited`: expert-parallel over every rank, with emulated nodes of `--ranks-per-node`
 ranks; records, for every dispatched token, how many nodes its experts live on.
+
+`pipeline_bytes`: one step on two pipeline stages (`--bf16` under BF16 autocast, as dsv3-train's
+`train.bf16`), recording the bytes and dtypes this rank sends to the other stage.
 """
 from __future__ import annotations
 
@@ -127,9 +130,34 @@ def node_limited(args, out: Path) -> None:
 _ORIGINAL = (dispatch.TokenDispatcher.run, dispatch.all_to_all)
 
 
+def pipeline_bytes(args, out: Path) -> None:
+    """Count what Megatron's p2p code sends (it batches its sends and receives in batch_isend_irecv)."""
+    layout = initialize_parallel(1, 2, 1)
+    config = DSV3Config.preset("tiny", **MODEL)
+    model = build_model(config, seed=3)
+    sent: list[tuple[int, str]] = []
+    real_batch = dist.batch_isend_irecv
+
+    def batch_isend_irecv(ops):
+        sent.extend((op.tensor.numel() * op.tensor.element_size(), str(op.tensor.dtype))
+                    for op in ops if op.op is dist.isend)
+        return real_batch(ops)
+
+    dist.batch_isend_irecv = batch_isend_irecv
+    tokens, labels = global_batch(config.vocab_size)
+    micro, num_micro = 2, GLOBAL_BATCH // 2
+    batches = iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
+                    for i in range(num_micro)])
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    stage = ScheduledModel(model, layout.tensor, layout.pipeline, dtype)
+    forward_backward(registry.get("schedule", "1f1b")(), stage, batches, num_micro, micro, SEQ, bf16=args.bf16)
+    torch.save({"bytes": sum(n for n, _ in sent), "dtypes": sorted({d for _, d in sent}), "messages": len(sent),
+                "hidden": config.hidden_size, "tokens": num_micro * micro * SEQ}, out / f"bytes{dist.get_rank()}.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["step", "node_limited"])
+    parser.add_argument("scenario", choices=["step", "node_limited", "pipeline_bytes"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--pipeline", type=int, default=1)
@@ -137,12 +165,13 @@ def main() -> None:
     parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--optimizer", choices=["local", "distributed"], default="local")
     parser.add_argument("--write-state", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ["DSV3_DIST_TIMEOUT"])))
     try:
         with cpu_shims():
-            (step if args.scenario == "step" else node_limited)(args, args.out)
+            {"step": step, "node_limited": node_limited, "pipeline_bytes": pipeline_bytes}[args.scenario](args, args.out)
     finally:
         dist.destroy_process_group()
 

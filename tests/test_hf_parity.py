@@ -3,7 +3,6 @@
 Same random weights in both models give the same logits (fp32, CPU, eager attention), with
 group-limited routing and a negative random routing bias active; weights map both ways.
 """
-import dataclasses
 import warnings
 
 import pytest

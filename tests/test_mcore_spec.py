@@ -6,7 +6,6 @@ GPTModel built from our specs, both models give the same logits. Measured max |d
 CPU, fp32: 0.0 (bit-identical) for the tiny preset, with and without YaRN / q_lora_rank=0; the
 test allows 1e-5.
 """
-import dataclasses
 import importlib.util
 
 import pytest

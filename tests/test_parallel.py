@@ -110,3 +110,20 @@ def test_node_limited_routing_bounds_destination_nodes(tmp_path):
         assert len(nodes[2]) > 0
         assert max(nodes[2]) <= 2
         assert max(nodes[4]) > 2  # the same count detects tokens spread over more nodes
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_activations_cross_stages_in_the_training_dtype(tmp_path):
+    """Two stages, 4 micro-batches of 2 x 16 tokens: stage 0 sends each activation [s, b, h] and
+    stage 1 each gradient back, in FP32, or in BF16 under train.bf16 (half the bytes)."""
+    sent = {}
+    for bf16 in (False, True):
+        out = tmp_path / ("bf16" if bf16 else "fp32")
+        out.mkdir()
+        run_ranks(2, [WORKER, "pipeline_bytes", str(out)] + (["--bf16"] if bf16 else []))
+        sent[bf16] = [torch.load(out / f"bytes{r}.pt") for r in range(2)]
+    for rank in range(2):
+        fp32, bf16 = sent[False][rank], sent[True][rank]
+        assert fp32["dtypes"] == ["torch.float32"] and bf16["dtypes"] == ["torch.bfloat16"]
+        assert fp32["bytes"] == fp32["tokens"] * fp32["hidden"] * 4  # every token's hidden state once
+        assert bf16["bytes"] * 2 == fp32["bytes"]

@@ -6,6 +6,9 @@
   The version/CPU shims in `megatron_dsv3/compat/` patch Megatron-Core and torch on purpose,
   scoped and undone, and are exempt.
 - Every run setting's default and check is declared once, as a field of a `run_config` section.
+- Every collective goes through `megatron_dsv3.parallel.comm`, which puts its tensor on the device
+  its group's backend serves (NCCL would refuse a CPU tensor): on a CPU-only machine every tensor
+  is on the CPU, so the structure, not a run, is what can catch a collective that bypasses it.
 """
 from __future__ import annotations
 
@@ -70,3 +73,32 @@ def test_every_run_setting_is_one_checked_field():
             text = path.read_text()
             for stale in ("LAUNCH_DEFAULTS", "DEFAULT_LOGGING", "DEFAULTS = {", "log_interval"):
                 assert stale not in text, f"{path.relative_to(PACKAGE)} defines {stale}"
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single",
+               "broadcast", "broadcast_object_list", "all_gather_object", "barrier", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "gather", "scatter", "send", "recv", "isend", "irecv", "batch_isend_irecv"}
+
+
+def _is_torch_distributed(node: ast.expr, aliases: set[str]) -> bool:
+    return (isinstance(node, ast.Name) and node.id in aliases) or (
+        isinstance(node, ast.Attribute) and node.attr == "distributed"
+        and isinstance(node.value, ast.Name) and node.value.id == "torch")
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if p.name != "comm.py"], ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_collective_goes_through_the_device_placing_helper(path):
+    tree = _tree(path)
+    aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+               if a.name == "torch.distributed" and a.asname}
+    direct = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+              and n.module == "torch.distributed" for a in n.names if a.name in COLLECTIVES}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        bypass = ((isinstance(func, ast.Attribute) and func.attr in COLLECTIVES
+                   and _is_torch_distributed(func.value, aliases))
+                  or (isinstance(func, ast.Name) and func.id in direct))
+        assert not bypass, (f"{path.relative_to(PACKAGE)}:{node.lineno} calls a torch.distributed collective "
+                            "directly; use megatron_dsv3.parallel.comm")

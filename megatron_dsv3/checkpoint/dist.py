@@ -33,7 +33,7 @@ from torch import nn
 
 from megatron_dsv3.checkpoint import metadata_guard
 from megatron_dsv3.checkpoint.metadata_guard import UnsafeCheckpointError
-from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel import comm, groups
 from megatron_dsv3.parallel.sharding import named_tensors, replica_id, split_of
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -123,10 +123,10 @@ def choose_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
 
 def agree_on_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
     """`choose_resume` on rank 0, the same answer on every rank."""
-    choice = [choose_resume(directory) if _rank() == 0 else None]
+    choice = choose_resume(directory) if _rank() == 0 else None
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+        choice = comm.broadcast_object(choice, src=0)
+    return choice
 
 
 def set_aside(directory: str | Path, steps: list[int]) -> list[Path]:
@@ -191,7 +191,7 @@ def _rank() -> int:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        comm.barrier()
 
 
 def _prune(directory: str | Path, newest: int, keep: int) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode

@@ -13,6 +13,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_dsv3.data.corpus import ensure_default_dataset
+from megatron_dsv3.parallel import comm
 from megatron_dsv3.data.indexed import DataError, validate_prefix
 from megatron_dsv3.data.tokenizer import load_tokenizer
 
@@ -47,7 +48,7 @@ def _rank_zero_first(fn, *args, **kwargs):
     """Run `fn` on rank 0, then on the other ranks (which find rank 0's files)."""
     result = fn(*args, **kwargs) if _is_rank_zero() else None
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        comm.barrier()
         if not _is_rank_zero():
             result = fn(*args, **kwargs)
     return result

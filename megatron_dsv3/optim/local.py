@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel import comm, groups
 from megatron_dsv3.parallel.sharding import is_primary
 
 
@@ -20,7 +20,7 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Optional[dist.ProcessGro
     if not tensors or groups.size(group) == 1:
         return
     flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat, group=group)
+    comm.all_reduce(flat, group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -61,7 +61,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         if p.grad is not None and is_primary(p):
             square += p.grad.double().pow(2).sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(square, group=groups.world_group())
+        comm.all_reduce(square, groups.world_group())
     norm = float(square.sqrt())
     if max_norm > 0 and norm > max_norm:
         for p in model.parameters():

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_dsv3.parallel import comm
+
 
 class _CopyToGroup(torch.autograd.Function):
     """Forward: identity. Backward: sum the gradient over the group (enter a parallel region)."""
@@ -18,7 +20,7 @@ class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        comm.all_reduce(grad, ctx.group)
         return grad, None
 
 
@@ -28,7 +30,7 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        comm.all_reduce(x, group)
         return x
 
     @staticmethod
@@ -43,7 +45,7 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, output_splits, input_splits, group):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits), group=group)
+        comm.all_to_all_single(out, x, output_splits, input_splits, group)
         return out
 
     @staticmethod

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel import comm, groups
 
 
 def split_of(param: torch.Tensor) -> tuple[Optional[int], Optional[dist.ProcessGroup]]:
@@ -67,9 +67,7 @@ def gather_like(tensors: dict[str, torch.Tensor], values: dict[str, torch.Tensor
         tensor = tensors[name]
         dim, group = split_of(tensor)
         if dim is not None and groups.size(group) > 1:
-            parts = [torch.empty_like(value) for _ in range(groups.size(group))]
-            dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts, dim=dim)
+            value = torch.cat(comm.all_gather(value, group), dim=dim)
         full[name] = value.detach().clone()
     return full
 

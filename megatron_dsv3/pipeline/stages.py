@@ -8,8 +8,9 @@ stage keeps a copy of it, marked `pipeline_copy`; its gradient is summed with th
 over Megatron-Core's embedding group, which keeps the two copies equal. (DualPipe, section
 3.2.1, places the first and last stages on one GPU and shares them physically.)
 
-Activations cross stages as [seq, batch, hidden] FP32 tensors, the layout Megatron's p2p code
-sizes its buffers for; inside a stage the model keeps [batch, seq, hidden].
+Activations (and their gradients) cross stages as [seq, batch, hidden] tensors in the training
+dtype, BF16 under `train.bf16` and FP32 otherwise: the layout and dtype Megatron's p2p code sizes
+its buffers for (`pipeline_dtype`). Inside a stage the model keeps [batch, seq, hidden].
 """
 from __future__ import annotations
 
@@ -17,15 +18,11 @@ import warnings
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megatron_dsv3.parallel import groups
-
-PIPELINE_DTYPE = torch.float32
-
+from megatron_dsv3.parallel import comm, groups
 
 class ScheduledModel:
     """What Megatron-Core's forward_backward_func asks of a model chunk: a `config` (a
@@ -35,15 +32,15 @@ class ScheduledModel:
 
     model_type = ModelType.encoder_or_decoder
 
-    def __init__(self, module: nn.Module, tensor: int, pipeline: int):
-        self.module = module
+    def __init__(self, module: nn.Module, tensor: int, pipeline: int, dtype: torch.dtype = torch.float32):
+        self.module, self.dtype = module, dtype
         model = module.config
         with warnings.catch_warnings():  # its CUDA-graph default warns of a deprecation we do not use
             warnings.simplefilter("ignore", UserWarning)
             self.config = TransformerConfig(num_layers=model.num_layers, hidden_size=model.hidden_size,
                                             num_attention_heads=model.num_attention_heads,
                                             tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
-                                            pipeline_dtype=PIPELINE_DTYPE)
+                                            pipeline_dtype=dtype)
 
     def set_input_tensor(self, tensors: list[Optional[torch.Tensor]]) -> None:
         hidden_sbh = tensors[0] if isinstance(tensors, list) else tensors
@@ -75,7 +72,7 @@ def forward_backward(schedule, stage: ScheduledModel, batches: Iterator[dict[str
         if model.last_balance_loss is not None:
             sums[2] += float(model.last_balance_loss) / num_micro
         if not model.last_stage:
-            out = out.transpose(0, 1).to(PIPELINE_DTYPE).contiguous()  # [seq, batch, hidden]
+            out = out.transpose(0, 1).to(stage.dtype).contiguous()  # [seq, batch, hidden]
         return out, loss_func
 
     schedule(forward_step_func=forward_step, data_iterator=batches, model=[stage], num_microbatches=num_micro,
@@ -88,8 +85,8 @@ def reduce_losses(stage_losses: list[float]) -> list[float]:
     replicas. Every rank gets the same values, so all agree on stopping a diverged run."""
     t = torch.tensor(stage_losses, dtype=torch.float64)
     if groups.size(groups.pp_group()) > 1:
-        dist.all_reduce(t, group=groups.pp_group())
+        comm.all_reduce(t, groups.pp_group())
     if groups.size(groups.dp_group()) > 1:
-        dist.all_reduce(t, group=groups.dp_group())
+        comm.all_reduce(t, groups.dp_group())
         t /= groups.size(groups.dp_group())
     return t.tolist()

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.parallel import groups
+from megatron_dsv3.parallel import comm
 from megatron_dsv3.parallel.collectives import all_to_all, copy_to_group
 
 
@@ -26,9 +27,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+        return torch.cat(comm.all_gather(x, group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -76,7 +75,7 @@ class TokenDispatcher:
         """All-to-all to the ranks owning the experts, compute, all-to-all back."""
         send_counts = counts_E.view(self.ep_size, self.experts_per_rank)  # [dest rank, local expert]
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [source rank, local expert]
+        comm.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [source rank, local expert]
         input_splits = send_counts.sum(1).tolist()
         output_splits = recv_counts.sum(1).tolist()
         received = all_to_all(x_sorted, output_splits, input_splits, self.ep_group)

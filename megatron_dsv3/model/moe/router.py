@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.parallel import comm
 
 
 @dataclass
@@ -89,7 +90,7 @@ def update_expert_bias(routers: Iterable[Router], rate: float, group: Optional[d
         return []
     counts = torch.stack([r.tokens_per_expert for r in routers])  # [layers, experts]
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts, group=group)
+        comm.all_reduce(counts, group)
     for router, load in zip(routers, counts):
         if rate > 0:
             router.expert_bias += rate * torch.sign(load.mean() - load)
