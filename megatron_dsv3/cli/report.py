@@ -1,21 +1,23 @@
-"""dsv3-report: a markdown summary of a run's metrics.jsonl, expert load included.
+"""dsv3-report: a markdown summary of a run's metrics.jsonl, expert load included, or an HTML page of plots.
 
     dsv3-report runs/tiny            # or runs/tiny/metrics.jsonl
     dsv3-report runs/tiny --out report.md
+    dsv3-report runs/tiny --html report.html   # one self-contained page, PNG plots embedded
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import json
 import os
-import re
 import sys
 from typing import Any, Optional
 
+from megatron_dsv3.monitor import plots
 from megatron_dsv3.monitor.logger import METRICS_FILENAME
 
 TRAIN_KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s")
-_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>[a-z0-9_]+)$")
 SPARK = " .:-=+*#%@"  # 0 .. 2x the balanced load, one character per expert
 
 
@@ -72,17 +74,6 @@ def training_table(records: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def _layers(records: list[dict]) -> dict[str, str]:
-    """layer name -> its key prefix (``moe/``), in layer order."""
-    found = {}
-    for r in records:
-        for key in r:
-            m = _LAYER_KEY.match(key)
-            if m:
-                found.setdefault(m["layer"], m["prefix"])
-    return dict(sorted(found.items(), key=lambda kv: int(kv[0].split("_")[1])))
-
-
 def expert_table(records: list[dict], layers: dict[str, str]) -> list[str]:
     lines = ["| layer | MaxVio start | MaxVio end | MaxVio batch end | CV end | load p99 end "
              "| dead experts end | bias min | bias max |", "|---|---|---|---|---|---|---|---|---|"]
@@ -117,8 +108,8 @@ def load_chart(layer: str, step: int, load: list[float], style: str, width: int 
     return out
 
 
-def build_report(path: str, style: str = "auto") -> str:
-    """The markdown report of the metrics file at ``path``; ReportError if it holds no records."""
+def load_records(path: str) -> tuple[list[dict[str, Any]], int]:
+    """`read_records`, with a ReportError naming the file when it is unreadable or holds no records."""
     try:
         records, bad = read_records(path)
     except OSError as err:
@@ -127,6 +118,12 @@ def build_report(path: str, style: str = "auto") -> str:
         raise ReportError(f"{path} holds no metrics records" + (
             f": none of its {bad} line(s) is a JSON object with a step (is it a metrics JSONL file?)"
             if bad else ""))
+    return records, bad
+
+
+def build_report(path: str, style: str = "auto") -> str:
+    """The markdown report of the metrics file at ``path``; ReportError if it holds no records."""
+    records, bad = load_records(path)
     md = ["# dsv3 run report", "", f"- source: `{path}`",
           f"- steps: {records[0]['step']} .. {records[-1]['step']} ({len(records)} logged steps)"]
     if bad:
@@ -134,7 +131,7 @@ def build_report(path: str, style: str = "auto") -> str:
     train = training_table(records)
     if train:
         md += ["", "## Training", ""] + train
-    layers = _layers(records)
+    layers = plots.layers(records)
     if layers:
         md += ["", "## Expert load", "",
                "MaxVio = max load / mean load - 1 (0 = balanced); start/end = first/last logged "
@@ -154,11 +151,77 @@ def build_report(path: str, style: str = "auto") -> str:
     return "\n".join(md) + "\n"
 
 
+STARVED_ROWS = 30  # the HTML's starved-experts table shows this many, longest starved first
+HTML_STYLE = ("body{font-family:sans-serif;max-width:60em;margin:1em auto;padding:0 1em;color:#222}"
+              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:.2em .6em;"
+              "text-align:right}th{background:#eee}figure{margin:1.5em 0}img{max-width:100%}"
+              "figcaption{font-weight:bold;margin-bottom:.3em}")
+
+
+def _html_table(header: list[str], rows: list[list[str]], cell_attrs: Optional[list[list[str]]] = None) -> str:
+    """An HTML table of escaped cell texts; `cell_attrs[i][j]` is written into row i's cell j's tag."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td{(cell_attrs[i][j] if cell_attrs else '')}>{html.escape(c)}</td>"
+                                    for j, c in enumerate(row)) + "</tr>" for i, row in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def build_html(path: str, starved_fraction: float = plots.STARVED_FRACTION) -> str:
+    """A self-contained HTML page of the metrics file at ``path``: summary tables and PNG plots
+    embedded as data: URIs; ReportError if it holds no records."""
+    records, bad = load_records(path)
+    try:
+        images = plots.all_plots(records, starved_fraction)
+    except ImportError as err:
+        raise ReportError(str(err)) from err
+    parts = [f"<h1>dsv3 run report</h1><p>source: <code>{html.escape(path)}</code><br>steps "
+             f"{records[0]['step']} .. {records[-1]['step']} ({len(records)} logged steps)"
+             + (f"<br>skipped {bad} malformed line(s)" if bad else "") + "</p>"]
+    rows, attrs = [], []
+    for key in TRAIN_KEYS:
+        steps, values = plots.series(records, key)
+        if values:
+            rows.append([key, _fmt(values[0]), _fmt(values[-1]), str(steps[-1]), _fmt(min(values)),
+                         _fmt(sum(values) / len(values))])
+            attrs.append(["", "", f' data-metric="{key}" data-last="{values[-1]!r}"', "", "", ""])
+    if rows:
+        parts.append("<h2>Training</h2>" + _html_table(["metric", "first", "last", "last step", "min", "mean"],
+                                                       rows, attrs))
+    moe_layers = plots.layers(records)
+    if moe_layers:
+        vio = [[layer, _fmt(v[0]), _fmt(v[-1]), _fmt(max(v))] for layer, prefix in moe_layers.items()
+               for _, v in [plots.series(records, f"{prefix}{layer}/max_vio")] if v]
+        parts.append("<h2>Expert load</h2><p>MaxVio = max load / mean load - 1 (0 = balanced); bias = the "
+                     "aux-loss-free balancing bias b_i.</p>"
+                     + _html_table(["layer", "MaxVio first", "MaxVio last", "MaxVio max"], vio))
+        starved = plots.starved_experts(records, moe_layers, starved_fraction)
+        ranked = sorted(((count, layer, expert) for layer, counts in starved.items()
+                         for expert, count in counts.items()), key=lambda t: -t[0])
+        rows = [[layer, str(expert), str(count)] for count, layer, expert in ranked[:STARVED_ROWS]]
+        more = f"<p>{len(ranked) - STARVED_ROWS} more not shown.</p>" if len(ranked) > STARVED_ROWS else ""
+        parts.append(f"<h3>Starved experts</h3><p>Load below {starved_fraction:g} x the mean load, "
+                     "counted over the logged steps; the longest starved first.</p>"
+                     + (_html_table(["layer", "expert", "steps starved"], rows) + more if rows
+                        else "<p>No expert was starved.</p>"))
+    for caption, png in images.items():
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        parts.append(f"<figure><figcaption>{html.escape(caption)}</figcaption>"
+                     f"<img src=\"{uri}\" alt=\"{html.escape(caption)}\"></figure>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>dsv3 run report</title>"
+            f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv3-report", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="RUN_DIR_OR_JSONL", help=f"run directory (holding {METRICS_FILENAME}) "
                         "or a metrics JSONL file")
-    parser.add_argument("--out", help="also write the markdown report to this file")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--out", help="also write the markdown report to this file")
+    output.add_argument("--html", metavar="OUT.html", help="write an HTML page of PNG plots (embedded) "
+                        "here instead of printing the markdown report")
+    parser.add_argument("--starved-below", type=float, default=plots.STARVED_FRACTION, metavar="FRACTION",
+                        help="HTML: an expert is starved when its load is below FRACTION x the mean load "
+                             "(default %(default)s)")
     parser.add_argument("--chart", choices=("auto", "bars", "spark"), default="auto",
                         help="per-expert chart: one bar per expert, or one character per expert "
                              "(auto: bars up to 32 experts)")
@@ -168,6 +231,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.isfile(path):
             raise ReportError(f"no metrics file at {path} "
                               f"(give a JSONL file or a run directory holding {METRICS_FILENAME})")
+        if not 0 < args.starved_below < 1:
+            raise ReportError(f"--starved-below must be between 0 and 1, got {args.starved_below}")
+        if args.html:
+            _write(args.html, build_html(path, args.starved_below))
+            print(f"dsv3-report: wrote {args.html}")
+            return 0
         report = build_report(path, args.chart)
         if args.out:
             _write(args.out, report)
