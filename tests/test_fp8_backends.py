@@ -108,6 +108,8 @@ def fake_te(monkeypatch):
                       ("transformer_engine.common", te.common), ("transformer_engine.common.recipe", te.common.recipe)]:
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(backends, "_state", {"name": None, "reason": "", "scaled_mm_ok": False, "probe": "no CUDA"})
+    # TE needs a GPU, and select_backend asks for one; the stand-in computes on the CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     calls.Float8BlockScaling = Float8BlockScaling
     return calls
 
@@ -135,6 +137,12 @@ def test_te_backend_runs_fp8_linear_through_te_linear_with_float8_block_scaling(
     assert list(model.state_dict()) == keys_before and len(list(model.parameters())) == 3
     model(x)
     assert len(fake_te.linears) == 2, "the TE Linear is built once per layer, not per call"
+
+
+def test_te_installed_without_a_visible_gpu_falls_back_to_the_emulation(fake_te, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # e.g. CPU tests on a CUDA host
+    assert backends.select_backend() == "emulation"
+    assert "no CUDA device for TE" in backends.describe_backend()
 
 
 def test_without_te_fp8_linear_does_not_touch_transformer_engine(monkeypatch):
