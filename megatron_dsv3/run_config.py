@@ -396,7 +396,6 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------- loading
-OPEN_MAPPINGS = ("model.overrides", "launch.env_overrides")  # keys checked by their readers
 VERBATIM_OVERRIDES = ("launch.time",)  # YAML 1.1 reads an unquoted 24:00:00 as the base-60 number 86400
 
 
