@@ -234,6 +234,14 @@ PRESETS: dict[str, DSV3Config] = {
         num_attention_heads=16, q_lora_rank=0, kv_lora_rank=512, num_routed_experts=64, num_shared_experts=2,
         num_experts_per_token=6, moe_ffn_hidden_size=1408, num_expert_groups=1, num_limited_groups=1,
         routed_scaling_factor=1.0, init_std=0.006),
+    # CPU performance work (71 M parameters): the lite preset's ratios at hidden 384 (3 heads of its
+    # head dims, kv_lora_rank and FFN widths scaled with hidden, 64 experts top-6 + 2 shared), 3 layers
+    # (1 dense); benchmarked at 8 x 256 tokens (scripts/bench_step.py), where GEMMs dominate the step.
+    "small": DSV3Config(
+        vocab_size=8192, hidden_size=384, num_layers=3, first_k_dense_layers=1, dense_ffn_hidden_size=2052,
+        max_position_embeddings=1024, num_attention_heads=3, q_lora_rank=0, kv_lora_rank=96,
+        num_routed_experts=64, num_shared_experts=2, num_experts_per_token=6, moe_ffn_hidden_size=264,
+        num_expert_groups=1, num_limited_groups=1, routed_scaling_factor=1.0, init_std=0.02),
     # Trains on a laptop CPU: 3 layers (1 dense), 8 experts in 4 groups, one MTP module.
     "tiny": DSV3Config(
         vocab_size=320, hidden_size=128, num_layers=3, first_k_dense_layers=1, dense_ffn_hidden_size=320,

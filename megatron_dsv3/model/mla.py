@@ -112,9 +112,14 @@ class MultiLatentAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of this rank's heads and the output projection -> [b, s, hidden]."""
         cfg = self.config
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=cfg.softmax_scale)  # [b, heads, s, v]
-        out = self.o_proj(out.transpose(1, 2).flatten(2))
+        # V zero-padded to the query/key head size: SDPA's fused kernels (CPU flash, GPU flash) want
+        # one head size; with V narrower it falls back to its slower math path. The pad's output
+        # columns are zeros and are sliced off.
+        pad = q.shape[-1] - v.shape[-1]
+        v_wide = F.pad(v, (0, pad)) if pad > 0 else v
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v_wide.transpose(1, 2),
+                                             is_causal=True, scale=cfg.softmax_scale)  # [b, heads, s, qk]
+        out = self.o_proj(out[..., :cfg.v_head_dim].transpose(1, 2).flatten(2))
         return reduce_from_group(out, self.tp_group)
 
     def _forward_absorbed(self, x, cos, sin, layer_cache: LatentCache, offset: int) -> torch.Tensor:

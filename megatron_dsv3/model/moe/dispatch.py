@@ -8,6 +8,8 @@ Flow for `run(x, expert_ids, experts)`:
   take this TP rank's tokens -> sort (token, slot) pairs by expert -> all-to-all counts, then
   tokens -> regroup by local expert -> experts -> undo regroup -> all-to-all back -> unsort ->
   all-gather over TP -> [tokens, top_k, hidden].
+Without expert parallelism nothing here reads a device value on the host (the experts' GEMM
+sizes are their business: see experts.py); the all-to-all needs its split sizes there.
 """
 from __future__ import annotations
 
@@ -58,7 +60,9 @@ class TokenDispatcher:
         flat_experts = expert_ids_TK.flatten()  # pair p = token p // top_k, slot p % top_k
         order = torch.argsort(flat_experts, stable=True)
         x_sorted = x_TH.index_select(0, order // top_k)
-        counts_E = torch.bincount(flat_experts, minlength=self.num_experts)
+        # Not torch.bincount: on CUDA it reads the largest id on the host to size its output.
+        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=flat_experts.device).index_add_(
+            0, flat_experts, torch.ones_like(flat_experts))
 
         if self.ep_size == 1:
             out_sorted = experts(x_sorted, counts_E)

@@ -1,16 +1,21 @@
-"""Fine-grained routed experts computed as one batched SwiGLU over all local experts.
+"""Fine-grained routed experts whose cost follows the routed tokens (report section 2.1.2).
 
-Tokens arrive sorted by expert. They are packed into a zero-padded [experts, capacity, hidden]
-block where capacity is the largest count, so no token is dropped and the experts run as two
-batched matmuls instead of a Python loop (report section 2.1.2: no token dropping).
+Tokens arrive sorted by local expert (the dispatcher's one permutation per layer), so expert e's
+tokens are one contiguous segment of the input. Each expert's SwiGLU runs on its own segment:
+no token is dropped, and no expert is padded to the most loaded one's count, so a skewed routing
+costs the FLOPs and activations of its tokens, not of E x the largest segment.
 
-A batched matmul with a `grouped(x, w, rows_per_expert)` method and a `row_multiple` (the FP8
-one) gets instead each expert's rows padded only to that multiple (128), so every expert's FP8
-GEMM is kernel-sized and no expert pays for the largest one's rows.
+- `SegmentMatmul` (the default): on a CUDA device in BF16, torch's grouped matmul over the
+  segments (found by feature: `F.grouped_mm` or `torch._grouped_mm`), with the segment ends
+  computed on the device, so no host sync; otherwise one GEMM per segment written in place (on
+  CPU torch's grouped matmul is no faster and its FP32 backward refuses stride-0 gradients).
+- A matmul with `grouped(x, w, rows_per_expert)` and a `row_multiple` (the FP8 one) gets each
+  expert's rows zero-padded to that multiple (128, the kernel's tile), never to the largest count.
+- Any other `x [E, C, K] @ w [E, N, K]^T` callable runs once per segment.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +26,64 @@ from megatron_dsv3.model.common import recomputed
 BatchedMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def bf16_batched_matmul(x_ECK: torch.Tensor, w_ENK: torch.Tensor) -> torch.Tensor:
-    """x @ w^T per expert: [E, C, K] x [E, N, K] -> [E, C, N]."""
-    return torch.bmm(x_ECK, w_ENK.transpose(1, 2))
+def _grouped_mm_op() -> Optional[Callable]:
+    """torch's grouped matmul if this torch has one (public name first), else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class _SegmentMatmulFn(torch.autograd.Function):
+    """y[s_e:s_{e+1}] = x[s_e:s_{e+1}] @ w[e]^T for each expert's segment; every GEMM writes in place."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_ENK, counts_E: list[int]):
+        ctx.save_for_backward(x_MK, w_ENK)
+        ctx.counts = counts_E
+        y_MN = x_MK.new_empty(x_MK.shape[0], w_ENK.shape[1])
+        for x_e, y_e, w_e in zip(x_MK.split(counts_E), y_MN.split(counts_E), w_ENK):
+            torch.mm(x_e, w_e.t(), out=y_e)
+        return y_MN
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        x_MK, w_ENK = ctx.saved_tensors
+        dx_MK = dw_ENK = None
+        segments = list(zip(x_MK.split(ctx.counts), dy_MN.split(ctx.counts)))
+        if ctx.needs_input_grad[0]:
+            dx_MK = torch.empty_like(x_MK)
+            for (_, dy_e), dx_e, w_e in zip(segments, dx_MK.split(ctx.counts), w_ENK):
+                torch.mm(dy_e, w_e, out=dx_e)
+        if ctx.needs_input_grad[1]:
+            dw_ENK = torch.empty_like(w_ENK)
+            for (x_e, dy_e), dw_e in zip(segments, dw_ENK):
+                torch.mm(dy_e.t(), x_e, out=dw_e)  # an empty segment writes zeros
+        return dx_MK, dw_ENK, None
+
+
+class SegmentMatmul:
+    """x @ w^T per expert over x [tokens sorted by expert, K], w [E, N, K], counts [E] -> [tokens, N]."""
+
+    @staticmethod
+    def uses_grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor) -> bool:
+        """torch's grouped GEMM takes BF16 on CUDA, rows 16-byte aligned (K and N multiples of 8)."""
+        return (x_MK.is_cuda and x_MK.dtype == torch.bfloat16 and _grouped_mm_op() is not None
+                and x_MK.shape[1] % 8 == 0 and w_ENK.shape[1] % 8 == 0)
+
+    def segments(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x_MK.device.type) if torch.is_autocast_enabled(x_MK.device.type) else x_MK.dtype
+        x_MK, w_ENK = x_MK.to(dtype), w_ENK.to(dtype)  # autocast's cast for mm, done here for both paths
+        if self.uses_grouped_mm(x_MK, w_ENK):
+            ends_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # on the device: no host sync
+            return _grouped_mm_op()(x_MK, w_ENK.transpose(1, 2), offs=ends_E)
+        with torch.autocast(x_MK.device.type, enabled=False):
+            return _SegmentMatmulFn.apply(x_MK, w_ENK, counts_E.tolist())  # the GEMM sizes: one sync per call
+
+
+bf16_batched_matmul = SegmentMatmul()  # the default, FP32 and BF16 alike (the name layer.py imports)
 
 
 class RoutedExperts(nn.Module):
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
-                 batched_matmul: BatchedMatmul = bf16_batched_matmul):
+                 batched_matmul: BatchedMatmul | SegmentMatmul = bf16_batched_matmul):
         super().__init__()
         self.num_local_experts = num_local_experts
         self.batched_matmul = batched_matmul
@@ -44,24 +99,24 @@ class RoutedExperts(nn.Module):
         if x_NH.shape[0] == 0:  # keep every parameter in the graph so gradients stay defined
             return x_NH + 0 * (self.gate_up_weight.sum() + self.down_weight.sum())
         if hasattr(self.batched_matmul, "grouped"):
-            return self._forward_grouped(x_NH, tokens_per_expert)
-        capacity = int(tokens_per_expert.max())
-        expert_of_token = torch.repeat_interleave(
-            torch.arange(self.num_local_experts, device=x_NH.device), tokens_per_expert)
-        first_of_expert = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-        slot = expert_of_token * capacity + (torch.arange(x_NH.shape[0], device=x_NH.device)
-                                             - first_of_expert[expert_of_token])
-        padded = x_NH.new_zeros(self.num_local_experts * capacity, x_NH.shape[1]).index_copy(0, slot, x_NH)
-        gate, up = self.batched_matmul(padded.view(self.num_local_experts, capacity, -1),
-                                       self.gate_up_weight).chunk(2, dim=-1)
-        out_ECH = recomputed(self.selective_recompute,
-                             lambda g, u: self.batched_matmul(F.silu(g) * u, self.down_weight), gate, up)
-        return out_ECH.flatten(0, 1).index_select(0, slot)
+            return self._forward_padded_to_tile(x_NH, tokens_per_expert)
+        if hasattr(self.batched_matmul, "segments"):
+            matmul = self.batched_matmul.segments
+        else:
+            matmul = self._segment_by_segment
+        gate, up = matmul(x_NH, self.gate_up_weight, tokens_per_expert).chunk(2, dim=-1)
+        return recomputed(self.selective_recompute,
+                          lambda g, u: matmul(F.silu(g) * u, self.down_weight, tokens_per_expert), gate, up)
 
-    def _forward_grouped(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _segment_by_segment(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """A plain batched callable, called once per expert on its segment ([1, rows, K])."""
+        return torch.cat([self.batched_matmul(x_e[None], w_e[None])[0]
+                          for x_e, w_e in zip(x_MK.split(counts_E.tolist()), w_ENK.unbind(0))])
+
+    def _forward_padded_to_tile(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Each expert's rows zero-padded to a multiple of `row_multiple`, one GEMM per expert."""
         multiple = self.batched_matmul.row_multiple
-        counts_E = tokens_per_expert.tolist()  # the GEMM sizes: one host sync per layer, as `capacity` above
+        counts_E = tokens_per_expert.tolist()  # the GEMM sizes: one host sync per layer
         padded_E = [-(-n // multiple) * multiple for n in counts_E]
         padded_counts = torch.tensor(padded_E, device=x_NH.device)
         expert_of_token = torch.repeat_interleave(
