@@ -37,7 +37,9 @@ shards, so RAM holds the model plus one tensor (users report 1.2-3 TB of RAM for
 DeepSeek-V3 converters that materialise the full state dict). `save_hf_checkpoint` holds at
 most one shard besides the model.
 
-Single process only (tensor- and expert-parallel size 1); a sharded model is refused.
+Single process only (tensor- and expert-parallel size 1); a sharded model is refused. At 671B
+scale, `dsv3-convert` (megatron_dsv3.convert) writes a distributed checkpoint without ever holding
+the model, using `plan_load` here for the name and shape checks.
 """
 from __future__ import annotations
 
@@ -325,9 +327,24 @@ def _listing(names: list[str], limit: int = 20) -> str:
     return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _load(model: nn.Module, source: _Source, strict: bool) -> LoadResult:
+@dataclass
+class LoadPlan:
+    """Where each Hugging Face tensor of a checkpoint goes in our model, checked against its shapes."""
+
+    slots: dict[str, _Slot]
+    targets: dict[str, tuple[_Slot, Optional[tuple[int, slice]]]]  # HF name -> (our slot, expert part or None)
+    copies: dict[str, str]  # MTP embedding/head copies present: HF name -> our key of the main tensor
+    scales: dict[str, str]  # FP8 weight -> its weight_scale_inv
+    result: LoadResult
+
+
+def plan_load(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], fp8: set[str], strict: bool) -> LoadPlan:
+    """Check a checkpoint's names and shapes (`shapes`: HF name -> shape, `fp8`: names stored as
+    float8) against `model` (any device, `meta` included) before anything is read. Mis-shaped
+    tensors and scale grids always raise HFWeightError naming them; missing or unexpected names
+    raise when `strict`."""
     slots = _slots(model)
-    copies = _mtp_copies(model)
+    mtp_copies = _mtp_copies(model)
     where: dict[str, tuple[_Slot, Optional[tuple[int, slice]]]] = {}
     for slot in slots.values():
         where[slot.fused] = (slot, None)
@@ -336,30 +353,30 @@ def _load(model: nn.Module, source: _Source, strict: bool) -> LoadResult:
 
     result = LoadResult()
     misshaped: list[str] = []
-    scales = {name[:-len(_SCALE_SUFFIX)]: name for name in source.shapes if name.endswith(".weight" + _SCALE_SUFFIX)}
+    scales = {name[:-len(_SCALE_SUFFIX)]: name for name in shapes if name.endswith(".weight" + _SCALE_SUFFIX)}
     plan: dict[str, tuple[_Slot, Optional[tuple[int, slice]]]] = {}
-    copy_names: list[str] = []
-    for name, shape in source.shapes.items():
-        if name.endswith(_SCALE_SUFFIX) and name[:-len(_SCALE_SUFFIX)] in source.shapes:
+    copies: dict[str, str] = {}
+    for name, shape in shapes.items():
+        if name.endswith(_SCALE_SUFFIX) and name[:-len(_SCALE_SUFFIX)] in shapes:
             continue  # read together with its weight
         if _IGNORED.search(name):
             continue
-        if name in source.fp8 and name not in scales:
+        if name in fp8 and name not in scales:
             misshaped.append(f"{name}: float8 weight without {name}{_SCALE_SUFFIX}")
             continue
         if name in scales:
             rows, cols = shape[-2:]
             want = (*shape[:-2], math.ceil(rows / FP8_BLOCK), math.ceil(cols / FP8_BLOCK))
-            got = source.shapes[scales[name]]
+            got = tuple(shapes[scales[name]])
             if got != want:
                 misshaped.append(f"{scales[name]}: shape {got}, expected {want} for a {shape} weight")
                 continue
-        if name in copies:
-            expected = tuple(slots[copies[name]].target.shape)
+        if name in mtp_copies:
+            expected = tuple(slots[mtp_copies[name]].target.shape)
             if shape != expected:
                 misshaped.append(f"{name}: checkpoint {shape}, model {expected}")
             else:
-                copy_names.append(name)
+                copies[name] = mtp_copies[name]
             continue
         if name not in where:
             result.unexpected.append(name)
@@ -387,7 +404,12 @@ def _load(model: nn.Module, source: _Source, strict: bool) -> LoadResult:
         raise HFWeightError(f"{len(misshaped)} mis-shaped checkpoint tensor(s): " + "; ".join(misshaped))
     if strict and (result.missing or result.unexpected):
         raise HFWeightError(_strict_message(model, result))
+    return LoadPlan(slots, plan, copies, scales, result)
 
+
+def _load(model: nn.Module, source: _Source, strict: bool) -> LoadResult:
+    checked = plan_load(model, source.shapes, source.fp8, strict)
+    slots, plan, scales, result = checked.slots, checked.targets, checked.scales, checked.result
     with torch.no_grad():
         for group in source.groups():
             for name in group:
@@ -395,16 +417,20 @@ def _load(model: nn.Module, source: _Source, strict: bool) -> LoadResult:
                     continue
                 slot, part = plan[name]
                 slot.view(part).copy_(_read(source, name, scales, result))
-        for name in copy_names:
-            main = slots[copies[name]].target
+        for name, key in checked.copies.items():
+            main = slots[key].target
             copy = _read(source, name, scales, result).to(main.dtype)
             result.mtp_copies_checked.append(name)
-            if not torch.equal(copy, main):
-                diff = (copy.float() - main.float()).abs().max().item()
-                warnings.warn(f"{name} differs from the main model's {hf_name(copies[name], model.config.num_layers)} "
-                              f"(max abs diff {diff:.3g}); the MTP module shares the main tensor, which is kept",
-                              MTPCopyMismatchWarning, stacklevel=3)
+            check_mtp_copy(name, copy, main, hf_name(key, model.config.num_layers))
     return result
+
+
+def check_mtp_copy(name: str, copy: torch.Tensor, main: torch.Tensor, main_name: str) -> None:
+    """Warn (MTPCopyMismatchWarning) when an MTP module's embedding/head copy differs from the main tensor."""
+    if not torch.equal(copy, main):
+        diff = (copy.float() - main.float()).abs().max().item()
+        warnings.warn(f"{name} differs from the main model's {main_name} (max abs diff {diff:.3g}); "
+                      "the MTP module shares the main tensor, which is kept", MTPCopyMismatchWarning, stacklevel=4)
 
 
 def _read(source: _Source, name: str, scales: dict[str, str], result: LoadResult) -> torch.Tensor:
@@ -464,6 +490,6 @@ def load_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: 
         source.close()
 
 
-__all__ = ["HFWeightError", "LoadResult", "MTPCopyMismatchWarning", "dequantize_fp8_blockwise", "export_hf_weights",
+__all__ = ["HFWeightError", "LoadPlan", "LoadResult", "MTPCopyMismatchWarning", "dequantize_fp8_blockwise", "export_hf_weights",
            "hf_name", "iter_hf_weights", "load_hf_checkpoint", "load_hf_weights",
-           "save_hf_checkpoint"]
+           "plan_load", "save_hf_checkpoint"]

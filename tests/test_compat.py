@@ -1,6 +1,7 @@
 """megatron_dsv3.compat: each CPU shim does what it says inside `cpu_shims()` and is fully undone on exit;
 `build_megatron_config` drops (with a warning) fields the installed Megatron-Core lacks."""
 import dataclasses
+import types
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import random as mpu_random
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_dsv3 import compat
@@ -229,3 +231,41 @@ def test_renamed_yarn_fields_map_to_the_installed_spelling():
     assert config_value(config, "no_such_field", None) is None
     with pytest.raises(AttributeError, match="no_such_field"):
         config_value(config, "no_such_field")
+
+
+def test_local_spec_shims_let_megatron_mla_take_k_channels_and_are_undone():
+    """megatron-core 0.16's local DotProductAttention refuses MLA's k_channels/v_channels; inside the
+    shim it takes them (output width heads x v_channels) and the original comes back after."""
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_dsv3.compat.megatron_local_spec import NAME, local_spec_shims
+
+    before = (DotProductAttention.__init__, mla.HAVE_TE, vars(moe_utils).get("te_general_gemm", "unset"))
+    config = MLATransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, qk_head_dim=16,
+                                  qk_pos_emb_head_dim=8, v_head_dim=12, kv_lora_rank=16, rope_type="rope")
+    with cpu_shims(), local_spec_shims():
+        assert NAME in compat.applied() or "k_channels" in str(before[0].__code__.co_varnames)
+        attention = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                        attention_type="self", softmax_scale=0.125, k_channels=24, v_channels=12,
+                                        pg_collection=types.SimpleNamespace(tp=types.SimpleNamespace(
+                                            size=lambda: 1, rank=lambda: 0)))  # a one-rank TP group
+        assert attention.hidden_size_per_partition == 4 * 12 and attention.softmax_scale == 0.125
+        assert moe_utils.te_general_gemm is None or callable(moe_utils.te_general_gemm)
+    assert (DotProductAttention.__init__, mla.HAVE_TE, vars(moe_utils).get("te_general_gemm", "unset")) == before
+
+
+def test_fp8_partial_blocks_shim_dequantises_padded_edges_and_is_undone():
+    from megatron_dsv3.compat.transformers_fp8 import NAME, fp8_partial_blocks
+    from megatron_dsv3.fp8 import dequantize_blocks, quantize_blocks
+
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    original = fp8.Fp8Dequantize._dequantize_one
+    q, scale = quantize_blocks(torch.randn(200, 130))  # grid 2 x 2, both edges partial
+    with fp8_partial_blocks():
+        assert NAME in compat.applied()
+        out = fp8.Fp8Dequantize._dequantize_one(object.__new__(fp8.Fp8Dequantize), q, scale,
+                                                output_dtype=torch.float32)
+    assert fp8.Fp8Dequantize._dequantize_one is original
+    assert torch.equal(out, dequantize_blocks(q, scale))

@@ -6,6 +6,7 @@ GPTModel built from our specs, both models give the same logits. Measured max |d
 CPU, fp32: 0.0 (bit-identical) for the tiny preset, with and without YaRN / q_lora_rank=0; the
 test allows 1e-5.
 """
+import contextlib
 import importlib.util
 
 import pytest
@@ -27,6 +28,7 @@ from megatron_dsv3 import ConfigError, DSV3Config, YarnConfig, build_model
 from megatron_dsv3.model import mcore
 from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.compat import megatron_cpu
+from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
 
 pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
 
@@ -50,8 +52,19 @@ def megatron_world():
 def _clean_megatron_globals():
     yield
     MTPLossLoggingHelper.tracker.clear()
-    get_moe_layer_wise_logging_tracker().clear()
+    _clear_aux_loss_tracker()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
+def _clear_aux_loss_tracker() -> None:
+    """Drop every layer-wise aux-loss entry: the dict itself up to megatron-core 0.17, the metrics
+    tracker from 0.18 (get_moe_layer_wise_logging_tracker() then returns a copy)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        get_moe_metrics_tracker().metrics.clear()
 
 
 def tiny(**overrides) -> DSV3Config:
@@ -119,7 +132,7 @@ def test_state_dict_renames_are_inverse_and_cover_mtp():
     ours = build_model(tiny(mtp_num_modules=1))
     state = ours.state_dict()
     megatron = mcore.dsv3_state_dict_to_megatron(state)
-    assert "mtp.layers.0.transformer_layer.mlp.router.expert_bias" in megatron
+    assert f"mtp.layers.0.{mtp_layer_attribute()}.mlp.router.expert_bias" in megatron
     assert megatron["mtp.layers.0.final_layernorm.weight"] is state["mtp.0.norm.weight"]
     assert megatron["decoder.layers.1.pre_mlp_layernorm.weight"] is state["layers.1.post_attention_layernorm.weight"]
     assert mcore.megatron_state_dict_to_dsv3(megatron).keys() == state.keys()
@@ -139,7 +152,7 @@ def test_mtp_block_spec_builds_megatron_mtp_equal_to_our_mtp():
     model.load_state_dict(mcore.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
     spec = mcore.get_dsv3_mtp_block_spec(config)
     assert len(spec.layer_specs) == 1
-    assert type(model.mtp.layers[0].transformer_layer.mlp).__name__ == "MegatronDeepSeekMoE"
+    assert type(getattr(model.mtp.layers[0], mtp_layer_attribute()).mlp).__name__ == "MegatronDeepSeekMoE"
     assert type(model.mtp.layers[0].enorm) is mcore.MegatronRMSNorm
     tokens, labels, positions = batch(cfg)
     model.train()
@@ -149,7 +162,8 @@ def test_mtp_block_spec_builds_megatron_mtp_equal_to_our_mtp():
     save_to_aux_losses_tracker(mcore.BALANCE_LOSS_NAME, torch.zeros(()), 1, cfg.num_layers)
     with torch.no_grad():
         lm_per_token = model(tokens, positions, None, labels=labels)  # [b, s]; MTP loss is tracked
-        megatron_mtp = MTPLossLoggingHelper.tracker["values"][0].item()
+        tracked = MTPLossLoggingHelper.tracker  # "values" up to megatron-core 0.18, "loss_values" from 0.19
+        megatron_mtp = tracked["values" if "values" in tracked else "loss_values"][0].item()
         out = ours(tokens, labels=labels)
     assert abs(lm_per_token.mean().item() - out.lm_loss.item()) <= 1e-5  # measured: 4.8e-7 (reduction order)
     assert abs(megatron_mtp - out.mtp_losses[0].item()) <= 1e-5
@@ -278,7 +292,6 @@ def test_first_k_dense_is_read_from_moe_layer_freq():
     ("moe_router_score_function", "softmax"),
     ("moe_router_load_balancing_type", "aux_loss"),
     ("qk_layernorm", False),
-    ("moe_router_pre_softmax", True),
     ("add_bias_linear", True),
     ("gated_linear_unit", False),
     ("multi_latent_attention", False),
@@ -290,6 +303,24 @@ def test_other_architectures_are_refused_naming_the_field(field, value):
     if field == "fp8_recipe":
         config.fp8 = "e4m3"
     with pytest.raises(ConfigError, match=field):
+        mcore.dsv3_config_from_megatron(config)
+
+
+def test_router_pre_softmax_is_accepted_as_a_no_op_for_sigmoid_routing():
+    """Megatron reads moe_router_pre_softmax only for softmax scores; its own DeepSeek-V3 example sets it."""
+    config = mcore.megatron_config_from_dsv3(tiny())
+    config.moe_router_pre_softmax = True
+    assert mcore.dsv3_config_from_megatron(config) == mcore.dsv3_config_from_megatron(
+        mcore.megatron_config_from_dsv3(tiny()))
+
+
+def test_group_score_difference_from_megatrons_router_is_said():
+    """Megatron sums the top topk // group_topk expert scores per group, DeepSeek-V3 the top 2."""
+    assert mcore.group_score_difference(8, 4, 8) is None  # DeepSeek-V3 671B: 8 // 4 = 2
+    assert mcore.group_score_difference(2, 1, 1) is None  # no groups
+    with pytest.warns(mcore.GroupScoreWarning, match=r"moe_router_topk=6 // moe_router_group_topk=2 = 3.*top 2"):
+        config = mcore.megatron_config_from_dsv3(tiny(num_routed_experts=16, num_experts_per_token=6))
+    with pytest.warns(mcore.GroupScoreWarning, match="top 3 expert scores"):
         mcore.dsv3_config_from_megatron(config)
 
 
@@ -360,6 +391,21 @@ def test_spec_argument_of_megatron_lm_pretrain_gpt():
         assert (model(tokens, positions, None) - ours(tokens)).abs().max() <= 1e-5
 
 
+def test_spec_module_builds_its_mtp_block_for_the_patched_gpt_builders():
+    """patches/megatron-lm-*-gpt_builders-spec-mtp.patch: with `--spec MODULE NAME --mtp-num-layers N`
+    the builder takes `MODULE.mtp_block_spec(config, vp_stage=...)` (unpatched, 0.16-0.19 raise
+    UnboundLocalError: use_te); GPTModel then holds our MTP layer."""
+    import importlib
+
+    builder = getattr(importlib.import_module("megatron_dsv3.model.mcore"), "mtp_block_spec")
+    cfg = tiny(mtp_num_modules=1)
+    config = mcore.megatron_config_from_dsv3(cfg, use_cpu_initialization=True)
+    model = GPTModel(config, transformer_layer_spec=import_module(["megatron_dsv3.model.mcore", "dsv3_layer_spec"]),
+                     mtp_block_spec=builder(config, vp_stage=None), vocab_size=cfg.vocab_size,
+                     max_sequence_length=64, position_embedding_type="rope")
+    assert type(getattr(model.mtp.layers[0], mtp_layer_attribute()).mlp).__name__ == "MegatronDeepSeekMoE"
+
+
 def test_callable_spec_of_megatron_lm_forks():
     """Forks (slime and others) call a callable `--spec` as spec(args, config, vp_stage)."""
     builder = import_module(["megatron_dsv3.model.mcore", "megatron_lm_spec"])
@@ -398,3 +444,142 @@ def test_packed_sequences_and_inference_contexts_raise_at_forward():
         attention(hidden, packed_seq_params=object())
     with pytest.raises(NotImplementedError, match="inference"):
         attention(hidden, inference_context=object())
+
+
+# ------------------------------------------------------- native Megatron-Core checkpoints
+def native_gpt(cfg: DSV3Config):
+    """GPTModel from Megatron-Core's own MLA + MoE layer specs (local backend), routing spiced."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
+
+    model_parallel_cuda_manual_seed(1)
+    with pytest.warns(mcore.GroupScoreWarning) if mcore.group_score_difference(
+            cfg.num_experts_per_token, cfg.num_limited_groups, cfg.num_expert_groups) else contextlib.nullcontext():
+        config = mcore.megatron_config_from_dsv3(cfg, use_cpu_initialization=True, rope_type="rope")
+    with local_spec_shims():
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        mtp = get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)
+        model = GPTModel(config, transformer_layer_spec=block, mtp_block_spec=mtp, vocab_size=cfg.vocab_size,
+                         max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for name, tensor in model.state_dict().items():
+            if name.endswith("router.weight"):
+                tensor.normal_(0, 0.15, generator=g)
+            elif name.endswith("expert_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.2 - 0.6)
+    return model.eval()
+
+
+def native_logits(model, tokens):
+    from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
+
+    with torch.no_grad(), local_spec_shims():
+        return model(tokens, torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1), None)
+
+
+def our_model_from(path, cfg: DSV3Config):
+    from megatron_dsv3.convert import DistReader
+
+    reader = DistReader(path)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            tensor.copy_(reader.read(f"model.{key}"))
+    return model
+
+
+def test_native_megatron_checkpoint_converts_to_ours_and_back(tmp_path):
+    """Megatron-Core's own MLA + MoE GPTModel (local spec; 4 experts per token in 2 of 4 groups, so
+    Megatron's group score, the top 4 // 2 = 2, is DeepSeek's) -> its distributed checkpoint ->
+    mcore-to-dist -> our model: same logits; -> dist-to-mcore -> a fresh native GPTModel: same logits."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_dsv3.convert.mcore import dist_to_mcore, mcore_to_dist
+    from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
+
+    cfg = tiny(num_experts_per_token=4, seq_aux_loss_coeff=0.0, mtp_num_modules=0)
+    native = native_gpt(cfg)
+    (tmp_path / "native").mkdir()
+    dist_checkpointing.save(native.sharded_state_dict(), str(tmp_path / "native"))
+    mcore_to_dist(tmp_path / "native", tmp_path / "ours", cfg)
+    ours = our_model_from(tmp_path / "ours", cfg)
+    tokens = batch(cfg)[0]
+    expected = native_logits(native, tokens)
+    diff = (ours(tokens) - expected).abs().max().item()
+    assert diff <= 1e-5 and expected.std() > 0.1, diff  # measured: 3e-7
+
+    dist_to_mcore(tmp_path / "ours", tmp_path / "back")
+    fresh = native_gpt(cfg)
+    with local_spec_shims():
+        state = {k: v for k, v in fresh.sharded_state_dict().items() if not k.endswith("_extra_state")}
+        fresh.load_state_dict(dist_checkpointing.load(state, str(tmp_path / "back")), strict=False)
+    assert torch.equal(native_logits(fresh, tokens), expected)
+
+
+def test_native_mtp_layer_converts_to_our_mtp_module(tmp_path):
+    """Megatron's MTP layer (`transformer_layer` up to 0.16, `mtp_model_layer` from 0.17): the same
+    per-token LM loss (GPTModel with MTP returns losses, not logits) and MTP weights in our names."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_dsv3.convert.mcore import mcore_to_dist
+    from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
+
+    cfg = tiny(num_experts_per_token=4, seq_aux_loss_coeff=0.0, mtp_num_modules=1)
+    native = native_gpt(cfg)
+    (tmp_path / "native").mkdir()
+    dist_checkpointing.save(native.sharded_state_dict(), str(tmp_path / "native"))
+    mcore_to_dist(tmp_path / "native", tmp_path / "ours", cfg)
+    ours = our_model_from(tmp_path / "ours", cfg)
+    state = native.state_dict()
+    layer = f"mtp.layers.0.{mtp_layer_attribute()}"
+    assert torch.equal(ours.mtp[0].layer.self_attn.kv_b_proj.weight, state[f"{layer}.self_attention.linear_kv_up_proj.weight"])
+    assert torch.equal(ours.mtp[0].layer.mlp.experts.gate_up_weight[3],
+                       state[f"{layer}.mlp.experts.local_experts.3.linear_fc1.weight"])
+    assert torch.equal(ours.mtp[0].eh_proj.weight, state["mtp.layers.0.eh_proj.weight"])
+    assert torch.equal(ours.mtp[0].norm.weight, state["mtp.layers.0.final_layernorm.weight"])
+    tokens, labels, positions = batch(cfg)
+    with torch.no_grad(), local_spec_shims():
+        native_loss = native(tokens, positions, None, labels=labels)  # [b, s]
+    our_loss = torch.nn.functional.cross_entropy(ours(tokens).flatten(0, 1), labels.flatten(), reduction="none")
+    assert (our_loss.view_as(native_loss) - native_loss).abs().max() <= 1e-5
+
+
+def test_transformer_engine_names_map_to_ours():
+    """The TE spec's names: fused norms (layer_norm_weight), grouped experts (weight{i}), _extra_state."""
+    from megatron_dsv3.convert.mcore_names import NativeNameError, native_checkpoint_names, native_pieces
+
+    cases = {
+        "decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight": "layers.0.self_attn.q_a_layernorm.weight",
+        "decoder.layers.0.self_attention.linear_kv_up_proj.layer_norm_weight":
+            "layers.0.self_attn.kv_a_layernorm.weight",
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": "layers.0.post_attention_layernorm.weight",
+        "decoder.layers.1.pre_mlp_layernorm.weight": "layers.1.post_attention_layernorm.weight",
+        "decoder.layers.1.mlp.experts.linear_fc1.weight5": "layers.1.mlp.experts.gate_up_weight",
+        "decoder.layers.1.mlp.experts.linear_fc2.weight7": "layers.1.mlp.experts.down_weight",
+        "mtp.layers.0.mtp_model_layer.self_attention.linear_kv_up_proj.layer_norm_weight":
+            "mtp.0.layer.self_attn.kv_a_layernorm.weight",
+    }
+    for name, key in cases.items():
+        (piece,) = native_pieces(name, (128, 64))
+        assert piece.key == key, name
+    (piece,) = native_pieces("decoder.layers.1.mlp.experts.linear_fc1.weight5", (128, 128))
+    assert piece.expert and piece.offsets == (5, 0, 0)
+    gate, up = native_pieces("decoder.layers.0.mlp.linear_fc1.weight", (640, 128))  # [gate; up] stacked
+    assert (gate.key, gate.row_start, gate.row_stop) == ("layers.0.mlp.gate_proj.weight", 0, 320)
+    assert (up.key, up.row_start, up.row_stop) == ("layers.0.mlp.up_proj.weight", 320, 640)
+    assert native_pieces("decoder.layers.1.mlp.experts.linear_fc1._extra_state", ()) == []
+    with pytest.raises(NativeNameError, match="decoder.layers.1.self_attention.linear_qkv.weight"):
+        native_pieces("decoder.layers.1.self_attention.linear_qkv.weight", (1, 1))
+
+    # ours -> TE checkpoint names -> ours covers every tensor once
+    cfg = tiny(mtp_num_modules=1)
+    ours = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    names = native_checkpoint_names(ours, te=True, mtp_layer="mtp_model_layer", dense_layers={0})
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in names  # MoE layers keep a separate norm under TE
+    assert names["decoder.layers.0.mlp.linear_fc1.weight"] == (2 * cfg.dense_ffn_hidden_size, cfg.hidden_size)
+    covered = [p.key for name, shape in names.items() for p in native_pieces(name, shape)]
+    assert sorted(covered) == sorted(ours)

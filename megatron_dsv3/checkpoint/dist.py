@@ -17,6 +17,7 @@ checkpoint whose weights gave a good loss.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -42,7 +43,9 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 def _sharded(key: str, data: torch.Tensor, like: torch.Tensor) -> ShardedTensor:
     dim, group = split_of(like)
     offsets = [(dim, groups.rank(group), groups.size(group))] if dim is not None else []
-    return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=replica_id(like))
+    # DualPipe's second copy of a stage (`mirror_copy`) is a replica too: saved once
+    copy = int(getattr(like, "mirror_copy", 0))
+    return ShardedTensor.from_rank_offsets(key, data, *offsets, replica_id=(copy, *replica_id(like)))
 
 
 def sharded_state_dict(model: nn.Module, optimizer: Optional[Any] = None, loading: bool = False) -> dict[str, Any]:
@@ -74,13 +77,28 @@ def list_checkpoints(directory: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER.match(p.name)))
 
 
+def read_common(path: str | Path) -> dict[str, Any]:
+    """The `common` dict of a checkpoint, read without running code: from `common.pt` (megatron-core up
+    to 0.18), or from the `common_state` object megatron-core 0.19 keeps in the shard files instead."""
+    path = Path(path)
+    if (path / "common.pt").is_file():
+        return torch.load(path / "common.pt", map_location="cpu", weights_only=True).get("common", {})
+    storage = metadata_guard.read_metadata(path).storage_data or {}
+    info = next((v for k, v in storage.items() if k.fqn.startswith("common_state/")), None)
+    if info is None:
+        raise FileNotFoundError(2, "neither common.pt nor a common_state object", str(path / "common.pt"))
+    with open(path / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        data = io.BytesIO(f.read(info.length))
+    return torch.load(data, map_location="cpu", weights_only=True)[0].get("common", {})
+
+
 def problem_with(path: str | Path) -> Optional[str]:
     """Why the checkpoint at `path` cannot be loaded (a missing, truncated or unsafe file), or None."""
     path = Path(path)
     try:
         json.loads((path / "metadata.json").read_text())
-        common = torch.load(path / "common.pt", map_location="cpu", weights_only=True)
-        if "step" not in common.get("common", {}):
+        if "step" not in read_common(path):
             return "common.pt holds no step"
         layout = metadata_guard.read_metadata(path)
     except UnsafeCheckpointError as error:
@@ -267,3 +285,44 @@ def load(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) ->
 def load_common(path: str | Path) -> dict[str, Any]:
     """The step counters and config saved with a checkpoint, without loading any tensor."""
     return dist_checkpointing.load_common_state_dict(str(path)).get("common", {})
+
+
+@torch.no_grad()
+def load_weights(path: str | Path, model: nn.Module, optimizer: Optional[Any] = None) -> list[str]:
+    """`checkpoint.load_weights`: only the weights of `path` into `model` under the current layout (the
+    optimizer keeps its fresh moments; its FP32 master copies, if any, take the weights). Every tensor
+    of the model must be in the checkpoint with its global shape, else RunConfigError names them;
+    checkpoint tensors the model lacks (MTP weights for a run without MTP) are skipped and listed
+    in the returned notes."""
+    from megatron_dsv3.run_config import RunConfigError
+
+    path = Path(path)
+    problem = problem_with(path) if path.is_dir() else "it is not a folder"
+    if problem:
+        raise RunConfigError(f"checkpoint.load_weights={path}: {problem}")
+    stored = {key: tuple(md.size) for key, md in metadata_guard.read_metadata(path).state_dict_metadata.items()
+              if key.startswith("model.")}
+    state = sharded_state_dict(model, loading=True)
+    missing = sorted(key for key in state if key not in stored)
+    misshaped = [f"{key}: checkpoint {stored[key]}, model {tuple(sh.global_shape)}" for key, sh in state.items()
+                 if key in stored and stored[key] != tuple(sh.global_shape)]
+    if missing or misshaped:
+        saved = load_common(path).get("model_config", {})
+        now = model.config.to_dict()
+        differing = [f"{k}: {saved[k]!r} there, {now.get(k)!r} here" for k in sorted(saved)
+                     if saved[k] != now.get(k) and k in now]
+        raise RunConfigError(
+            f"checkpoint.load_weights={path} does not fit this model: "
+            + (f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
+               if missing else "")
+            + (f"mis-shaped: {'; '.join(misshaped[:8])}; " if misshaped else "")
+            + (f"its model config differs in {'; '.join(differing)}" if differing else ""))
+    with metadata_guard.restricted_metadata():
+        loaded = dist_checkpointing.load(state, str(path))
+    for name, target in named_tensors(model).items():
+        target.copy_(loaded[f"model.{name}"])
+    if optimizer is not None:
+        optimizer.load_master_weights({name: loaded[f"model.{name}"] for name, _ in model.named_parameters()})
+    skipped = sorted(set(stored) - set(state))
+    return [f"skipped {len(skipped)} checkpoint tensor(s) this model has no place for: "
+            f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"] if skipped else []

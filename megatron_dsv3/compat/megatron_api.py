@@ -64,3 +64,33 @@ def config_value(config: Any, name: str, default: Any = _MISSING) -> Any:
     if default is _MISSING:
         raise AttributeError(f"{type(config).__name__} has no field {name!r} (nor aliases {ALIASES.get(name, ())})")
     return default
+
+
+def mtp_layer_attribute() -> str:
+    """The decoder layer inside Megatron's MTP layer: `transformer_layer` up to 0.16, `mtp_model_layer`
+    from 0.17 (the submodule, its spec field and its state-dict prefix were renamed together)."""
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+    fields = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
+    return "mtp_model_layer" if "mtp_model_layer" in fields else "transformer_layer"
+
+
+def grow_aux_loss_entry(name: str, num_layers: int) -> None:
+    """Make Megatron's layer-wise aux-loss entry `name` (if it exists) hold `num_layers` layers.
+
+    Up to 0.17 `get_moe_layer_wise_logging_tracker()` is the tracker dict itself; from 0.18 it is a
+    copy built from `moe_logging.get_moe_metrics_tracker().metrics`, where the entry must be grown."""
+    import torch
+
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get(name)
+        if entry is not None and entry["values"].numel() < num_layers:
+            entry["values"] = torch.nn.functional.pad(entry["values"], (0, num_layers - entry["values"].numel()))
+        return
+    entry = get_moe_metrics_tracker().metrics.get(name)
+    if entry is not None and entry.values.numel() < num_layers:
+        entry.values = torch.nn.functional.pad(entry.values, (0, num_layers - entry.values.numel()))

@@ -31,17 +31,14 @@ forward. `attention_mask` and `position_ids` are ignored: attention is causal ov
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional, Union
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    get_moe_layer_wise_logging_tracker,
-    save_to_aux_losses_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -59,10 +56,30 @@ from megatron_dsv3.model.mla import MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router, Routing
 from megatron_dsv3.model.rope import rope_frequencies
-from megatron_dsv3.compat.megatron_api import build_megatron_config, config_value
+from megatron_dsv3.compat.megatron_api import (build_megatron_config, config_value, grow_aux_loss_entry,
+                                               mtp_layer_attribute)
 
 
 # ------------------------------------------------------------------------ configs
+DEEPSEEK_GROUP_SUM = 2  # an expert group's score: the sum of its top-2 expert scores (DeepSeek-V3's router)
+
+
+class GroupScoreWarning(UserWarning):
+    """Megatron's router would score expert groups differently from DeepSeek-V3's for this config."""
+
+
+def group_score_difference(topk: int, group_topk: Optional[int], groups: Optional[int]) -> Optional[str]:
+    """Why Megatron-Core's own group-limited router (group score = sum of the top topk // group_topk
+    expert scores) routes differently from DeepSeek-V3's (sum of the top 2) for this config, or None."""
+    if (groups or 1) <= 1 or topk // (group_topk or 1) == DEEPSEEK_GROUP_SUM:
+        return None
+    summed = topk // (group_topk or 1)
+    return (f"moe_router_topk={topk} // moe_router_group_topk={group_topk} = {summed}: Megatron-Core's own router "
+            f"scores each expert group by the sum of its top {summed} expert scores, DeepSeek-V3 (and this "
+            f"project's router, which the adapters here use) by its top {DEEPSEEK_GROUP_SUM}, so a model routed by "
+            "Megatron's router picks other groups for some tokens")
+
+
 def _moe_pattern(config: TransformerConfig) -> list[int]:
     """1 = MoE layer, 0 = dense, per layer, read from `moe_layer_freq` as Megatron does."""
     if not config.num_moe_experts:
@@ -112,8 +129,13 @@ def dsv3_config_from_megatron(config: TransformerConfig, **overrides: Any) -> DS
     if config.moe_router_score_function != "sigmoid":
         raise ConfigError(f"moe_router_score_function={config.moe_router_score_function!r}: DeepSeek-V3 "
                           "routing is sigmoid (report eq. 15)")
-    if config.moe_router_pre_softmax:
-        raise ConfigError("moe_router_pre_softmax=True is not DeepSeek-V3 routing")
+    # moe_router_pre_softmax (in Megatron's own DeepSeek-V3 example) chooses whether the softmax runs
+    # before or after the top-k; Megatron reads it only for moe_router_score_function='softmax', and
+    # sigmoid scores are per expert, so top-k then normalise is the same either way: accepted, no effect.
+    difference = group_score_difference(config.moe_router_topk, config.moe_router_group_topk,
+                                        config.moe_router_num_groups)
+    if difference:
+        warnings.warn(difference, GroupScoreWarning, stacklevel=2)
     unsupported = [t for t in _balancing_types(config) if t not in ("seq_aux_loss", "none")]
     if unsupported:
         raise ConfigError(f"moe_router_load_balancing_type {unsupported} is not implemented; use 'seq_aux_loss' "
@@ -195,6 +217,9 @@ def megatron_config_from_dsv3(cfg: DSV3Config, **overrides: Any) -> MLATransform
                       original_max_position_embeddings=cfg.yarn.original_max_position_embeddings,
                       beta_fast=cfg.yarn.beta_fast, beta_slow=cfg.yarn.beta_slow, mscale=cfg.yarn.mscale,
                       mscale_all_dim=cfg.yarn.mscale_all_dim)
+    difference = group_score_difference(cfg.num_experts_per_token, cfg.num_limited_groups, cfg.num_expert_groups)
+    if difference:
+        warnings.warn(difference, GroupScoreWarning, stacklevel=2)
     if cfg.fp8 == "tile":  # the adapters refuse FP8 configs (check_supported): emit none they would refuse
         raise ConfigError(f"fp8='tile' through these adapters is {FP8_UNSUPPORTED}")
     values.update(overrides)
@@ -369,10 +394,7 @@ class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
     def _log_balance_loss(self, value: torch.Tensor) -> None:
         # Megatron sizes each tracker entry on first use; a model with more layers (MTP) built
         # later in the same process would index past it, so grow the entry first.
-        entry = get_moe_layer_wise_logging_tracker().get(BALANCE_LOSS_NAME)
-        if entry is not None and entry["values"].numel() < self.tracked_layers:
-            entry["values"] = torch.nn.functional.pad(entry["values"],
-                                                      (0, self.tracked_layers - entry["values"].numel()))
+        grow_aux_loss_entry(BALANCE_LOSS_NAME, self.tracked_layers)
         save_to_aux_losses_tracker(BALANCE_LOSS_NAME, value, self.layer_number + 1, self.tracked_layers)
 
 
@@ -481,6 +503,12 @@ dsv3_layer_spec = ModuleSpec(module=DSV3TransformerLayer, params={"dense_mlp": M
                              submodules=_layer_submodules(ModuleSpec(module=MegatronDeepSeekMoE)))
 
 
+def mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
+    """The MTP block for Megatron-LM's `gpt_builders.py` patched by patches/megatron-lm-*-gpt_builders-spec-mtp.patch,
+    which looks for `mtp_block_spec` in the `--spec` module when `--mtp-num-layers` is set."""
+    return get_dsv3_mtp_block_spec(config, vp_stage=vp_stage)
+
+
 def megatron_lm_spec(args: Any, config: TransformerConfig, vp_stage: Optional[int] = None):
     """For Megatron-LM forks whose model provider calls a callable `--spec` as
     `spec(args, config, vp_stage)` (slime and others)."""
@@ -495,9 +523,11 @@ _TOP_LEVEL = {"embed_tokens.weight": "embedding.word_embeddings.weight",
               "norm.weight": "decoder.final_layernorm.weight", "lm_head.weight": "output_layer.weight"}
 _IN_LAYER = {"self_attn.": "self_attention.", "post_attention_layernorm.": "pre_mlp_layernorm.",
              "input_layernorm.": "input_layernorm.", "mlp.": "mlp."}
-# Inside one MTP module: ours (mtp.K.<name>) -> Megatron (mtp.layers.K.<name>).
+# Inside one MTP module: ours (mtp.K.<name>) -> Megatron (mtp.layers.K.<name>); the decoder layer is
+# `transformer_layer.` up to megatron-core 0.16 and `mtp_model_layer.` from 0.17 (compat.megatron_api).
 _IN_MTP = {"enorm.": "enorm.", "hnorm.": "hnorm.", "eh_proj.": "eh_proj.", "norm.": "final_layernorm.",
            "layer.": "transformer_layer."}
+_MTP_LAYER_NAMES = ("transformer_layer.", "mtp_model_layer.")
 
 
 def _swap_prefix(rest: str, table: dict[str, str], name: str) -> str:
@@ -531,7 +561,7 @@ def dsv3_state_dict_to_megatron(state: dict[str, torch.Tensor]) -> dict[str, tor
             _, index, rest = name.split(".", 2)
             rest = _swap_prefix(rest, _IN_MTP, name)
             if rest.startswith("transformer_layer."):
-                rest = "transformer_layer." + _layer_to_megatron(rest[len("transformer_layer."):], name)
+                rest = f"{mtp_layer_attribute()}." + _layer_to_megatron(rest[len("transformer_layer."):], name)
             out[f"mtp.layers.{index}.{rest}"] = value
         else:
             raise KeyError(f"no Megatron name for DSV3Model entry {name!r}")
@@ -554,8 +584,9 @@ def megatron_state_dict_to_dsv3(state: dict[str, torch.Tensor]) -> dict[str, tor
             out[f"layers.{index}.{_layer_to_dsv3(rest, name)}"] = value
         elif name.startswith("mtp.layers."):
             _, _, index, rest = name.split(".", 3)
-            if rest.startswith("transformer_layer."):
-                rest = "layer." + _layer_to_dsv3(rest[len("transformer_layer."):], name)
+            layer = next((p for p in _MTP_LAYER_NAMES if rest.startswith(p)), None)
+            if layer is not None:
+                rest = "layer." + _layer_to_dsv3(rest[len(layer):], name)
             else:
                 rest = _swap_prefix(rest, in_mtp, name)
             out[f"mtp.{index}.{rest}"] = value

@@ -1,0 +1,99 @@
+"""dsv3-convert: bring your own weights into dsv3-train's checkpoints, and take them back out.
+
+    dsv3-convert hf-to-dist HF_DIR OUT [--dtype fp32|bf16] [--tensor T --pipeline P --expert E]
+    dsv3-convert dist-to-hf CKPT OUT [--fp8] [--dtype bf16|fp32]
+    dsv3-convert mcore-to-dist NATIVE_CKPT OUT --model-config config.json [--dtype fp32|bf16]
+    dsv3-convert dist-to-mcore CKPT OUT [--te] [--dtype fp32|bf16]
+
+hf-to-dist reads a Hugging Face DeepseekV3 folder (config.json, safetensors shards, BF16 or FP8
+with weight_scale_inv) one tensor at a time and writes a layout-free distributed checkpoint;
+start training from it with `checkpoint.load_weights=OUT` (weights only: a fresh optimizer and
+step 0). --tensor/--pipeline/--expert only check that the model splits that way. dist-to-hf
+writes shards, their index and config.json that transformers' from_pretrained loads.
+mcore-to-dist / dist-to-mcore convert distributed checkpoints of a GPTModel built from
+Megatron-Core's own MLA + MoE specs (local or Transformer Engine names) to ours and back.
+Exit codes: 0 done, 2 refused input (named in the message).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3-convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_dist = sub.add_parser("hf-to-dist", help="Hugging Face safetensors -> distributed checkpoint")
+    to_dist.add_argument("hf_dir")
+    to_dist.add_argument("out", help="the checkpoint folder to create (must not exist)")
+    to_dist.add_argument("--dtype", choices=DTYPES, default="fp32",
+                         help="stored weights (default fp32, what dsv3-train's checkpoints hold)")
+    for dim in ("tensor", "pipeline", "expert"):
+        to_dist.add_argument(f"--{dim}", type=int, default=1, metavar="N",
+                             help=f"check that the model splits over {dim}-parallel size N (nothing is baked in)")
+    to_hf = sub.add_parser("dist-to-hf", help="distributed checkpoint -> Hugging Face safetensors")
+    to_hf.add_argument("checkpoint", help="a checkpoint folder (iter_NNNNNNN or hf-to-dist's OUT)")
+    to_hf.add_argument("out")
+    to_hf.add_argument("--fp8", action="store_true", help="projection weights as FP8 with 128x128 weight_scale_inv")
+    to_hf.add_argument("--dtype", choices=DTYPES, default="bf16", help="the other tensors' dtype (default bf16)")
+    for parser_ in (to_dist, to_hf):
+        parser_.add_argument("--max-file-gb", type=float, default=4.0, help="size of each output file (default 4)")
+    from_mcore = sub.add_parser("mcore-to-dist", help="native Megatron-Core checkpoint -> ours")
+    from_mcore.add_argument("native")
+    from_mcore.add_argument("out")
+    from_mcore.add_argument("--model-config", required=True,
+                            help="an HF config.json or a JSON of DSV3Config fields (the native checkpoint has none)")
+    to_mcore = sub.add_parser("dist-to-mcore", help="ours -> native Megatron-Core checkpoint")
+    to_mcore.add_argument("checkpoint")
+    to_mcore.add_argument("out")
+    to_mcore.add_argument("--te", action="store_true", help="the Transformer Engine spec's fused norm names")
+    for parser_ in (from_mcore, to_mcore):
+        parser_.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored weights (default fp32)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from megatron_dsv3.config import ConfigError
+    from megatron_dsv3.convert import dist_to_hf, hf_to_dist
+    from megatron_dsv3.convert.distcp import DistCheckpointError
+    from megatron_dsv3.convert.mcore_names import NativeNameError
+    from megatron_dsv3.convert.safetensors_io import SafetensorsError
+    from megatron_dsv3.hf import HFWeightError
+
+    log = lambda message: print(f"dsv3-convert: {message}", flush=True)  # noqa: E731
+    dtype = getattr(torch, DTYPES[args.dtype])
+    max_bytes = int(getattr(args, "max_file_gb", 4.0) * 2**30)
+    try:
+        if args.command == "hf-to-dist":
+            done = hf_to_dist(args.hf_dir, args.out, dtype,
+                              {"tensor": args.tensor, "pipeline": args.pipeline, "expert": args.expert}, max_bytes, log)
+            log(f"wrote {done.path}: {done.tensors} tensors, {len(done.dequantized)} dequantised from FP8, "
+                f"{len(done.mtp_copies_checked)} MTP copies checked; train from it with "
+                f"checkpoint.load_weights={done.path}")
+        elif args.command == "dist-to-hf":
+            files = dist_to_hf(args.checkpoint, args.out, args.fp8, dtype, max_bytes, log)
+            log(f"wrote {len(files)} shards, model.safetensors.index.json and config.json into {args.out}")
+        elif args.command == "mcore-to-dist":
+            from megatron_dsv3.convert.mcore import mcore_to_dist, read_model_config
+
+            path = mcore_to_dist(args.native, args.out, read_model_config(args.model_config), dtype, log)
+            log(f"wrote {path}; train from it with checkpoint.load_weights={path}")
+        else:
+            from megatron_dsv3.convert.mcore import dist_to_mcore
+
+            log(f"wrote {dist_to_mcore(args.checkpoint, args.out, args.te, dtype, log)}")
+    except (ConfigError, HFWeightError, DistCheckpointError, SafetensorsError, NativeNameError, FileNotFoundError,
+            FileExistsError) as error:
+        print(f"dsv3-convert: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

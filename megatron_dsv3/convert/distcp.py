@@ -1,0 +1,193 @@
+"""Megatron-Core distributed checkpoints (the `torch_dist` format) written and read one chunk at a time.
+
+The format `dist_checkpointing.save` writes and `dsv3-train` resumes (checkpoint/dist.py):
+
+    metadata.json    {"sharded_backend": "torch_dist", ...}: which strategy reads the folder
+    common.pt        torch.save({"common": {...}}): step counters and the model config
+    .metadata        a pickled torch.distributed.checkpoint Metadata: for every key its global
+                     shape, dtype and chunks (offsets, sizes), and where each chunk's bytes are
+    __i_0.distcp     chunks, each one torch.save'd tensor at a recorded byte offset
+
+A chunk is any box of the global tensor; a reader under any tensor/expert layout takes the
+parts of the chunks it needs, so a converter may write a tensor as the pieces it reads (one
+expert's gate projection, say) and never assemble the whole tensor. `dist_checkpointing.save`
+needs the whole state dict in memory; `DistWriter` needs one chunk.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                   TensorProperties, TensorStorageMetadata)
+
+from megatron_dsv3.checkpoint import dist as dist_checkpoint, metadata_guard
+
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+           "common_backend_version": 1}
+
+
+class DistCheckpointError(ValueError):
+    """A chunk or tensor that does not fit the checkpoint; the message names the key."""
+
+
+@dataclass
+class _Tensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: list[ChunkStorageMetadata] = field(default_factory=list)
+    covered: int = 0  # elements written so far
+
+
+class DistWriter:
+    """Write a checkpoint folder chunk by chunk: `declare` every tensor, `write` its chunks, `close`.
+
+    Files are written into `path.tmp` and renamed to `path` by `close`, so an interrupted
+    conversion leaves no folder that looks complete. Files roll over at `max_file_bytes`."""
+
+    def __init__(self, path: Union[str, os.PathLike], max_file_bytes: int = 4 * 2**30):
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} exists; refusing to write a checkpoint over it")
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.max_file_bytes = max_file_bytes
+        self.tensors: dict[str, _Tensor] = {}
+        self.storage: dict[MetadataIndex, _StorageInfo] = {}
+        self.file_index = -1
+        self.file: Optional[io.BufferedWriter] = None
+        self._next_file()
+
+    def _next_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file_index += 1
+        self.file_name = f"__{self.file_index}_0.distcp"
+        self.file = open(self.tmp / self.file_name, "wb")
+
+    def declare(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> None:
+        if key in self.tensors:
+            raise DistCheckpointError(f"{key} declared twice")
+        self.tensors[key] = _Tensor(tuple(shape), dtype)
+
+    def write(self, key: str, offsets: Sequence[int], chunk: torch.Tensor) -> None:
+        """Store `chunk` as the box of tensor `key` starting at `offsets` (cast to its dtype)."""
+        if key not in self.tensors:
+            raise DistCheckpointError(f"{key} was not declared")
+        spec = self.tensors[key]
+        if len(offsets) != len(spec.shape) or chunk.dim() != len(spec.shape) or any(
+                o < 0 or o + n > full for o, n, full in zip(offsets, chunk.shape, spec.shape)):
+            raise DistCheckpointError(f"{key}: a {tuple(chunk.shape)} chunk at {tuple(offsets)} does not fit its "
+                                      f"global shape {spec.shape}")
+        data = chunk.detach().to("cpu", spec.dtype).contiguous()
+        if data.untyped_storage().nbytes() != data.numel() * data.element_size():
+            data = data.clone()  # torch.save writes a view's whole storage
+        if self.file.tell() and self.file.tell() + data.numel() * data.element_size() > self.max_file_bytes:
+            self._next_file()
+        start = self.file.tell()
+        torch.save(data, self.file)
+        index = MetadataIndex(key, torch.Size(offsets))
+        if index in self.storage:
+            raise DistCheckpointError(f"{key}: two chunks at {tuple(offsets)}")
+        self.storage[index] = _StorageInfo(self.file_name, start, self.file.tell() - start)
+        spec.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=data.shape))
+        spec.covered += data.numel()
+
+    def close(self, common: dict[str, Any]) -> Path:
+        """Write `.metadata`, `metadata.json` and `common.pt` ({"common": common}); rename into place.
+        Refuses (naming it) a tensor whose chunks do not cover it exactly once."""
+        self.file.close()
+        short = [f"{key}: {spec.covered} of {math.prod(spec.shape)} elements written"
+                 for key, spec in self.tensors.items() if spec.covered != math.prod(spec.shape)]
+        if short:
+            raise DistCheckpointError(f"{len(short)} tensor(s) not written whole: " + "; ".join(short[:10]))
+        state = {key: TensorStorageMetadata(TensorProperties(dtype=spec.dtype), torch.Size(spec.shape), spec.chunks)
+                 for key, spec in self.tensors.items()}
+        metadata = Metadata(state_dict_metadata=state, planner_data=None, storage_data=self.storage,
+                            storage_meta=StorageMeta(checkpoint_id=str(self.path), save_id=str(uuid.uuid4())),
+                            version="1.0.0")
+        with open(self.tmp / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+        (self.tmp / "metadata.json").write_text(json.dumps(BACKEND))
+        torch.save({"common": common}, self.tmp / "common.pt")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class DistReader:
+    """Tensors of a checkpoint folder by key, read with the restricted metadata unpickler; one chunk
+    is kept loaded (consecutive reads of one expert-parallel shard load it once)."""
+
+    def __init__(self, path: Union[str, os.PathLike], read_common: bool = True):
+        self.path = Path(path)
+        if not (self.path / ".metadata").is_file():
+            raise FileNotFoundError(f"{self.path} is not a distributed checkpoint (no .metadata)")
+        self.metadata = metadata_guard.read_metadata(self.path)
+        # Megatron-LM's own common state holds pickled objects (its argparse Namespace): not read then.
+        self.common: dict[str, Any] = dist_checkpoint.read_common(self.path) if read_common else {}
+        self.tensors = {key: md for key, md in self.metadata.state_dict_metadata.items()
+                        if isinstance(md, TensorStorageMetadata)}
+        self._cached: tuple[Optional[MetadataIndex], Optional[torch.Tensor]] = (None, None)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def _chunk(self, index: MetadataIndex) -> torch.Tensor:
+        if self._cached[0] != index:
+            self._cached = (None, None)  # free the previous chunk first
+            self._cached = (index, self._load(index))
+        return self._cached[1]
+
+    def _load(self, index: MetadataIndex) -> torch.Tensor:
+        info = self.metadata.storage_data[index]
+        with open(self.path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = io.BytesIO(f.read(info.length))
+        return torch.load(data, map_location="cpu", weights_only=True)
+
+    def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None,
+             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The box [offsets, offsets + sizes) of tensor `key` (the whole tensor by default)."""
+        if key not in self.tensors:
+            raise DistCheckpointError(f"{self.path} holds no tensor {key}")
+        md = self.tensors[key]
+        offsets = list(offsets or [0] * len(md.size))
+        sizes = list(sizes or [n - o for n, o in zip(md.size, offsets)])
+        exact = [c for c in md.chunks if list(c.offsets) == offsets and list(c.sizes) == sizes]
+        if exact and dtype in (None, md.properties.dtype):  # one chunk is the box: no copy, not kept
+            index = MetadataIndex(key, exact[0].offsets)
+            return self._cached[1] if self._cached[0] == index else self._load(index)
+        out = torch.empty(sizes, dtype=dtype or md.properties.dtype)
+        filled = 0
+        for chunk in md.chunks:
+            lo = [max(a, b) for a, b in zip(offsets, chunk.offsets)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if any(h <= l for l, h in zip(lo, hi)) and math.prod(sizes):
+                continue
+            data = self._chunk(MetadataIndex(key, chunk.offsets))
+            src = data[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, chunk.offsets))]
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
+            filled += src.numel()
+        if filled != out.numel():
+            raise DistCheckpointError(f"{key}: the chunks in {self.path} cover {filled} of the {out.numel()} "
+                                      f"elements at {tuple(offsets)} size {tuple(sizes)}")
+        return out
