@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.layout import ParallelLayout, stage_cut
 
 GIB = 1024**3
 
@@ -157,7 +157,9 @@ def estimate_memory(c: DSV3Config, layout: ParallelLayout, schedule: str, train,
     tokens = train.seq_length * train.micro_batch_size
     layers = c.num_layers + c.mtp_num_modules
     micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * layout.data))
-    held, share = in_flight(layout, schedule, micro_batches)
+    held, _ = in_flight(layout, schedule, micro_batches)
+    # each held micro-batch has passed one chunk of the schedule's stage cut (the trainer's): its largest
+    share = max(len(r) for r in stage_cut(schedule, c.num_layers, pp)) / c.num_layers
     kinds = [moe for moe, present in ((True, c.num_moe_layers), (False, c.first_k_dense_layers)) if present]
     worst_layer = max(layer_activation_bytes(c, moe, "none" if recompute == "full" else recompute, fp8) for moe in kinds)
     if recompute == "full":

@@ -11,10 +11,11 @@ preflight prints and checks the same plan (with its own memory estimate) before 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_dsv3.config import ConfigError, DSV3Config
 from megatron_dsv3.memory import MemoryEstimate, estimate_memory
-from megatron_dsv3.parallel.layout import ParallelLayout, stage_layers
+from megatron_dsv3.parallel.layout import ParallelLayout, num_stages, stage_cut
 from megatron_dsv3.run_config import RunConfig
 
 
@@ -58,8 +59,10 @@ def nodes_per_token(num_experts: int, num_groups: int, num_limited_groups: int,
     return min(num_limited_groups, ep_nodes)
 
 
-def check_schedule(schedule: str, pipeline: int, micro_batches: int) -> None:
-    """DualPipe: PP even, micro-batches even and >= 2*PP. DualPipeV: micro-batches >= 2*PP."""
+def check_schedule(schedule: str, pipeline: int, micro_batches: int, num_layers: Optional[int] = None) -> None:
+    """DualPipe: PP even, micro-batches even and >= 2*PP. DualPipeV: micro-batches >= 2*PP. Both:
+    every model stage of the cut (`layout.stage_cut`: 2*PP for DualPipeV) gets a decoder layer; the
+    last stage, which holds the head and MTP, sits with stage 0 (the embedding MTP reads) on rank 0."""
     if schedule not in ("dualpipe", "dualpipev"):
         return
     if pipeline < 2:
@@ -71,6 +74,16 @@ def check_schedule(schedule: str, pipeline: int, micro_batches: int) -> None:
                         f"{micro_batches} (global_batch_size / (micro_batch_size x DP))")
     if schedule == "dualpipe" and micro_batches % 2:
         raise PlanError(f"dualpipe needs an even number of micro-batches per step, got {micro_batches}")
+    if num_layers is not None:
+        check_stages_hold_layers(schedule, pipeline, num_layers)
+
+
+def check_stages_hold_layers(schedule: str, pipeline: int, num_layers: int) -> None:
+    """Every model stage of `layout.stage_cut` needs a decoder layer."""
+    stages = num_stages(schedule, pipeline)
+    if num_layers < stages:
+        raise PlanError(f"model.num_layers={num_layers} does not split into the {stages} stages of {schedule} on "
+                        f"parallel.pipeline={pipeline}: every stage needs a decoder layer")
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,7 @@ class RunPlan:
     layout: ParallelLayout
     ranks_per_node: int
     micro_batches: int  # per data-parallel rank and step
-    stage_layers: tuple[range, ...]  # decoder layers of each pipeline stage
+    stage_layers: tuple[range, ...]  # decoder layers of each model stage (2 x PP under DualPipeV)
     nodes_per_token: int
     device: str  # "cuda" or "cpu"
     optimizer: str  # "zero1" (Megatron's distributed optimizer) or "local"
@@ -125,16 +138,18 @@ def make_plan(run: RunConfig, world: int, ranks_per_node: int, cuda: bool) -> Ru
     if tp > ranks_per_node or ranks_per_node % tp:
         raise PlanError(f"tensor parallel TP{tp} must stay inside a node of {ranks_per_node} ranks")
     model = run.model_config()
-    stages = pp * (2 if par.schedule == "dualpipev" else 1)
+    if par.schedule in ("dualpipe", "dualpipev"):  # its own message first: the stages are not parallel.pipeline
+        check_stages_hold_layers(par.schedule, pp, model.num_layers)
     try:
-        model.validate(tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=stages)
+        model.validate(tensor_parallel_size=tp, expert_parallel_size=ep,
+                       pipeline_parallel_size=num_stages(par.schedule, pp))
     except ConfigError as error:
         raise PlanError(f"model {run.model.preset}: {error}") from None
     if train.global_batch_size % (train.micro_batch_size * data):
         raise PlanError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
                         f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {data}")
     micro_batches = train.global_batch_size // (train.micro_batch_size * data)
-    check_schedule(par.schedule, pp, micro_batches)
+    check_schedule(par.schedule, pp, micro_batches, model.num_layers)
     reach = nodes_per_token(model.num_routed_experts, model.num_expert_groups, model.num_limited_groups, ep, 1,
                             ranks_per_node)
     device = choose_device(run, cuda)
@@ -143,6 +158,5 @@ def make_plan(run: RunConfig, world: int, ranks_per_node: int, cuda: bool) -> Ru
         raise PlanError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
                         "optimizer, which parallel.distributed_optimizer=auto picks only on GPU: set it to true")
     return RunPlan(run=run, model=model, layout=ParallelLayout(tp, pp, ep, data), ranks_per_node=ranks_per_node,
-                   micro_batches=micro_batches, stage_layers=tuple(stage_layers(model.num_layers, pp, s)
-                                                                   for s in range(pp)),
+                   micro_batches=micro_batches, stage_layers=stage_cut(par.schedule, model.num_layers, pp),
                    nodes_per_token=reach, device=device, optimizer="zero1" if zero1 else "local")

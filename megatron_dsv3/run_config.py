@@ -277,19 +277,29 @@ class CheckpointSection:
     resume: bool = setting(True, boolean)
     keep: int = setting(3, integer(0))  # 0 keeps all
     save_timeout_s: float = setting(1800.0, number(0, low_open=True))  # writes, and waits while rank 0 renames
+    # A checkpoint folder (dsv3-convert hf-to-dist's OUT, or any iter_NNNNNNN) whose weights a run
+    # with nothing to resume in `dir` starts from: a fresh optimizer, step 0, the data from its start.
+    load_weights: Optional[str] = setting(None, optional(text))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
-    interval: int = setting(10, integer(1))
+    """What `monitor.build_logger` and the trainer's log phase read; README "Monitoring"."""
+
+    interval: int = setting(10, integer(1))  # steps between logged records
     console: bool = setting(True, boolean)
-    jsonl: bool = setting(True, boolean)
+    jsonl: bool = setting(True, boolean)  # metrics.jsonl beside the checkpoints folder
     wandb: bool = setting(False, boolean)
     wandb_project: str = setting("megatron-dsv3", text)
-    wandb_mode: Optional[str] = setting(None, optional(one_of("offline", "online")))  # None: WANDB_MODE decides
+    wandb_mode: str = setting("offline", one_of("offline", "online"))  # online only when asked for here
     wandb_run_name: Optional[str] = setting(None, optional(text))  # default: the run directory's name
     wandb_bar_charts: bool = setting(False, boolean)
-    tensorboard: bool = setting(False, boolean)
+    tensorboard: bool = setting(False, boolean)  # event files under tensorboard/ beside the checkpoints folder
+    # wandb/TensorBoard heatmap images at the first logging step from every multiple of this many steps,
+    # and at the last step (0: never); drawing the three takes about 0.8 s of a CPU core (tiny)
+    heatmap_interval: int = setting(500, integer(0))
+    heatmap_layer: Optional[int] = setting(None, optional(integer(0)))  # load over time of this MoE layer; None: mean
+    starved_below: float = setting(0.1, number(0, 1, low_open=True, high_open=True))  # x the mean load
 
 
 SLURM_NAME = r"[A-Za-z0-9_.-]+"

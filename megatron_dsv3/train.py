@@ -132,6 +132,8 @@ class Trainer:
         from megatron_dsv3.data import build_train_iterator
         from megatron_dsv3.model.gpt import build_model
         from megatron_dsv3.parallel import groups, initialize_parallel
+        from megatron_dsv3.parallel.layout import num_stages, rank_stages
+        from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
         from megatron_dsv3.pipeline.stages import ScheduledModel
 
         run, plan, lay = self.run, self.plan, self.plan.layout
@@ -151,10 +153,19 @@ class Trainer:
                                             train.global_batch_size, groups.rank(groups.dp_group()), lay.data,
                                             train.seed, plan.model.vocab_size, start_sample=self.consumed_samples)
         torch.manual_seed(train.seed)
-        self.model = build_model(plan.model, seed=train.seed).to(plan.device)
+        # This rank's model stages (two under DualPipe/DualPipeV) in one module, a chunk per stage.
+        pp_rank = groups.rank(groups.pp_group())
+        stages = rank_stages(run.parallel.schedule, lay.pipeline, pp_rank)
+        self.model = build_model(plan.model, seed=train.seed, stages=stages,
+                                 num_stages=num_stages(run.parallel.schedule, lay.pipeline)).to(plan.device)
         self.model.recompute = train.recompute
-        self.stage = ScheduledModel(self.model, lay.tensor, lay.pipeline,
-                                    torch.bfloat16 if train.bf16 else torch.float32)  # the dtype crossing stages
+        self.chunks = [ScheduledModel(self.model, lay.tensor, lay.pipeline, torch.bfloat16 if train.bf16
+                                      else torch.float32, stage=s) for s in stages]  # the dtype crossing stages
+        self.stage = self.chunks[0]
+        # DualPipe: this rank and pipeline rank PP-1-r hold the same stages (summed gradients, one saved copy)
+        self.mirror = groups.mirror_group() if run.parallel.schedule == "dualpipe" else None
+        if self.mirror is not None:
+            mark_mirror_copies(self.model, int(pp_rank >= lay.pipeline // 2))
         self.optimizer = self._build_optimizer()
 
     def _build_optimizer(self):
@@ -165,11 +176,11 @@ class Trainer:
             from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
 
             return ZeRO1Optimizer(self.model, self.stage.config, bf16_moments=train.bf16_adam_moments,
-                                  bf16_params=train.param_dtype == "bfloat16", **adam)
+                                  bf16_params=train.param_dtype == "bfloat16", mirror=self.mirror, **adam)
         from megatron_dsv3.optim import LocalOptimizer
 
         return LocalOptimizer(self.model, moment_dtype=torch.bfloat16 if train.bf16_adam_moments else torch.float32,
-                              **adam)
+                              mirror=self.mirror, **adam)
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
@@ -183,19 +194,24 @@ class Trainer:
             self.step, self.optimizer.step_count = common["step"], common["optimizer_steps"]
             ckpt.load(path, self.model, self.optimizer)
             _log(f"resumed from step {self.step} ({path})")
+        elif self.run.checkpoint.load_weights:  # weights only: a fresh optimizer, step 0
+            for note in ckpt.load_weights(self.run.checkpoint.load_weights, self.model, self.optimizer):
+                _log(f"checkpoint: {note}")
+            _log(f"started from the weights of {self.run.checkpoint.load_weights} (fresh optimizer, step 0)")
         for note in ckpt.start_line(self.ckpt_dir, self.resumed_from):
             _log(f"checkpoint: {note}")
         self.is_rank0 = dist.get_rank() == 0
         if self.is_rank0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.ckpt_dir / "run_config.yaml").write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
-        self.logger = (build_logger(self.run.logging, self.ckpt_dir.parent, self.run.to_dict(), self.run.train.steps)
-                       if self.is_rank0 else None)
         self.routers = self.model.routers()  # this pipeline stage's
         # every stage's MoE layer numbers, for one tracker of all
         per_stage = comm.all_gather_object([m.layer_number for m in self.model.moe_layers()], groups.pp_group())
-        all_moe = sorted(n for numbers in per_stage for n in numbers)
-        self.tracker = ExpertLoadTracker(len(all_moe), self.plan.model.num_routed_experts, all_moe)
+        all_moe = sorted({n for numbers in per_stage for n in numbers})  # DualPipe's mirrors hold the same
+        self.tracker = ExpertLoadTracker(len(all_moe), self.plan.model.num_routed_experts, all_moe,
+                                         self.run.logging.starved_below)
+        self.logger = (build_logger(self.run.logging, self.ckpt_dir.parent, self.run.to_dict(), self.run.train.steps,
+                                    all_moe) if self.is_rank0 else None)
         self.preemption = PreemptionFlag()
         params = sum(p.numel() for p in self.model.parameters())
         _log(f"training {self.run.model.preset} ({params / 1e6:.2f}M params on this rank) for {self.run.train.steps} "
@@ -220,13 +236,15 @@ class Trainer:
         mtp_weight = scheduled(train.mtp_loss_weight_schedule, tokens_seen, model_config.mtp_loss_weight)
         gamma = scheduled(train.bias_update_rate_schedule, tokens_seen, model_config.bias_update_rate)
         self.optimizer.zero_grad()
-        stage_losses = forward_backward(self.schedule, self.stage, self.batches, self.plan.micro_batches,
+        stage_losses = forward_backward(self.schedule, self.chunks, self.batches, self.plan.micro_batches,
                                         train.micro_batch_size, train.seq_length, train.bf16, mtp_weight)
         grad_norm = self.optimizer.step(lr)  # reduce over replicas, clip, update
         lm, mtp, balance = reduce_losses(stage_losses)
-        loads = update_expert_bias(self.routers, gamma, groups.dp_group())
+        # the load of every token through these stages: DualPipe's mirror ran half of them
+        loads = update_expert_bias(self.routers, gamma, groups.dp_group() if self.mirror is None
+                                   else groups.dp_mirror_group())
         for moe, load in zip(self.model.moe_layers(), loads):
-            self.tracker.update(moe.layer_number, load, moe.router.expert_bias)
+            self.tracker.update(moe.layer_number, load, moe.router.expert_bias, moe.router.routing_entropy)
         self.step += 1
         self.consumed_samples += train.global_batch_size
         return StepResult(lm, mtp, balance, grad_norm, lr, gamma, mtp_weight)
@@ -264,23 +282,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ logs
     def log(self, result: StepResult, tokens_per_s: float) -> None:
-        """Metrics and expert load from every pipeline stage, on rank 0's sinks."""
+        """Metrics, expert load and MTP counts from every pipeline stage, on rank 0's sinks."""
+        from megatron_dsv3.model.mtp import take_stats
+        from megatron_dsv3.monitor import mtp_metrics
         from megatron_dsv3.parallel import comm, groups
 
+        mtp = {}
+        if self.plan.model.mtp_num_modules:  # the last stage's counts: one small sum per logging step
+            stats = take_stats(self.model.mtp, self.plan.model.mtp_num_modules, torch.device(self.plan.device))
+            mtp = mtp_metrics(comm.all_reduce(stats, groups.world_group()))
         pp = groups.pp_group()
         if groups.size(pp) > 1:  # bring every stage's expert-load counts to the first stage
             states = comm.all_gather_object(self.tracker.state(), pp)
             if groups.rank(pp) == 0:
-                for state in states[1:]:
+                # DualPipe: ranks PP/2.. mirror the first half's stages and counts
+                for state in states[1:len(states) // 2 if self.mirror is not None else None]:
                     self.tracker.absorb(state)
         if self.logger is None:
             self.tracker.reset()
             return
-        self.logger.log_expert_load(self.step, self.tracker)
+        self.logger.log_expert_load(self.step, self.tracker, last=self.step == self.run.train.steps)
         self.logger.log(self.step, {
             "loss": result.lm_loss, "mtp_loss": result.mtp_loss, "balance_loss": result.balance_loss,
             "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": tokens_per_s,
-            "bias_update_rate": result.bias_update_rate, "mtp_loss_weight": result.mtp_loss_weight})
+            "bias_update_rate": result.bias_update_rate, "mtp_loss_weight": result.mtp_loss_weight, **mtp})
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:

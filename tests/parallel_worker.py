@@ -6,7 +6,11 @@ through Megatron-Core's schedule and the optimizer dsv3-train uses (`--optimizer
 (gathered over TP/EP) tensors of this rank's stage: gradients (local optimizer only; ZeRO-1 keeps
 a slice of them), updated parameters and Adam moments; and the updated routing biases. With one
 rank and `--write-state` it is the single-process reference and also writes the initial weights
-that the parallel runs load.
+that the parallel runs load. `--schedule dualpipe|dualpipev` builds the rank's two stages and
+steps through that schedule (DualPipe: gradients summed over the mirror group); `--micro` and
+`--layers` set the micro-batch size and the model's depth. `--via-megatron-hook` takes the schedule
+where Megatron-LM's training loop does, from Megatron-Core's `get_forward_backward_func()`, after
+`megatron_dsv3.pipeline.install(schedule)`.
 
 `node_limited`: expert-parallel over every rank, with emulated nodes of `--ranks-per-node`
 ranks; records, for every dispatched token, how many nodes its experts live on.
@@ -31,6 +35,8 @@ from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
 from megatron_dsv3.parallel.sharding import gather_full, gather_like, load_full
 from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
+from megatron_dsv3.parallel.layout import num_stages, rank_stages
+from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from megatron_dsv3.compat.megatron_cpu import cpu_shims
 
@@ -61,8 +67,13 @@ def record_dispatch(log: list) -> None:
 
 def step(args, out: Path) -> None:
     layout = initialize_parallel(args.tensor, args.pipeline, args.expert)
-    config = DSV3Config.preset("tiny", **MODEL)
-    model = build_model(config, seed=3)
+    config = DSV3Config.preset("tiny", **MODEL, **({"num_layers": args.layers} if args.layers else {}))
+    pp_rank = groups.rank(groups.pp_group())
+    stages = rank_stages(args.schedule, layout.pipeline, pp_rank)
+    model = build_model(config, seed=3, stages=stages, num_stages=num_stages(args.schedule, layout.pipeline))
+    mirror = groups.mirror_group() if args.schedule == "dualpipe" else None
+    if mirror is not None:
+        mark_mirror_copies(model, int(pp_rank >= layout.pipeline // 2))
     if args.write_state:
         torch.save(model.state_dict(), out / "state.pt")
     else:
@@ -74,19 +85,27 @@ def step(args, out: Path) -> None:
     per_rank = GLOBAL_BATCH // layout.data
     dp_rank = groups.rank(groups.dp_group())
     tokens, labels = (t[dp_rank * per_rank:(dp_rank + 1) * per_rank] for t in (tokens, labels))
-    micro = 2  # gradient accumulation over micro-batches of 2 sequences
+    micro = args.micro  # gradient accumulation over micro-batches of 2 sequences (default)
     num_micro = per_rank // micro
     batches = iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
                     for i in range(num_micro)])
     # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then the optimizer.
-    stage = ScheduledModel(model, layout.tensor, layout.pipeline)
+    chunks = [ScheduledModel(model, layout.tensor, layout.pipeline, stage=s) for s in stages]
     if args.optimizer == "distributed":
-        optimizer = ZeRO1Optimizer(model, stage.config, lr=LR, clip_grad=CLIP)
+        optimizer = ZeRO1Optimizer(model, chunks[0].config, lr=LR, clip_grad=CLIP, mirror=mirror)
     else:
-        optimizer = LocalOptimizer(model, lr=LR, clip_grad=CLIP)
+        optimizer = LocalOptimizer(model, lr=LR, clip_grad=CLIP, mirror=mirror)
     optimizer.zero_grad()
-    stage_losses = forward_backward(registry.get("schedule", "1f1b")(), stage, batches, num_micro, micro, SEQ,
-                                    bf16=False)
+    schedule = registry.get("schedule", args.schedule)()
+    if args.via_megatron_hook:
+        import megatron.core.pipeline_parallel as megatron_pipeline
+
+        from megatron_dsv3.pipeline import install
+
+        install(args.schedule)
+        schedule = megatron_pipeline.get_forward_backward_func()
+        assert schedule.__module__ == "megatron_dsv3.pipeline.dualpipe", schedule
+    stage_losses = forward_backward(schedule, chunks, batches, num_micro, micro, SEQ, bf16=False)
     lm, mtp, balance = reduce_losses(stage_losses)
     grad_norm = optimizer.step(LR)
     # The averaged, clipped gradients the update used (ZeRO-1 holds only its slice of them).
@@ -95,7 +114,8 @@ def step(args, out: Path) -> None:
     states = optimizer.param_states()
     params_by_name = dict(model.named_parameters())
     moments = {m: gather_like(params_by_name, {n: s[m] for n, s in states.items()}) for m in ("exp_avg", "exp_avg_sq")}
-    update_expert_bias(model.routers(), config.bias_update_rate, groups.dp_group())
+    update_expert_bias(model.routers(), config.bias_update_rate,
+                       groups.dp_mirror_group() if mirror is not None else groups.dp_group())
     bias = {m.layer_number: m.router.expert_bias.clone() for m in model.moe_layers()}
     rank = dist.get_rank()
     sent_away = sum(n for kind, *rest in log if kind == "send"
@@ -150,7 +170,7 @@ def pipeline_bytes(args, out: Path) -> None:
                     for i in range(num_micro)])
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     stage = ScheduledModel(model, layout.tensor, layout.pipeline, dtype)
-    forward_backward(registry.get("schedule", "1f1b")(), stage, batches, num_micro, micro, SEQ, bf16=args.bf16)
+    forward_backward(registry.get("schedule", "1f1b")(), [stage], batches, num_micro, micro, SEQ, bf16=args.bf16)
     torch.save({"bytes": sum(n for n, _ in sent), "dtypes": sorted({d for _, d in sent}), "messages": len(sent),
                 "hidden": config.hidden_size, "tokens": num_micro * micro * SEQ}, out / f"bytes{dist.get_rank()}.pt")
 
@@ -166,6 +186,10 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["local", "distributed"], default="local")
     parser.add_argument("--write-state", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=0)
+    parser.add_argument("--via-megatron-hook", action="store_true")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ["DSV3_DIST_TIMEOUT"])))

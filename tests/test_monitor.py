@@ -3,6 +3,8 @@ import glob
 import io
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +72,8 @@ def test_counts_accumulate_until_reset_and_batch_max_vio_averages_steps():
     assert s["moe/layer_00/max_vio"] == pytest.approx(1.0)  # summed [40, 40, 0, 0]
     assert s["moe/layer_00/max_vio_batch"] == pytest.approx(3.0)  # each step alone
     assert s["moe/layer_00/dead_experts"] == 2
-    assert t.histograms() == {"moe/layer_00/load": [0.5, 0.5, 0.0, 0.0], "moe/layer_00/bias": [1.0] * 4}
+    assert t.histograms() == {"moe/layer_00/load": [0.5, 0.5, 0.0, 0.0], "moe/layer_00/tokens": [40, 40, 0, 0],
+                              "moe/layer_00/starved_steps": [1, 0, 2, 2], "moe/layer_00/bias": [1.0] * 4}
     t.reset()
     assert t.summary() == {} and t.histograms() == {}
 
@@ -167,13 +170,12 @@ def test_build_logger_from_logging_section(tmp_path):
         RunConfig.from_dict({"logging": {"wandb_projct": "x"}})
 
 
-def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path):
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
+def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")  # the test extra installs it
+    with monkeypatch.context() as hidden:
+        hidden.setitem(sys.modules, "torch.utils.tensorboard", None)
         with pytest.raises(ImportError, match="pip install tensorboard"):
             build_logger(LoggingSection(tensorboard=True, console=False, jsonl=False), tmp_path)
-        return
     logger = build_logger(LoggingSection(tensorboard=True, console=False, jsonl=False), tmp_path)
     logger.log(1, {"loss": 1.0})
     logger.close()
@@ -264,14 +266,14 @@ def test_wandb_offline_run_holds_scalars_and_expert_table(tmp_path, monkeypatch)
         if rec.WhichOneof("record_type") == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
             history[rec.history.step.num] = row
-    assert history[10]["loss"] == 4.5 and history[20]["loss"] == 4.0
+    assert history[10]["train/loss"] == 4.5 and history[20]["train/loss"] == 4.0
     assert history[10]["moe/layer_03/max_vio"] == pytest.approx(40 / 25 - 1)
     assert history[10]["moe/layer_03/bias_min"] == pytest.approx(-0.2)
     assert history[10]["moe/expert_load/_type"] == "table-file"
     assert history[10]["moe/expert_load/nrows"] == 8
     table = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "moe" / "expert_load*"))
     rows = json.load(open(table[0]))["data"]
-    assert rows[0] == [10, "layer_03", 0, pytest.approx(0.1), pytest.approx(0.1)]
+    assert rows[0] == [10, "layer_03", 0, pytest.approx(0.1), 10, pytest.approx(0.1)]
     assert any(k.startswith("moe/layer_04/load_bar") for k in history[10])
 
 
@@ -369,3 +371,339 @@ def test_trackers_of_two_pipeline_stages_merge_into_one_summary():
     assert first.summary() == whole.summary()
     with pytest.raises(ValueError, match=r"layers \[2\] were tracked by both"):
         first.absorb(last.state())
+
+
+# ----------------------------------------------------------------------------- issue 16: metrics
+def test_load_entropy_is_one_when_balanced_and_zero_when_collapsed():
+    t = ExpertLoadTracker(3, 4)
+    for layer, counts in enumerate(([5, 5, 5, 5], [20, 0, 0, 0], [10, 10, 0, 0])):
+        t.update(layer, torch.tensor(counts))
+    s = t.summary()
+    assert s["moe/layer_00/load_entropy"] == pytest.approx(1.0)
+    assert s["moe/layer_01/load_entropy"] == 0.0
+    assert s["moe/layer_02/load_entropy"] == pytest.approx(0.5)  # log 2 / log 4
+    assert s["moe/load_entropy_mean"] == pytest.approx(0.5)
+
+
+def test_starved_streaks_count_consecutive_steps_across_logging_resets():
+    t = ExpertLoadTracker(1, 4, starved_below=0.25)  # starved below 0.25 x the mean load
+    t.update(0, torch.tensor([10, 10, 10, 2]))  # mean 8: expert 3 (2 >= 2) is not starved
+    t.update(0, torch.tensor([17, 10, 3, 1]))  # expert 3 starved (1 < 1.9375), expert 2 not (3)
+    assert t.summary()["moe/layer_00/starved_experts"] == 1
+    t.reset()
+    t.update(0, torch.tensor([20, 10, 1, 0]))  # 2 and 3 starved
+    s, h = t.summary(), t.histograms()
+    assert h["moe/layer_00/starved_steps"] == [0, 0, 1, 2]
+    assert s["moe/layer_00/starved_experts"] == 2 and s["moe/layer_00/starved_steps_max"] == 2
+    assert s["moe/starved_experts"] == 2 and s["moe/starved_steps_max"] == 2
+    t.reset()
+    t.update(0, torch.tensor([8, 8, 8, 8]))  # fed again: every streak ends
+    assert t.histograms()["moe/layer_00/starved_steps"] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="starved_below"):
+        ExpertLoadTracker(1, 4, starved_below=1.5)
+
+
+def test_bias_drift_is_the_rms_change_since_the_previous_logging_step():
+    t = ExpertLoadTracker(1, 4)
+    t.update(0, torch.ones(4), torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    assert "moe/layer_00/bias_drift" not in t.summary()  # nothing logged before
+    t.reset()
+    t.update(0, torch.ones(4), torch.tensor([0.1, -0.1, 0.0, 0.0]))
+    t.update(0, torch.ones(4), torch.tensor([0.3, -0.1, 0.1, -0.1]))
+    s = t.summary()
+    assert s["moe/layer_00/bias_drift"] == pytest.approx(((0.09 + 0.01 + 0.01 + 0.01) / 4) ** 0.5)
+    assert s["moe/bias_drift_mean"] == s["moe/layer_00/bias_drift"]
+
+
+def test_routing_entropy_matches_the_routers_affinities_over_the_global_batch():
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.model.moe.router import Router, update_expert_bias
+
+    config = DSV3Config.preset("tiny")
+    router = Router(config).train()
+    torch.nn.init.normal_(router.weight, std=0.3)
+    xs = [torch.randn(2, 16, config.hidden_size) for _ in range(3)]  # three micro-batches
+    for x in xs:
+        router(x)
+    (load,) = update_expert_bias([router], rate=0.01)
+    nats = []
+    for x in xs:  # each token's entropy of s_i / sum_j s_j, computed here in float64
+        s = torch.sigmoid(x.reshape(-1, config.hidden_size).double() @ router.weight.double().t())
+        p = s / s.sum(-1, keepdim=True)
+        nats.append(-(p * p.log()).sum(-1))
+    expected = torch.cat(nats).mean()
+    assert load.sum() == 3 * 32 * config.num_experts_per_token
+    assert float(router.routing_entropy) == pytest.approx(float(expected), rel=1e-5)
+    assert router.routing_entropy_sum == 0  # cleared with the counts
+    t = ExpertLoadTracker(1, config.num_routed_experts)
+    t.update(0, load, router.expert_bias, router.routing_entropy)
+    import math
+    assert t.summary()["moe/layer_00/routing_entropy"] == pytest.approx(float(expected) / math.log(8), rel=1e-5)
+
+
+def test_mtp_counts_its_depth_1_top1_hits_on_device_and_metrics_name_them():
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.model.gpt import build_model
+    from megatron_dsv3.model.mtp import take_stats
+    from megatron_dsv3.monitor import mtp_metrics
+
+    config = DSV3Config.preset("tiny", mtp_num_modules=2)
+    model = build_model(config, seed=3).train()
+    tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    normed = {}
+    for k, module in enumerate(model.mtp):
+        module.register_forward_hook(lambda m, args, out, k=k: normed.__setitem__(k, out[1].detach()))
+    out = model(tokens[:, :-1], labels=tokens[:, 1:])
+    labels = tokens[:, 1:]
+    stats = take_stats(model.mtp, 2, torch.device("cpu"))
+    for k in range(2):  # depth k+1 predicts labels[i + k + 1]: the last k+1 positions have no target
+        predicted = model.lm_head(normed[k]).argmax(-1)[:, :16 - (k + 1)]
+        hits = (predicted == labels[:, k + 1:]).sum()
+        assert stats[k].tolist() == pytest.approx([float(out.mtp_losses[k]), 1.0, float(hits), 2.0 * (15 - k)])
+    assert take_stats(model.mtp, 2, torch.device("cpu")).sum() == 0  # read once, then cleared
+    model.eval()
+    model(tokens[:, :-1], labels=tokens[:, 1:])
+    assert take_stats(model.mtp, 2, torch.device("cpu")).sum() == 0  # evaluation does not count
+    assert take_stats(torch.nn.ModuleList(), 2, torch.device("cpu")).shape == (2, 4)  # a stage without MTP
+    metrics = mtp_metrics(torch.tensor([[6.0, 2, 30, 40], [7.0, 2, 10, 40]]))
+    assert metrics == {"mtp/loss_d1": 3.0, "mtp/acceptance_d1": 0.75, "mtp/loss_d2": 3.5,
+                       "mtp/acceptance_d2": 0.25, "mtp/acceptance": 0.75}
+    assert mtp_metrics(torch.zeros(1, 4)) == {}
+
+
+def test_dashboards_group_the_trainers_plain_keys():
+    from megatron_dsv3.monitor import dashboard_key
+
+    assert [dashboard_key(k) for k in ("loss", "grad_norm", "mtp_loss", "balance_loss", "moe/max_vio_mean",
+                                       "mtp/acceptance")] == [
+        "train/loss", "train/grad_norm", "mtp/loss", "moe/balance_loss", "moe/max_vio_mean", "mtp/acceptance"]
+
+
+class _Reads:
+    """A LoggingSection that records which of its fields are read."""
+
+    def __init__(self, section):
+        object.__setattr__(self, "section", section)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self.section, name)
+
+
+def test_every_logging_setting_is_read_and_the_logger_reads_no_other(tmp_path, monkeypatch):
+    import dataclasses
+    from pathlib import Path
+
+    section = _Reads(LoggingSection(console=True, jsonl=True, tensorboard=False, wandb=False))
+    build_logger(section, tmp_path, moe_layers=[1, 2]).close()
+    fields = {f.name for f in dataclasses.fields(LoggingSection)}
+    assert section.read <= fields
+    # the rest are the trainer's; the sinks that are off do not read their own settings
+    trainer_reads = fields - section.read - {"wandb_project", "wandb_mode", "wandb_run_name", "wandb_bar_charts"}
+    assert trainer_reads == {"interval", "starved_below"}
+    source = (Path(__file__).parents[1] / "megatron_dsv3" / "train.py").read_text()
+    assert all(f"logging.{name}" in source for name in trainer_reads)
+    made = []
+    monkeypatch.setattr("megatron_dsv3.monitor.logger.WandbSink", lambda *a, **kw: made.append((a, kw)) or JsonlSink(
+        tmp_path / "stand_in.jsonl"))
+    on = _Reads(LoggingSection(wandb=True, console=False, wandb_run_name="r", wandb_mode="online"))
+    build_logger(on, tmp_path, {"a": 1}, moe_layers=[1, 2]).close()
+    assert {"wandb_project", "wandb_mode", "wandb_run_name", "wandb_bar_charts"} <= on.read
+    assert made == [(("megatron-dsv3", "r", {"a": 1}, "online"), {"dir": str(tmp_path), "bar_charts": False})]
+
+
+def test_run_config_takes_the_documented_logging_keys_and_refuses_the_rest_by_name(tmp_path):
+    keys = {"interval": 5, "console": False, "jsonl": True, "wandb": True, "wandb_project": "p",
+            "wandb_mode": "online", "wandb_run_name": "r", "wandb_bar_charts": True, "tensorboard": True,
+            "heatmap_interval": 50, "heatmap_layer": 2, "starved_below": 0.2}
+    logging = RunConfig.from_dict({"logging": keys}).logging
+    assert {k: getattr(logging, k) for k in keys} == keys
+    assert RunConfig.from_dict({}).logging.wandb_mode == "offline"  # online only when asked for
+    for given, message in [({"wandb_mode": None}, "logging.wandb_mode=None is not one of offline, online"),
+                           ({"starved_below": 1}, "logging.starved_below must be a number in (0, 1)"),
+                           ({"heatmap_layer": -1}, "logging.heatmap_layer must be an integer >= 0"),
+                           ({"heatmap_every": 5}, "unknown config key 'logging.heatmap_every'")]:
+        with pytest.raises(RunConfigError, match=re.escape(message)):
+            RunConfig.from_dict({"logging": given})
+    with pytest.raises(RunConfigError, match=re.escape("logging.heatmap_layer=0 is not a MoE layer of this model "
+                                                       "(MoE layers: 1, 2, 3)")):
+        build_logger(LoggingSection(heatmap_layer=0), tmp_path, moe_layers=[1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- issue 16: a real run
+def _chosen_experts(x_BSH, weight_EH, bias_E, cfg) -> torch.Tensor:
+    """The routers' choice recomputed here: per token the best `num_limited_groups` groups by the
+    sum of their two best biased scores, then the top-k biased scores inside them (by sorting)."""
+    biased_TE = torch.sigmoid(x_BSH.reshape(-1, x_BSH.shape[-1]).float() @ weight_EH.float().t()) + bias_E
+    grouped = biased_TE.view(biased_TE.shape[0], cfg.num_expert_groups, -1)
+    group_score = grouped.sort(dim=-1).values[..., -2:].sum(-1)
+    dropped = group_score.argsort(dim=-1, descending=True)[:, cfg.num_limited_groups:]
+    grouped = grouped.clone()
+    for t, groups_out in enumerate(dropped.tolist()):
+        grouped[t, groups_out] = float("-inf")
+    return grouped.flatten(1).argsort(dim=-1, descending=True)[:, :cfg.num_experts_per_token]
+
+
+def test_a_tiny_run_logs_to_wandb_and_tensorboard_what_the_routers_chose(tmp_path, monkeypatch):
+    """4 steps, logged every 2 with heatmaps: both dashboards' files hold the grouped keys and the
+    heatmap images, and the per-expert token counts equal those recomputed from each router's input
+    and bias; MTP acceptance equals the depth-1 head's top-1 hits counted here."""
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_dsv3 import train
+
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")
+    counted, per_step, accepted, labels = {}, [], [0, 0], {}
+
+    def count(layer_number, router, args, _out):
+        if router.training and router.count_load:
+            ids = _chosen_experts(args[0].detach(), router.weight.detach(), router.expert_bias, router.config)
+            counted[layer_number] = counted.get(layer_number, 0) + torch.bincount(ids.flatten(), minlength=8)
+
+    def accept(model, mtp_module, _args, out):
+        with torch.no_grad():
+            predicted = model.lm_head(out[1]).argmax(-1)[:, :-1]
+        accepted[0] += int((predicted == labels["now"][:, 1:]).sum())
+        accepted[1] += predicted.numel()
+
+    build, step = train.Trainer.build, train.Trainer.train_step
+
+    def hooked_build(self):
+        build(self)
+        for moe in self.model.moe_layers():
+            moe.router.register_forward_hook(lambda *a, n=moe.layer_number, r=moe.router: count(n, r, *a[1:]))
+        self.model.register_forward_pre_hook(lambda m, a, kw: labels.__setitem__("now", kw["labels"]),
+                                             with_kwargs=True)
+        self.model.mtp[0].register_forward_hook(lambda *a, model=self.model: accept(model, *a))
+
+    def hooked_step(self):
+        result = step(self)
+        per_step.append((dict(counted), tuple(accepted)))
+        counted.clear()
+        accepted[:] = [0, 0]
+        return result
+
+    monkeypatch.setattr(train.Trainer, "build", hooked_build)
+    monkeypatch.setattr(train.Trainer, "train_step", hooked_step)
+    run = tmp_path / "run"
+    assert train.main(["train.steps=4", "logging.interval=2", "logging.heatmap_interval=2", "logging.wandb=true",
+                       "logging.tensorboard=true", "logging.console=false", "train.device=cpu", "train.seq_length=32",
+                       "train.micro_batch_size=2", "train.global_batch_size=4", "checkpoint.save_interval=0",
+                       f"checkpoint.dir={run / 'checkpoints'}"]) == 0
+    assert len(per_step) == 4
+    expected = {}  # (logged step, layer) -> tokens per expert over the two steps it covers
+    for logged in (2, 4):
+        for counts, _ in per_step[logged - 2:logged]:
+            for n, c in counts.items():
+                expected[logged, n] = expected.get((logged, n), 0) + c
+    assert {n for _, n in expected} == {1, 2, 3}  # MoE layers 1, 2 and the MTP block's
+    assert all(int(c.sum()) == 2 * 4 * 32 * 2 for c in expected.values())  # steps x sequences x tokens x top-k
+    hits = {logged: sum(a[0] for _, a in per_step[logged - 2:logged]) / sum(a[1] for _, a in per_step[logged - 2:logged])
+            for logged in (2, 4)}
+
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records.setdefault(record["step"], {}).update(record)
+    for (logged, n), c in expected.items():
+        assert records[logged][f"moe/layer_{n:02d}/tokens"] == c.tolist(), (logged, n)
+        assert records[logged][f"moe/layer_{n:02d}/load"] == pytest.approx((c / c.sum()).tolist())
+    assert [records[s]["mtp/acceptance"] for s in (2, 4)] == pytest.approx([hits[2], hits[4]])
+
+    # wandb: grouped keys, the heatmap images, and the table's per-expert counts
+    (wandb_file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = {}
+    for rec in wandb_log.read_records(wandb_file):
+        if rec.WhichOneof("record_type") == "history":
+            history[rec.history.step.num] = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                             for item in rec.history.item}
+    media = Path(wandb_file).parent / "files"
+    for logged in (2, 4):
+        row = history[logged]
+        assert row["train/loss"] == pytest.approx(records[logged]["loss"])
+        assert row["mtp/acceptance"] == pytest.approx(hits[logged])
+        for key in ("moe/layer_01/max_vio", "moe/max_vio_batch_mean", "moe/starved_experts", "moe/routing_entropy_mean",
+                    "moe/load_entropy_mean", "moe/balance_loss", "mtp/loss_d1", "train/grad_norm"):
+            assert key in row, (logged, key)
+        for image in ("load", "bias", "load_over_time"):
+            assert row[f"moe/heatmap/{image}/_type"] == "image-file"
+            png = Image.open(media / row[f"moe/heatmap/{image}/path"])
+            assert png.format == "PNG" and png.width > 400 and png.height > 100
+        (table,) = glob.glob(str(media / row["moe/expert_load/path"]))
+        for _, layer, expert, _, tokens, _ in json.load(open(table))["data"]:
+            assert tokens == int(expected[logged, int(layer.split("_")[1])][expert])
+    assert "moe/heatmap/load/_type" not in history.get(1, {}) and 1 not in history
+
+    # TensorBoard: the same scalars, the images, the counts' histograms
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "mtp/loss", "mtp/acceptance", "moe/balance_loss", "moe/layer_03/max_vio",
+            "moe/starved_steps_max"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("mtp/acceptance")] == pytest.approx([hits[2], hits[4]])
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([records[s]["loss"] for s in (2, 4)])
+    assert set(tags["images"]) == {"moe/heatmap/load", "moe/heatmap/bias", "moe/heatmap/load_over_time"}
+    for tag in tags["images"]:
+        shots = events.Images(tag)
+        assert [s.step for s in shots] == [2, 4]
+        assert Image.open(io.BytesIO(shots[-1].encoded_image_string)).size == (shots[-1].width, shots[-1].height)
+    for n in (1, 2, 3):
+        (last,) = [h for h in events.Histograms(f"moe/layer_{n:02d}/tokens") if h.step == 4]
+        assert last.histogram_value.sum == pytest.approx(float(expected[4, n].sum()))
+
+
+class _ImageSink:
+    """A dashboard stand-in: records the steps and images it is given."""
+
+    def __init__(self):
+        self.images: dict[int, dict] = {}
+
+    def write(self, step, scalars, arrays=None):
+        pass
+
+    def write_images(self, step, images):
+        self.images[step] = images
+
+    def close(self):
+        pass
+
+
+def _load_steps(logger, steps, last):
+    tracker = ExpertLoadTracker(2, 4, [1, 3])
+    for step in steps:
+        tracker.update(1, torch.tensor([step, 1, 1, 1]), torch.full((4,), 0.01 * step))
+        tracker.update(3, torch.tensor([1, 1, 1, 5]), torch.zeros(4))
+        logger.log_expert_load(step, tracker, last=step == last)
+
+
+def test_heatmaps_are_drawn_from_each_multiple_of_the_interval_and_at_the_last_step():
+    sink = _ImageSink()
+    _load_steps(MetricsLogger([sink], heatmap_interval=5), (3, 6, 9, 13), last=None)
+    assert sorted(sink.images) == [6, 13]  # 13: the first logged step from 10
+    images = sink.images[13]
+    assert sorted(images) == ["moe/heatmap/bias", "moe/heatmap/load", "moe/heatmap/load_over_time"]
+    for rgb in images.values():
+        assert rgb.dtype.name == "uint8" and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[1] > 400
+        assert len({tuple(p) for p in rgb.reshape(-1, 3)[::7]}) > 20, "a blank image"
+    # at the last step whatever the interval; the load over time of layer 3 alone, a column per logged step
+    chosen = _ImageSink()
+    logger = MetricsLogger([chosen], heatmap_interval=10, heatmap_layer=3)
+    _load_steps(logger, (3, 6), last=6)
+    assert list(chosen.images) == [6]
+    assert [s for s, _ in logger._history] == [3, 6]
+    assert logger._history[-1][1].tolist() == [0.5, 0.5, 0.5, 2.5]  # layer 3's load / balanced
+
+
+def test_without_a_dashboard_no_heatmap_is_drawn(monkeypatch, tmp_path):
+    from megatron_dsv3.monitor import heatmaps
+
+    monkeypatch.setattr(heatmaps, "layer_expert_map", lambda *a, **k: pytest.fail("drew a heatmap"))
+    logger = MetricsLogger([JsonlSink(tmp_path / "m.jsonl")], heatmap_interval=1)
+    _load_steps(logger, (1, 2), last=2)
+    assert not logger._history
+    _load_steps(MetricsLogger([_ImageSink()], heatmap_interval=0), (1, 2), last=2)  # 0: never

@@ -43,21 +43,10 @@ def reference(tmp_path_factory):
     return out, torch.load(out / "rank0.pt")
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("tensor,pipeline,expert,world,optimizer", [
-    (2, 1, 1, 2, "local"), (1, 1, 2, 2, "local"), (1, 1, 1, 2, "local"), (2, 1, 2, 4, "local"),
-    (1, 2, 1, 2, "local"), (1, 3, 1, 3, "local"), (1, 2, 2, 4, "local"),
-    (1, 1, 1, 2, "distributed"), (2, 1, 2, 4, "distributed"), (1, 2, 2, 4, "distributed")],
-    ids=["TP2", "EP2", "DP2", "TP2xEP2xDP2", "PP2", "PP3", "PP2xEP2xDP2",
-         "ZeRO1-DP2", "ZeRO1-TP2xEP2xDP2", "ZeRO1-PP2xEP2xDP2"])
-def test_one_step_matches_single_process(reference, tensor, pipeline, expert, world, optimizer):
-    out, ref = reference
-    for stale in out.glob("rank[1-9]*.pt"):
-        stale.unlink()
-    run_ranks(world, [WORKER, "step", str(out), "--tensor", str(tensor), "--pipeline", str(pipeline),
-                      "--expert", str(expert), "--optimizer", optimizer])
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-
+def assert_step_matches(ref: dict, ranks: list[dict], initial: dict, optimizer: str) -> None:
+    """One training step of parallel `ranks` equals the single-process `ref`: losses, grad norm,
+    every gradient, every updated parameter (AdamW's first step from `initial` and the rank's own
+    moments), the moments within their tolerances, and the routing biases bitwise."""
     assert ref["grad_norm"] > 0.5  # the worker clips at 0.5: the update depends on the norm
     for got in ranks:  # every rank agrees on the model's losses (summed over stages) and the norm
         for key in ("loss", "mtp_loss", "balance_loss"):
@@ -74,7 +63,6 @@ def test_one_step_matches_single_process(reference, tensor, pipeline, expert, wo
     # The update: every stage's parameters and Adam moments, gathered over TP/EP (and, for ZeRO-1,
     # over the data-parallel slices), equal the single process's.
     assert set().union(*(r["params"] for r in ranks)) == ref["params"].keys()
-    initial = torch.load(out / "state.pt")
     for r in [ref, *ranks]:  # the reference too: the formula is the optimizers'
         for name, value in r["params"].items():
             if name in r["moments"]["exp_avg"]:
@@ -93,6 +81,24 @@ def test_one_step_matches_single_process(reference, tensor, pipeline, expert, wo
     for r in ranks:
         for layer, bias in r["bias"].items():
             torch.testing.assert_close(bias, ref["bias"][layer], atol=0, rtol=0)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tensor,pipeline,expert,world,optimizer", [
+    (2, 1, 1, 2, "local"), (1, 1, 2, 2, "local"), (1, 1, 1, 2, "local"), (2, 1, 2, 4, "local"),
+    (1, 2, 1, 2, "local"), (1, 3, 1, 3, "local"), (1, 2, 2, 4, "local"),
+    (1, 1, 1, 2, "distributed"), (2, 1, 2, 4, "distributed"), (1, 2, 2, 4, "distributed")],
+    ids=["TP2", "EP2", "DP2", "TP2xEP2xDP2", "PP2", "PP3", "PP2xEP2xDP2",
+         "ZeRO1-DP2", "ZeRO1-TP2xEP2xDP2", "ZeRO1-PP2xEP2xDP2"])
+def test_one_step_matches_single_process(reference, tensor, pipeline, expert, world, optimizer):
+    out, ref = reference
+    for stale in out.glob("rank[1-9]*.pt"):
+        stale.unlink()
+    run_ranks(world, [WORKER, "step", str(out), "--tensor", str(tensor), "--pipeline", str(pipeline),
+                      "--expert", str(expert), "--optimizer", optimizer])
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+    assert_step_matches(ref, ranks, torch.load(out / "state.pt"), optimizer)
     assert sum(b.abs().sum() for b in ref["bias"].values()) > 0
     if expert > 1:  # tokens really left their rank through the all-to-all
         assert all(r["sent_away"] > 0 for r in ranks)

@@ -18,7 +18,7 @@ from megatron_dsv3.cli.report import STARVED_ROWS, main as report_main
 from megatron_dsv3.monitor import plots
 
 STEPS = 12
-PLOTS = ("Loss and MTP loss", "MaxVio per layer and the maximum", "Expert load per layer (expert x step)",
+PLOTS = ("Loss and MTP loss", "MTP acceptance per depth", "MaxVio per layer and the maximum", "Expert load per layer (expert x step)",
          "Routing bias per layer (expert x step)", "Starved experts per layer")
 
 
@@ -120,6 +120,8 @@ def test_html_numbers_agree_with_the_jsonl(run_dir, tmp_path):
     training = {row[0]: row for row in _table(page, "metric", "first", "last", "last step", "min", "mean")}
     assert training["loss"][2] == f"{losses[-1]['loss']:.4g}"
     assert training["mtp_loss"][2] == f"{losses[-1]['mtp_loss']:.4g}"
+    assert training["mtp/acceptance"][2] == f"{losses[-1]['mtp/acceptance']:.4g}"
+    assert 0 < losses[-1]["mtp/acceptance"] < 1 and losses[-1]["mtp/loss_d1"] > 0
     vio = {row[0]: row for row in _table(page, "layer", "MaxVio first", "MaxVio last", "MaxVio max")}
     last_load = next(r for r in reversed(records) if "moe/layer_01/max_vio" in r)
     assert vio["layer_01"][2] == f"{last_load['moe/layer_01/max_vio']:.4g}"

@@ -500,9 +500,10 @@ def test_refused_before_any_compute(case, tmp_path, capsys, monkeypatch, small_d
     (2, ["parallel.tensor=2", "parallel.expert=4"], r"expert=4 must divide tensor x data = 2"),
     (3, ["parallel.expert=3"], r"num_routed_experts=8 is not divisible by expert_parallel_size=3"),
     (4, ["parallel.pipeline=4"], r"num_layers=3 cannot fill pipeline_parallel_size=4 stages"),
-    (2, ["parallel.pipeline=2", "parallel.schedule=dualpipe", "train.global_batch_size=8"],
-     r"parallel\.schedule='dualpipe' is registered but not implemented yet"),
-], ids=["tensor4-on-2-ranks", "expert4-on-tp2", "8-experts-on-ep3", "pp4-for-3-layers", "dualpipe-not-yet"])
+    (2, ["parallel.pipeline=2", "parallel.schedule=dualpipev"],
+     r"model\.num_layers=3 does not split into the 4 stages of dualpipev"),
+], ids=["tensor4-on-2-ranks", "expert4-on-tp2", "8-experts-on-ep3", "pp4-for-3-layers",
+        "dualpipev-more-stages-than-layers"])
 def test_parallel_layout_refused_on_every_rank(nproc, overrides, message, tmp_path, ranks):
     run = tmp_path / "run"
     codes, logs = ranks.run(nproc, _args(run, "train.steps=3", *overrides), tmp_path / "logs", timeout=60)
@@ -799,6 +800,8 @@ def _damage_delete_shard(ckpt: Path) -> None:
 
 def _damage_truncate(name: str) -> Callable[[Path], None]:
     def damage(ckpt: Path) -> None:
+        if not (ckpt / name).exists():  # megatron-core >= 0.19 writes no common.pt: its data is in the shards
+            pytest.skip(f"this megatron-core writes no {name}; a truncated shard is tested by truncated-shard")
         with open(ckpt / name, "r+b") as f:
             f.truncate((ckpt / name).stat().st_size // 2)
     return damage

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from megatron_dsv3.monitor import plots
 from megatron_dsv3.monitor.logger import METRICS_FILENAME
 
-TRAIN_KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s")
+TRAIN_KEYS = ("loss", "mtp_loss", "mtp/acceptance", "balance_loss", "grad_norm", "lr", "tokens_per_s")
 SPARK = " .:-=+*#%@"  # 0 .. 2x the balanced load, one character per expert
 
 

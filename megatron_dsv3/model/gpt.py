@@ -57,22 +57,29 @@ def _replaying_forward(layer: nn.Module):
 
 
 class DSV3Model(nn.Module):
-    def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0):
+    def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0,
+                 stages: Optional[tuple[int, ...]] = None, num_stages: Optional[int] = None):
+        """`stages` of `num_stages` model stages are built on this rank (default: the pipeline
+        rank's one stage of the pipeline size; DualPipe/DualPipeV pass two, see
+        `parallel.layout.rank_stages`). Parameters of all held stages live in this one module, keyed
+        by global layer index; `forward(stage=...)` runs one of them."""
         super().__init__()
         self.config = config
-        # This rank's pipeline stage (the whole model without pipeline parallelism): see parallel/layout.py.
-        stage, stages = groups.rank(groups.pp_group()), groups.size(groups.pp_group())
-        self.first_stage, self.last_stage = stage == 0, stage == stages - 1
+        if stages is None:
+            stages, num_stages = (groups.rank(groups.pp_group()),), groups.size(groups.pp_group())
+        self.stages, self.num_stages = tuple(stages), num_stages
+        self.first_stage, self.last_stage = 0 in self.stages, num_stages - 1 in self.stages  # held by this rank
         self.input_hidden: Optional[torch.Tensor] = None  # [b, s, h] from the previous stage
         self.last_balance_loss: Optional[torch.Tensor] = None  # this stage's, detached, for logging
         has_mtp = self.last_stage and config.mtp_num_modules > 0
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.first_stage or has_mtp else None
-        if self.embed_tokens is not None and stages > 1 and config.mtp_num_modules > 0:
-            # stage 0's embedding (0) and MTP's copy on the last stage (1): their gradients are summed
+        if self.embed_tokens is not None and not (self.first_stage and self.last_stage) and config.mtp_num_modules > 0:
+            # stage 0's embedding (0) and MTP's copy on the last stage's rank (1): their gradients are summed
             self.embed_tokens.weight.pipeline_copy = 0 if self.first_stage else 1
         # Keyed by global layer index, so parameter names do not depend on the pipeline layout.
+        self.stage_layer_ids = {s: stage_layers(config.num_layers, num_stages, s) for s in self.stages}
         self.layers = nn.ModuleDict({str(i): build_module(layer_spec(config, i))
-                                     for i in stage_layers(config.num_layers, stages, stage)})
+                                     for s in sorted(self.stages) for i in self.stage_layer_ids[s]})
         self.norm = RMSNorm(config.hidden_size, config.norm_eps) if self.last_stage else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.last_stage else None
         self.mtp = nn.ModuleList(MTPModule(config, layer_spec(config, config.num_layers + k))
@@ -113,20 +120,26 @@ class DSV3Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 cache: Optional[InferenceCache] = None, mtp_loss_weight: Optional[float] = None,
-                balance_loss_scale: float = 1.0):
+                balance_loss_scale: float = 1.0, stage: Optional[int] = None):
         """tokens [b, s] -> logits [b, s, vocab] (no labels) or LMOutput (labels [b, s]).
 
         A stage before the last returns its hidden state [b, s, h] for the next stage. Training
         passes this step's MTP weight lambda (default: the config's) and the factor the schedule
-        applies to the loss (1 / micro-batches), which the balance losses' gradients take."""
+        applies to the loss (1 / micro-batches), which the balance losses' gradients take.
+        `stage`: which held stage to run (needed when the rank holds two)."""
+        if stage is None:
+            if len(self.stages) != 1:
+                raise ValueError(f"this rank holds stages {self.stages}: pass stage=")
+            stage = self.stages[0]
+        first, last = stage == 0, stage == self.num_stages - 1
         mtp_loss_weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
         for moe in self.moe_layers():
             moe.balance_loss_scale = balance_loss_scale
         offset = cache.offset if cache is not None else 0
         cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
-        hidden = self.embed_tokens(tokens) if self.first_stage else self.input_hidden
+        hidden = self.embed_tokens(tokens) if first else self.input_hidden
         recompute = self.recompute == "full" and self.training and torch.is_grad_enabled() and cache is None
-        for layer in self.layers.values():
+        for layer in (self.layers[str(i)] for i in self.stage_layer_ids[stage]):
             if recompute:  # keep only each layer's input; rerun the layer in backward
                 hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False,
                                     context_fn=lambda layer=layer: (contextlib.nullcontext(), _replaying_forward(layer)))
@@ -134,7 +147,7 @@ class DSV3Model(nn.Module):
                 hidden = layer(hidden, cos, sin, cache)
         if cache is not None:
             cache.offset += tokens.shape[1]
-        if not self.last_stage:
+        if not last:
             self._collect_balance_loss()
             return hidden
         hidden = self.norm(hidden)  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do
@@ -166,12 +179,15 @@ class DSV3Model(nn.Module):
         return [m.router for m in self.moe_layers()]
 
 
-def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0) -> DSV3Model:
-    """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups. With
+def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0,
+                stages: Optional[tuple[int, ...]] = None, num_stages: Optional[int] = None) -> DSV3Model:
+    """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups, holding
+    `stages` of `num_stages` pipeline stages (default: this pipeline rank's one). With
     `config.fp8 == "tile"` (the one switch for FP8) its linears and expert GEMMs are FP8."""
     lay = groups.layout()
-    config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert, pipeline_parallel_size=lay.pipeline)
-    model = DSV3Model(config, layer_spec, seed)
+    config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert,
+                    pipeline_parallel_size=num_stages or lay.pipeline)
+    model = DSV3Model(config, layer_spec, seed, stages, num_stages)
     if config.fp8 == "tile":
         from megatron_dsv3.fp8 import apply_fp8
 

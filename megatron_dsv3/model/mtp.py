@@ -8,6 +8,10 @@ k positions ahead, and predicts the token k+1 ahead:
   P^k = OutHead(norm(h^k))                                     (eq. 23, head shared)
   L_MTP = lambda / D * sum_k CE(P^k, t_{i+k+1})                (eq. 24-25)
 The embedding and output head are the main model's; the last k positions have no target.
+
+For monitoring, each module counts on its device, while training, its loss and how often its
+top-1 prediction is the true token (for depth 1, the token after next: the acceptance rate of
+speculative decoding with that head, report section 5.4.3); `take_stats` reads and clears them.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class MTPModule(nn.Module):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.layer = build_module(layer_spec)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        # [loss sum, losses added, top-1 hits, targets] since the last `take_stats`
+        self.register_buffer("stats", torch.zeros(4), persistent=False)
 
     def forward(self, hidden: torch.Tensor, future_embedding: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,5 +59,23 @@ def mtp_loss(modules: nn.ModuleList, hidden: torch.Tensor, tokens: torch.Tensor,
         future = embed(shift_left(labels, k - 1, fill=0))
         hidden, normed = module(hidden, future, cos, sin)
         target = shift_left(labels, k, fill=-100)  # the last k positions have no target
-        losses.append(F.cross_entropy(head(normed).flatten(0, 1).float(), target.flatten(), ignore_index=-100))
+        logits = head(normed)
+        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100))
+        if module.training:
+            with torch.no_grad():
+                valid = target != -100
+                hits = ((logits.argmax(dim=-1) == target) & valid).sum()
+                module.stats += torch.stack([losses[-1].detach().float(), torch.ones_like(module.stats[0]),
+                                             hits.to(module.stats.dtype), valid.sum().to(module.stats.dtype)])
     return losses
+
+
+@torch.no_grad()
+def take_stats(modules: nn.ModuleList, depth: int, device: torch.device) -> torch.Tensor:
+    """[depth, 4] of this rank's modules' (loss sum, losses added, top-1 hits, targets) since the
+    last call, cleared; zeros where this rank holds no MTP module (a stage before the last)."""
+    stats = torch.zeros(depth, 4, device=device)
+    for k, module in enumerate(modules):
+        stats[k] = module.stats
+        module.stats.zero_()
+    return stats

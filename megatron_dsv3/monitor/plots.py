@@ -10,6 +10,7 @@ import re
 from typing import Any, Optional
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>[a-z0-9_]+)$")
+_MTP_DEPTH_KEY = re.compile(r"^mtp/(?P<stat>loss|acceptance)_d(?P<depth>\d+)$")
 STARVED_FRACTION = 0.1  # an expert is starved below this fraction of the mean load (1/E)
 LEGEND_LAYERS = 8  # line plots name each layer up to this many; beyond, layers are thin grey lines
 
@@ -59,17 +60,44 @@ def matrix(records: list[dict], key: str) -> tuple[list[int], list[list[float]]]
     return [s for s, _ in kept], [v for _, v in kept]
 
 
+def mtp_depth_keys(records: list[dict], stat: str) -> list[str]:
+    """``mtp/{stat}_dK`` keys present, by depth K."""
+    found = {int(m["depth"]): key for r in records for key in r
+             for m in [_MTP_DEPTH_KEY.match(key)] if m and m["stat"] == stat}
+    return [found[d] for d in sorted(found)]
+
+
 def loss_plot(records: list[dict]) -> Optional[bytes]:
-    """Loss and MTP loss against the step."""
-    curves = [(k, *series(records, k)) for k in ("loss", "mtp_loss")]
+    """Loss, MTP loss (the logged step's) and each depth's MTP loss (mean since the previous logged
+    step) against the step."""
+    curves = [(k, *series(records, k)) for k in ("loss", "mtp_loss", *mtp_depth_keys(records, "loss"))]
     curves = [c for c in curves if c[1]]
     if not curves:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for name, steps, values in curves:
-        ax.plot(steps, values, label=name, marker="." if len(steps) < 50 else None)
+        depth_mean = name.startswith("mtp/")
+        ax.plot(steps, values, label=f"{name} (mean since the previous log)" if depth_mean else name,
+                marker="." if len(steps) < 50 else None, linestyle="--" if depth_mean else "-")
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Loss and MTP loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def acceptance_plot(records: list[dict]) -> Optional[bytes]:
+    """How often each MTP depth's top-1 prediction was the true token (depth 1: the token after
+    next, the acceptance rate of speculative decoding), against the step."""
+    curves = [(key, *series(records, key)) for key in mtp_depth_keys(records, "acceptance")]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for name, steps, values in curves:
+        ax.plot(steps, values, label=f"depth {name.rsplit('_d', 1)[1]}", marker="." if len(steps) < 50 else None)
+    ax.set(xlabel="step", ylabel="top-1 = true token", title="MTP acceptance", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
@@ -194,6 +222,7 @@ def all_plots(records: list[dict[str, Any]], fraction: float = STARVED_FRACTION)
     moe_layers = layers(records)
     plots = {
         "Loss and MTP loss": loss_plot(records),
+        "MTP acceptance per depth": acceptance_plot(records),
         "MaxVio per layer and the maximum": max_vio_plot(records, moe_layers),
         "Expert load per layer (expert x step)": load_heatmap(records, moe_layers),
         "Routing bias per layer (expert x step)": bias_heatmap(records, moe_layers),

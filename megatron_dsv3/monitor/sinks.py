@@ -1,8 +1,11 @@
 """Where metrics go: JSONL file, wandb, TensorBoard, console.
 
 Every sink has ``write(step, scalars, arrays=None)`` and ``close()``. ``scalars`` maps
-names to numbers; ``arrays`` maps names to per-expert lists (``moe/layer_NN/load`` and
-``moe/layer_NN/bias``, see ``ExpertLoadTracker.histograms``).
+names to numbers; ``arrays`` maps names to per-expert lists (``moe/layer_NN/load``, ``.../tokens``,
+``.../starved_steps`` and ``.../bias``, see ``ExpertLoadTracker.histograms``). The dashboards
+(wandb, TensorBoard) also have ``write_images(step, images)`` for the heatmaps, and file the
+trainer's plain keys under ``train/``, ``moe/`` and ``mtp/`` (``dashboard_key``); the JSONL file
+and the console keep the plain keys.
 """
 from __future__ import annotations
 
@@ -15,7 +18,15 @@ from typing import Any, BinaryIO, Optional, TextIO
 
 from . import wandb_log
 
-_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>load|bias)$")
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>load|tokens|bias)$")
+DASHBOARD_GROUPS = {"mtp_loss": "mtp/loss", "mtp_loss_weight": "mtp/loss_weight",
+                    "balance_loss": "moe/balance_loss", "bias_update_rate": "moe/bias_update_rate"}
+
+
+def dashboard_key(key: str) -> str:
+    """A key as the dashboards show it: grouped keys as they are, the trainer's plain ones under
+    ``train/`` (``loss`` -> ``train/loss``), or ``mtp/`` and ``moe/`` for theirs."""
+    return key if "/" in key else DASHBOARD_GROUPS.get(key, "train/" + key)
 
 
 def _last_line_start(f: BinaryIO, end: int) -> int:
@@ -81,9 +92,10 @@ class JsonlSink:
 
 
 class WandbSink:
-    """Scalars as wandb history; per-expert load and bias as one ``wandb.Table`` per step.
+    """Scalars as wandb history (keys grouped by ``dashboard_key``); per-expert load and bias as one
+    ``wandb.Table`` per step; heatmaps as ``wandb.Image``.
 
-    The table is long-format (step, layer, expert, load, bias), ready for custom charts and
+    The table is long-format (step, layer, expert, load, tokens, bias), ready for custom charts and
     heatmaps; ``bar_charts=True`` also logs a ``wandb.plot.bar`` per layer
     (``{prefix}layer_NN/load_bar``). ``mode="offline"`` writes under ``dir`` without an
     account; ``mode=None`` leaves it to ``WANDB_MODE``. ``close`` of an offline run returns once
@@ -111,9 +123,16 @@ class WandbSink:
         if self._pending_step is not None and int(step) != self._pending_step:
             self._flush()
         self._pending_step = int(step)
-        self._pending.update(scalars)
+        self._pending.update({dashboard_key(k): v for k, v in scalars.items()})
         if arrays:
             self._pending.update(self._expert_tables(step, arrays))
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        """RGB arrays [H, W, 3] as images of this step's history row."""
+        if self._pending_step is not None and int(step) != self._pending_step:
+            self._flush()
+        self._pending_step = int(step)
+        self._pending.update({key: self._wandb.Image(rgb, caption=f"step {step}") for key, rgb in images.items()})
 
     def _flush(self) -> None:
         if self._pending_step is not None:
@@ -129,10 +148,10 @@ class WandbSink:
                 layers.setdefault((m["prefix"], m["layer"]), {})[m["stat"]] = values
         rows, out = [], {}
         for (prefix, layer), stats in layers.items():
-            load, bias = stats.get("load"), stats.get("bias")
+            load, tokens, bias = stats.get("load"), stats.get("tokens"), stats.get("bias")
             n = len(load if load is not None else bias)
-            layer_rows = [[int(step), layer, e, load[e] if load else None, bias[e] if bias else None]
-                          for e in range(n)]
+            layer_rows = [[int(step), layer, e, load[e] if load else None, tokens[e] if tokens else None,
+                           bias[e] if bias else None] for e in range(n)]
             rows += layer_rows
             if self.bar_charts and load is not None:
                 table = wandb.Table(columns=["expert", "load"], data=[[r[2], r[3]] for r in layer_rows])
@@ -141,7 +160,7 @@ class WandbSink:
         if rows:
             prefix = next(iter(layers))[0]
             out[f"{prefix}expert_load"] = wandb.Table(
-                columns=["step", "layer", "expert", "load", "bias"], data=rows)
+                columns=["step", "layer", "expert", "load", "tokens", "bias"], data=rows)
         return out
 
     def close(self) -> None:
@@ -152,25 +171,30 @@ class WandbSink:
 
 
 class TensorBoardSink:
-    """Scalars via ``add_scalar``; per-expert arrays via ``add_histogram``."""
+    """Scalars via ``add_scalar`` (keys grouped by ``dashboard_key``); per-expert arrays via
+    ``add_histogram``; heatmaps via ``add_image``. The writer's thread flushes to disk every
+    ``flush_secs`` (not the training step); ``close`` flushes the rest."""
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, flush_secs: float = 30):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ImportError("TensorBoard logging needs the `tensorboard` package "
                               "(pip install tensorboard), or set logging.tensorboard: false") from e
-        self.writer = SummaryWriter(log_dir=os.fspath(logdir))
+        self.writer = SummaryWriter(log_dir=os.fspath(logdir), flush_secs=flush_secs)
 
     def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
         import numpy as np
 
         for key, value in scalars.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, int(step))
+                self.writer.add_scalar(dashboard_key(key), value, int(step))
         for key, values in (arrays or {}).items():
             self.writer.add_histogram(key, np.asarray(values, dtype=np.float64), int(step))
-        self.writer.flush()
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        for key, rgb in images.items():
+            self.writer.add_image(key, rgb, int(step), dataformats="HWC")
 
     def close(self) -> None:
         self.writer.close()
@@ -184,6 +208,7 @@ CONSOLE_FIELDS = (  # key, format of the console line
     ("grad_norm", "grad {:.2f}"),
     ("lr", "lr {:.1e}"),
     ("moe/max_vio_mean", "maxvio {:.2f}"),
+    ("mtp/acceptance", "mtp acc {:.2f}"),
 )
 
 

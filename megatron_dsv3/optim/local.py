@@ -28,7 +28,7 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Optional[dist.ProcessGro
 
 
 @torch.no_grad()
-def average_gradients(model: nn.Module) -> None:
+def average_gradients(model: nn.Module, mirror: Optional[dist.ProcessGroup] = None) -> None:
     """Mean of the data-parallel replicas' gradients.
 
     Dense parameters are summed over the data-parallel group. An expert's gradient already holds
@@ -50,15 +50,32 @@ def average_gradients(model: nn.Module) -> None:
             p.grad = torch.zeros_like(p)
     if shared:  # only the first and last stages hold it
         all_reduce_flat([p.grad for p in shared], groups.embedding_group())
+    sum_mirrored(model, mirror, "grad")
+
+
+@torch.no_grad()
+def sum_mirrored(model: nn.Module, mirror: Optional[dist.ProcessGroup], attr: str) -> None:
+    """DualPipe (report section 3.2.1): the two ranks of `mirror` hold the same stages, each having
+    run half of the micro-batches through them; the sum of their gradients (`attr`: "grad", or
+    Megatron's "main_grad") is every micro-batch's, and keeps the two copies equal after the step."""
+    if mirror is None:
+        return
+    params = list(model.parameters())
+    if attr == "grad":
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    all_reduce_flat([getattr(p, attr) for p in params], mirror)
 
 
 @torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip by the norm of the whole model's gradient (every stage, every shard, each counted
-    once: by its primary replica); returns that norm before clipping."""
+    once: by its primary replica, and not on a DualPipe mirror copy); returns that norm before
+    clipping."""
     square = torch.zeros(1, dtype=torch.float64)
     for p in model.parameters():
-        if p.grad is not None and is_primary(p):
+        if p.grad is not None and is_primary(p) and not getattr(p, "mirror_copy", 0):
             square += p.grad.double().pow(2).sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
         comm.all_reduce(square, groups.world_group())
@@ -124,11 +141,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 class LocalOptimizer:
     """`AdamW` over this rank's parameters after `average_gradients` and `clip_grad_norm`: the
-    Adam state is replicated over data-parallel ranks."""
+    Adam state is replicated over data-parallel ranks. `mirror`: DualPipe's group of the two
+    ranks holding the same stages (their gradients are summed)."""
 
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1,
-                 clip_grad: float = 1.0, moment_dtype: torch.dtype = torch.float32):
-        self.model, self.clip_grad = model, clip_grad
+                 clip_grad: float = 1.0, moment_dtype: torch.dtype = torch.float32,
+                 mirror: Optional[dist.ProcessGroup] = None):
+        self.model, self.clip_grad, self.mirror = model, clip_grad, mirror
         self.adam = AdamW(decay_groups(model.parameters(), weight_decay), lr=lr, betas=betas, moment_dtype=moment_dtype)
 
     @property
@@ -144,7 +163,7 @@ class LocalOptimizer:
 
     def step(self, lr: float) -> float:
         """Average gradients over replicas, clip, update; returns the norm before clipping."""
-        average_gradients(self.model)
+        average_gradients(self.model, self.mirror)
         grad_norm = clip_grad_norm(self.model, self.clip_grad)
         for group in self.adam.param_groups:
             group["lr"] = lr

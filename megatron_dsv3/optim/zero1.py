@@ -15,6 +15,7 @@ attributes Megatron's gradient-norm and bucketing code reads:
     expert_parallel            -> allreduce = False (expert buffers and optimizer), and
                                   tensor_model_parallel: a TP group's ranks hold different experts
     pipeline_copy == 1         -> shared (the last stage's embedding copy is not counted twice)
+    mirror_copy == 1           -> shared (DualPipe's second copy of a stage, summed over the mirror group)
 
 Checkpoints: `param_states` gathers each parameter's moments over the data-parallel group into
 the shape of this rank's parameter, the layout `LocalOptimizer` uses, so a ZeRO-1 run resumes on
@@ -31,7 +32,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megatron_dsv3.optim.local import MOMENTS, AdamW, all_reduce_flat
+from megatron_dsv3.optim.local import MOMENTS, AdamW, all_reduce_flat, sum_mirrored
 from megatron_dsv3.parallel import groups
 
 
@@ -44,7 +45,7 @@ def mark_for_megatron(model: nn.Module) -> None:
             param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
         elif getattr(param, "tensor_parallel_dim", None) is not None:
             param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, param.tensor_parallel_dim, 1
-        if getattr(param, "pipeline_copy", 0) == 1:
+        if getattr(param, "pipeline_copy", 0) == 1 or getattr(param, "mirror_copy", 0) == 1:
             param.shared = True
 
 
@@ -62,12 +63,13 @@ class ZeRO1Optimizer:
     `bf16_params` turns the model's weights to BF16 while the optimizer updates FP32 master copies
     of its slice (report section 3.3.3; Megatron's mixed precision). `bf16_moments` keeps exp_avg
     and exp_avg_sq in BF16 (same section): through Megatron's precision-aware optimizer (Transformer
-    Engine's FusedAdam) where TE is installed, else with our AdamW as the inner optimizer."""
+    Engine's FusedAdam) where TE is installed, else with our AdamW as the inner optimizer.
+    `mirror`: DualPipe's group of the two ranks holding the same stages (gradients summed first)."""
 
     def __init__(self, model: nn.Module, transformer_config: TransformerConfig, lr: float, betas=(0.9, 0.95),
                  weight_decay: float = 0.1, clip_grad: float = 1.0, bf16_moments: bool = False,
-                 bf16_params: bool = False):
-        self.model, self.weight_decay, self.bf16_params = model, weight_decay, bf16_params
+                 bf16_params: bool = False, mirror=None):
+        self.model, self.weight_decay, self.bf16_params, self.mirror = model, weight_decay, bf16_params, mirror
         mark_for_megatron(model)
         if bf16_params:  # the optimizer keeps FP32 master copies of this rank's slice
             for param in model.parameters():
@@ -111,6 +113,7 @@ class ZeRO1Optimizer:
         parameters. Returns the norm before clipping."""
         copies = [p.main_grad for p in self.model.parameters() if getattr(p, "pipeline_copy", None) is not None]
         all_reduce_flat(copies, groups.embedding_group())
+        sum_mirrored(self.model, self.mirror, "main_grad")
         for group in self.megatron.param_groups:  # what Megatron's OptimizerParamScheduler would set
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)  # 0 for norms

@@ -39,7 +39,51 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, expert: int = 1,
             expert_model_parallel_size=expert, expert_tensor_parallel_size=1,
             distributed_timeout_minutes=timeout_s / 60)
         _world = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        initialize_mirror_groups(pipeline, datetime.timedelta(seconds=timeout_s))
     return ParallelLayout(tensor, pipeline, expert, data)
+
+
+def initialize_mirror_groups(pipeline: int, timeout: datetime.timedelta) -> None:
+    """DualPipe's groups (report section 3.2.1; made for every even pipeline, so a schedule can
+    be chosen after the groups): pipeline rank p and PP-1-p of one pipeline hold the same two
+    stages, and form a 2-rank "mirror" group that sums their gradients; "dp_mirror" is the
+    data-parallel group of both, over which the routing load of those stages is summed. Created
+    with the default backend (gloo on CPU, NCCL on GPU; `comm` places tensors for either)."""
+    global _mirror, _dp_mirror
+    _mirror = _dp_mirror = None
+    if pipeline < 2 or pipeline % 2:
+        return
+    from megatron_dsv3.parallel import comm
+
+    me = (dist.get_process_group_ranks(pp_group()), dist.get_process_group_ranks(dp_group()))
+    every = comm.all_gather_object(me)
+    mirror_of = {ranks[p]: ranks[pipeline - 1 - p] for ranks, _ in every for p in range(pipeline)}
+    dp_of = {g: dp for g, (_, dp) in enumerate(every)}
+    pairs = sorted({tuple(sorted((g, m))) for g, m in mirror_of.items()})
+    unions = sorted({tuple(sorted(set(dp_of[g]) | set(dp_of[m]))) for g, m in mirror_of.items()})
+    rank = dist.get_rank()
+    for members in pairs:  # every rank creates every group, in one order
+        group = dist.new_group(list(members), timeout=timeout)
+        _mirror = group if rank in members else _mirror
+    for members in unions:
+        group = dist.new_group(list(members), timeout=timeout)
+        _dp_mirror = group if rank in members else _dp_mirror
+
+
+_mirror: Optional[dist.ProcessGroup] = None
+_dp_mirror: Optional[dist.ProcessGroup] = None
+
+
+def mirror_group() -> Optional[dist.ProcessGroup]:
+    """This rank and the one holding the same two DualPipe stages (pipeline rank PP-1-p); None
+    without an even pipeline."""
+    return _mirror if _initialized() else None
+
+
+def dp_mirror_group() -> Optional[dist.ProcessGroup]:
+    """The data-parallel ranks of this rank and of its DualPipe mirror: every token that passed
+    through this rank's stages, in either direction."""
+    return _dp_mirror if _initialized() else None
 
 
 _world: Optional[dist.ProcessGroup] = None

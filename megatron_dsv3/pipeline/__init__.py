@@ -2,29 +2,32 @@
 `parallel.schedule`. Each entry makes a forward/backward function with Megatron-Core's signature
 (`forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size`).
 "1f1b" is Megatron-Core's own: 1F1B across pipeline stages, a plain micro-batch loop without.
-"dualpipe" and "dualpipev" (report section 3.2.1) stand in the registry so that every entry point
-knows their names, but refuse by name when a run asks for them: they are not implemented yet.
-How a stage is cut and driven: `stages.py`."""
+"dualpipe" and "dualpipev" (report section 3.2.1) are ours, in `dualpipe.py`: their model argument
+is this rank's two chunks (`parallel.layout.rank_stages`). How a stage is cut and driven: `stages.py`.
+Megatron-LM's training loop reaches these through `install(name)` (`megatron_hook.py`)."""
 from __future__ import annotations
 
 from typing import Callable
 
+from megatron_dsv3.pipeline.megatron_hook import install, installed, uninstall  # noqa: F401
+
 
 def megatron_1f1b() -> Callable:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_dsv3.pipeline.megatron_hook import megatron_choice
 
-    return get_forward_backward_func()
-
-
-def not_implemented(name: str) -> Callable[[], Callable]:
-    def refuse() -> Callable:
-        from megatron_dsv3.run_config import RunConfigError
-
-        raise RunConfigError(f"parallel.schedule={name!r} is registered but not implemented yet; "
-                             "use parallel.schedule=1f1b (Megatron-Core's 1F1B) for this layout")
-
-    return refuse
+    return megatron_choice()
 
 
-SCHEDULES: dict[str, Callable[[], Callable]] = {
-    "1f1b": megatron_1f1b, "dualpipe": not_implemented("dualpipe"), "dualpipev": not_implemented("dualpipev")}
+def dualpipe() -> Callable:
+    from megatron_dsv3.pipeline.dualpipe import make_forward_backward
+
+    return make_forward_backward("dualpipe")
+
+
+def dualpipev() -> Callable:
+    from megatron_dsv3.pipeline.dualpipe import make_forward_backward
+
+    return make_forward_backward("dualpipev")
+
+
+SCHEDULES: dict[str, Callable[[], Callable]] = {"1f1b": megatron_1f1b, "dualpipe": dualpipe, "dualpipev": dualpipev}

@@ -222,6 +222,17 @@ def dualpipev(stages: int, micro_batches: int) -> Schedule:
     return Schedule("DualPipeV", micro_batches, stages, ranks, stages_per_rank=2, model_copies=1)
 
 
+def without_overlap(schedule: Schedule) -> Schedule:
+    """`schedule` as the runtime runs it on CPU: each F&B pair as its forward, then its full
+    backward, each starting when its own input has arrived."""
+    def split(op: Op) -> tuple[Op, ...]:
+        return (Op("F", op.chunks[:1]), Op("BW", op.chunks[1:])) if op.kind == "F&B" else (op,)
+
+    ranks = tuple(tuple(part for op in ops for part in split(op)) for ops in schedule.ranks)
+    return Schedule(schedule.name, schedule.micro_batches, schedule.stages, ranks, schedule.stages_per_rank,
+                    schedule.model_copies)
+
+
 SCHEDULES = {"1F1B": one_f_one_b, "ZB1P": zb1p, "DualPipe": dualpipe, "DualPipeV": dualpipev}
 
 
@@ -307,11 +318,14 @@ def simulate(schedule: Schedule, costs: Costs) -> list[Slot]:
 
 
 def peak_activations(ops: Iterable[Op]) -> int:
-    """Most chunks whose forward ran and whose input gradient has not, counted after each op."""
+    """Most chunks whose forward ran and whose input gradient has not. An F&B pair holds its
+    forward's activations while its backward runs (both are live in the overlapped step, and the
+    runtime runs the forward first), so it counts before the backward frees one."""
     held = peak = 0
     for op in ops:
-        held += (op.forward is not None) - (op.backward is not None)
+        held += op.forward is not None
         peak = max(peak, held)
+        held -= op.backward is not None
     return peak
 
 

@@ -5,8 +5,9 @@ Stage s of P holds a contiguous run of decoder layers (`parallel.layout.stage_la
 holds the embedding, the last the final norm, the output head and the MTP modules. MTP embeds
 the tokens ahead with the main model's embedding (report section 2.2), so with P > 1 the last
 stage keeps a copy of it, marked `pipeline_copy`; its gradient is summed with the first stage's
-over Megatron-Core's embedding group, which keeps the two copies equal. (DualPipe, section
-3.2.1, places the first and last stages on one GPU and shares them physically.)
+over Megatron-Core's embedding group, which keeps the two copies equal. DualPipe and DualPipeV
+(section 3.2.1, `dualpipe.py`) give a rank two stages, one `ScheduledModel` chunk each over one
+DSV3Model; their first and last stages sit on rank 0 and share the embedding physically.
 
 Activations (and their gradients) cross stages as [seq, batch, hidden] tensors in the training
 dtype, BF16 under `train.bf16` and FP32 otherwise: the layout and dtype Megatron's p2p code sizes
@@ -27,13 +28,17 @@ from megatron_dsv3.parallel import comm, groups
 class ScheduledModel:
     """What Megatron-Core's forward_backward_func asks of a model chunk: a `config` (a
     TransformerConfig: the schedules read its pipeline fields, and hidden_size sizes the p2p
-    buffers), a `model_type` and `set_input_tensor`. `module` is this rank's DSV3Model stage.
+    buffers), a `model_type` and `set_input_tensor`. `module` is this rank's DSV3Model, `stage` the
+    one of its stages this chunk runs.
     The config names no MoE or MTP layers: their losses are scaled inside the model."""
 
     model_type = ModelType.encoder_or_decoder
 
-    def __init__(self, module: nn.Module, tensor: int, pipeline: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, module: nn.Module, tensor: int, pipeline: int, dtype: torch.dtype = torch.float32,
+                 stage: Optional[int] = None):
         self.module, self.dtype = module, dtype
+        self.stage = module.stages[0] if stage is None else stage  # which of the module's stages this chunk runs
+        self.last_stage = self.stage == module.num_stages - 1
         model = module.config
         with warnings.catch_warnings():  # its CUDA-graph default warns of a deprecation we do not use
             warnings.simplefilter("ignore", UserWarning)
@@ -47,15 +52,16 @@ class ScheduledModel:
         self.module.input_hidden = None if hidden_sbh is None else hidden_sbh.transpose(0, 1)
 
 
-def forward_backward(schedule, stage: ScheduledModel, batches: Iterator[dict[str, torch.Tensor]],
+def forward_backward(schedule, chunks: list[ScheduledModel], batches: Iterator[dict[str, torch.Tensor]],
                      num_micro: int, micro_batch_size: int, seq_length: int, bf16: bool,
                      mtp_loss_weight: Optional[float] = None) -> list[float]:
     """One step's forward and backward over `num_micro` micro-batches with `schedule` (Megatron's
     forward_backward_func). Every stage reads each batch: the first embeds its tokens, the last
     needs the labels and, for MTP, the tokens ahead. Returns this stage's [lm, mtp, balance] losses
     averaged over the micro-batches (lm and mtp are zero before the last stage). `mtp_loss_weight`
-    is this step's lambda (None: the model config's)."""
-    model = stage.module
+    is this step's lambda (None: the model config's). `chunks`: this rank's model chunks (two under
+    DualPipe/DualPipeV, over one module)."""
+    model = chunks[0].module
     device = next(model.parameters()).device
     sums = [0.0, 0.0, 0.0]
 
@@ -67,15 +73,15 @@ def forward_backward(schedule, stage: ScheduledModel, batches: Iterator[dict[str
     def forward_step(data_iterator, chunk: ScheduledModel):
         batch = next(data_iterator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
+            out = chunk.module(batch["tokens"].to(device), labels=batch["labels"].to(device), stage=chunk.stage,
                         mtp_loss_weight=mtp_loss_weight, balance_loss_scale=1.0 / num_micro)
         if model.last_balance_loss is not None:
             sums[2] += float(model.last_balance_loss) / num_micro
-        if not model.last_stage:
-            out = out.transpose(0, 1).to(stage.dtype).contiguous()  # [seq, batch, hidden]
+        if not chunk.last_stage:
+            out = out.transpose(0, 1).to(chunk.dtype).contiguous()  # [seq, batch, hidden]
         return out, loss_func
 
-    schedule(forward_step_func=forward_step, data_iterator=batches, model=[stage], num_microbatches=num_micro,
+    schedule(forward_step_func=forward_step, data_iterator=batches, model=list(chunks), num_microbatches=num_micro,
              seq_length=seq_length, micro_batch_size=micro_batch_size)
     return sums
 

@@ -38,17 +38,25 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_routed_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update, summed over micro-batches.
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_routed_experts), persistent=False)
+        # For monitoring: the summed entropy of the tokens' affinity distributions since the last bias
+        # update, and its mean over the global batch as that update leaves it (monitor/expert_load.py).
+        self.register_buffer("routing_entropy_sum", torch.zeros(()), persistent=False)
+        self.routing_entropy: Optional[torch.Tensor] = None
 
-    def forward(self, x_SBH: torch.Tensor) -> Routing:
+    def forward(self, x_BSH: torch.Tensor) -> Routing:
         """x [batch, seq, hidden] -> Routing over the batch*seq tokens (in that order)."""
         cfg = self.config
-        batch, seq = x_SBH.shape[:2]
-        scores_TE = torch.sigmoid(x_SBH.reshape(batch * seq, -1).float() @ self.weight.float().t())
+        batch, seq = x_BSH.shape[:2]
+        scores_TE = torch.sigmoid(x_BSH.reshape(batch * seq, -1).float() @ self.weight.float().t())
         expert_ids = self.select(scores_TE.detach())
         chosen = scores_TE.gather(1, expert_ids)
         gates = chosen / chosen.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
         if self.training and self.count_load:
-            self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=cfg.num_routed_experts)
+            ids = expert_ids.flatten()  # not torch.bincount: on CUDA it reads the largest id on the host
+            self.tokens_per_expert.index_add_(0, ids, torch.ones_like(ids, dtype=self.tokens_per_expert.dtype))
+            with torch.no_grad():
+                p_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+                self.routing_entropy_sum -= (p_TE * p_TE.clamp_min(1e-30).log()).sum()
         balance_loss = None
         if self.training and cfg.seq_aux_loss_coeff > 0:
             balance_loss = self.sequence_balance_loss(scores_TE.view(batch, seq, -1), expert_ids.view(batch, seq, -1))
@@ -83,16 +91,24 @@ def update_expert_bias(routers: Iterable[Router], rate: float, group: Optional[d
 
     Sums each router's token counts over `group` (the data-parallel ranks, which hold different
     tokens), so every rank applies the same step. Returns the global counts per router [E] and
-    clears them.
+    clears them. The summed routing entropy rides in the same collective; each router keeps its
+    global mean per token in `routing_entropy` (on device, for monitoring).
     """
     routers = list(routers)
     if not routers:
         return []
-    counts = torch.stack([r.tokens_per_expert for r in routers])  # [layers, experts]
+    # [layers, experts + 1]: the counts, then the summed routing entropy
+    counts = torch.stack([torch.cat([r.tokens_per_expert, r.routing_entropy_sum.view(1)]) for r in routers])
     if group is not None and dist.get_world_size(group) > 1:
         comm.all_reduce(counts, group)
-    for router, load in zip(routers, counts):
+    loads = []
+    for router, row in zip(routers, counts):
+        load, entropy_sum = row[:-1], row[-1]
         if rate > 0:
             router.expert_bias += rate * torch.sign(load.mean() - load)
+        tokens = load.sum() / router.config.num_experts_per_token
+        router.routing_entropy = entropy_sum / tokens.clamp_min(1)
         router.tokens_per_expert.zero_()
-    return list(counts)
+        router.routing_entropy_sum.zero_()
+        loads.append(load)
+    return loads
