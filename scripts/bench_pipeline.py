@@ -78,12 +78,17 @@ def timed_transport():
     class Timed(Transport):
         waited = 0.0
 
-        def recv(self, key, src):
-            start = time.time()
-            try:
-                return super().recv(key, src)
-            finally:
-                self.waited += time.time() - start
+        def post(self, key, src):
+            arrive = super().post(key, src)
+
+            def timed_arrive():
+                start = time.time()
+                try:
+                    return arrive()
+                finally:
+                    self.waited += time.time() - start
+
+            return timed_arrive
 
     return Timed
 

@@ -232,9 +232,10 @@ def collectives_child(backend: str) -> int:
         checked.append("all_to_all (uneven splits, forward and backward)")
         dispatcher = TokenDispatcher(4, group, None)
         tokens, counts = torch.randn(12, 16, device=device), torch.tensor([3, 0, 5, 4], device=device)
-        out = dispatcher._exchange(tokens, counts, lambda rows, per_expert: rows * 3)
-        assert torch.equal(out, tokens * 3)
-        checked.append("MoE dispatch exchange (all_to_all_single of counts, then tokens)")
+        received, exchange = dispatcher.exchange(tokens, counts)
+        out = dispatcher.combine(received * 3, exchange)
+        assert torch.equal(out, tokens * 3) and exchange.tokens_per_expert.tolist() == [3, 0, 5, 4]
+        checked.append("MoE dispatch and combine (all_to_all_single of counts, then tokens, and back)")
         grads = [torch.ones(5, device=device), torch.full((2, 3), 2.0, device=device)]
         with _group_size_reported_as(2):
             all_reduce_flat(grads, group)

@@ -52,17 +52,17 @@ def global_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def record_dispatch(log: list) -> None:
     """Wrap the dispatcher and its all-to-all to log (expert ids, experts per rank) and rows sent."""
-    run, exchange = dispatch.TokenDispatcher.run, dispatch.all_to_all
+    permute, exchange = dispatch.TokenDispatcher.permute, dispatch.all_to_all
 
-    def recording_run(self, x, expert_ids, experts):
+    def recording_permute(self, x, expert_ids):
         log.append(("route", expert_ids.clone(), self.experts_per_rank))
-        return run(self, x, expert_ids, experts)
+        return permute(self, x, expert_ids)
 
     def recording_all_to_all(x, output_splits, input_splits, group):
         log.append(("send", list(input_splits)))
         return exchange(x, output_splits, input_splits, group)
 
-    dispatch.TokenDispatcher.run, dispatch.all_to_all = recording_run, recording_all_to_all
+    dispatch.TokenDispatcher.permute, dispatch.all_to_all = recording_permute, recording_all_to_all
 
 
 def step(args, out: Path) -> None:
@@ -143,11 +143,11 @@ def node_limited(args, out: Path) -> None:
                 node_of = expert_ids // experts_per_rank // args.ranks_per_node
                 nodes += [len(set(row.tolist())) for row in node_of]
         results[limited] = nodes
-        dispatch.TokenDispatcher.run, dispatch.all_to_all = _ORIGINAL
+        dispatch.TokenDispatcher.permute, dispatch.all_to_all = _ORIGINAL
     torch.save(results, out / f"nodes{dist.get_rank()}.pt")
 
 
-_ORIGINAL = (dispatch.TokenDispatcher.run, dispatch.all_to_all)
+_ORIGINAL = (dispatch.TokenDispatcher.permute, dispatch.all_to_all)
 
 
 def pipeline_bytes(args, out: Path) -> None:

@@ -452,7 +452,7 @@ def test_mtp_counts_its_depth_1_top1_hits_on_device_and_metrics_name_them():
     tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     normed = {}
     for k, module in enumerate(model.mtp):
-        module.register_forward_hook(lambda m, args, out, k=k: normed.__setitem__(k, out[1].detach()))
+        module.norm.register_forward_hook(lambda m, args, out, k=k: normed.__setitem__(k, out.detach()))
     out = model(tokens[:, :-1], labels=tokens[:, 1:])
     labels = tokens[:, 1:]
     stats = take_stats(model.mtp, 2, torch.device("cpu"))
@@ -565,9 +565,9 @@ def test_a_tiny_run_logs_to_wandb_and_tensorboard_what_the_routers_chose(tmp_pat
             ids = _chosen_experts(args[0].detach(), router.weight.detach(), router.expert_bias, router.config)
             counted[layer_number] = counted.get(layer_number, 0) + torch.bincount(ids.flatten(), minlength=8)
 
-    def accept(model, mtp_module, _args, out):
+    def accept(model, norm, _args, normed):  # depth 1's normalised state, which its head reads
         with torch.no_grad():
-            predicted = model.lm_head(out[1]).argmax(-1)[:, :-1]
+            predicted = model.lm_head(normed).argmax(-1)[:, :-1]
         accepted[0] += int((predicted == labels["now"][:, 1:]).sum())
         accepted[1] += predicted.numel()
 
@@ -579,7 +579,7 @@ def test_a_tiny_run_logs_to_wandb_and_tensorboard_what_the_routers_chose(tmp_pat
             moe.router.register_forward_hook(lambda *a, n=moe.layer_number, r=moe.router: count(n, r, *a[1:]))
         self.model.register_forward_pre_hook(lambda m, a, kw: labels.__setitem__("now", kw["labels"]),
                                              with_kwargs=True)
-        self.model.mtp[0].register_forward_hook(lambda *a, model=self.model: accept(model, *a))
+        self.model.mtp[0].norm.register_forward_hook(lambda *a, model=self.model: accept(model, *a))
 
     def hooked_step(self):
         result = step(self)

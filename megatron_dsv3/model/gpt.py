@@ -22,7 +22,8 @@ from megatron_dsv3.model.common import RMSNorm
 from megatron_dsv3.model.mla import InferenceCache
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router
-from megatron_dsv3.model.mtp import MTPModule, mtp_loss
+from megatron_dsv3.model.mtp import MTPModule, mtp_pieces
+from megatron_dsv3.model.pieces import COMPUTE, Piece, StagePlan, run_in_order
 from megatron_dsv3.model.rope import RotaryEmbedding
 from megatron_dsv3.model.spec import decoder_layer_spec
 from megatron_dsv3.parallel import groups
@@ -43,16 +44,19 @@ class LMOutput:
         return torch.stack(self.mtp_losses).mean() if self.mtp_losses else None
 
 
-@contextlib.contextmanager
-def _replaying_forward(layer: nn.Module):
-    """A recomputed layer runs its forward twice; its routing load must be counted once."""
-    routers = [m for m in layer.modules() if isinstance(m, Router)]
-    for router in routers:
-        router.count_load = False
-    try:
-        yield
-    finally:
-        for router in routers:
+class _ReplayingForward:
+    """A recomputed layer runs its forward again in backward; its routing load must be counted
+    once. Re-enterable: a backward split into input and weight gradients recomputes twice."""
+
+    def __init__(self, layer: nn.Module):
+        self.routers = [m for m in layer.modules() if isinstance(m, Router)]
+
+    def __enter__(self) -> None:
+        for router in self.routers:
+            router.count_load = False
+
+    def __exit__(self, *exc) -> None:
+        for router in self.routers:
             router.count_load = True
 
 
@@ -127,43 +131,75 @@ class DSV3Model(nn.Module):
         passes this step's MTP weight lambda (default: the config's) and the factor the schedule
         applies to the loss (1 / micro-batches), which the balance losses' gradients take.
         `stage`: which held stage to run (needed when the rank holds two)."""
+        plan = self.stage_plan(tokens, labels, cache, mtp_loss_weight, balance_loss_scale, stage)
+        return plan.output(run_in_order(plan.pieces, {}))
+
+    def stage_plan(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                   cache: Optional[InferenceCache] = None, mtp_loss_weight: Optional[float] = None,
+                   balance_loss_scale: float = 1.0, stage: Optional[int] = None) -> StagePlan:
+        """`forward` as pieces (`model/pieces.py`), which the DualPipe schedule runs interleaved
+        with another micro-batch's backward: embedding (first stage), each decoder layer's pieces
+        (one piece per layer under full recomputation), the head and loss, MTP (last stage)."""
         if stage is None:
             if len(self.stages) != 1:
                 raise ValueError(f"this rank holds stages {self.stages}: pass stage=")
             stage = self.stages[0]
         first, last = stage == 0, stage == self.num_stages - 1
         mtp_loss_weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
-        for moe in self.moe_layers():
-            moe.balance_loss_scale = balance_loss_scale
         offset = cache.offset if cache is not None else 0
         cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
-        hidden = self.embed_tokens(tokens) if first else self.input_hidden
         recompute = self.recompute == "full" and self.training and torch.is_grad_enabled() and cache is None
+
+        def start(state):
+            for moe in self.moe_layers():
+                moe.balance_loss_scale = balance_loss_scale
+            return {"hidden": self.embed_tokens(tokens) if first else self.input_hidden}
+
+        pieces = [Piece("stage input", COMPUTE, start)]
         for layer in (self.layers[str(i)] for i in self.stage_layer_ids[stage]):
             if recompute:  # keep only each layer's input; rerun the layer in backward
-                hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False,
-                                    context_fn=lambda layer=layer: (contextlib.nullcontext(), _replaying_forward(layer)))
+                pieces.append(Piece("recomputed layer", COMPUTE, lambda state, layer=layer: {"hidden": checkpoint(
+                    layer, state["hidden"], cos, sin, use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), _ReplayingForward(layer)))}))
+            elif hasattr(layer, "pieces"):
+                pieces += layer.pieces(cos, sin, cache)
             else:
-                hidden = layer(hidden, cos, sin, cache)
+                pieces.append(Piece("layer", COMPUTE, lambda state, layer=layer: {"hidden": layer(state["hidden"], cos, sin, cache)}))
         if cache is not None:
-            cache.offset += tokens.shape[1]
+            pieces.append(Piece("cache", COMPUTE, lambda state: setattr(cache, "offset", offset + tokens.shape[1]) or {}))
         if not last:
-            self._collect_balance_loss()
-            return hidden
-        hidden = self.norm(hidden)  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do
-        logits = self.lm_head(hidden)
+            pieces.append(Piece("stage end", COMPUTE, lambda state: self._collect_balance_loss() or {}))
+            return StagePlan(pieces, lambda state: state["hidden"])
+
+        def head(state):
+            hidden = self.norm(state["hidden"])  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do
+            logits = self.lm_head(hidden)
+            if labels is None:
+                return {"logits": logits}
+            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            return {"lm_loss": lm_loss, "mtp_hidden": hidden}
+
+        pieces.append(Piece("head", COMPUTE, head))
         if labels is None:
-            return logits
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        loss = lm_loss
-        mtp_losses = []
-        if len(self.mtp) and mtp_loss_weight > 0:
-            mtp_losses = mtp_loss(self.mtp, hidden, tokens, labels, self.embed_tokens, self.lm_head, cos, sin)
-            loss = loss + mtp_loss_weight / len(self.mtp) * sum(mtp_losses)
-        self._collect_balance_loss()
-        if self.last_balance_loss is not None:
-            loss = loss + self.last_balance_loss  # value only: the gradient was attached inside each MoE layer
-        return LMOutput(loss, lm_loss.detach(), [l.detach() for l in mtp_losses], self.last_balance_loss)
+            return StagePlan(pieces, lambda state: state["logits"])
+        depth = len(self.mtp) if mtp_loss_weight > 0 else 0
+        if depth:
+            pieces += mtp_pieces(self.mtp, labels, self.embed_tokens, self.lm_head, cos, sin)
+        mtp_keys = [f"mtp_loss_{k}" for k in range(1, depth + 1)]
+
+        def total_loss(state):
+            loss = state["lm_loss"]
+            if depth:
+                loss = loss + mtp_loss_weight / depth * sum(state[key] for key in mtp_keys)
+            self._collect_balance_loss()
+            if self.last_balance_loss is not None:
+                loss = loss + self.last_balance_loss  # value only: the gradient was attached inside each MoE layer
+            return {"loss": loss}
+
+        pieces.append(Piece("loss", COMPUTE, total_loss))
+        return StagePlan(pieces, lambda state: LMOutput(state["loss"], state["lm_loss"].detach(),
+                                                        [state[key].detach() for key in mtp_keys],
+                                                        self.last_balance_loss))
 
     def _collect_balance_loss(self) -> None:
         """Sum this stage's sequence-wise balance losses of the forward just run into `last_balance_loss`."""

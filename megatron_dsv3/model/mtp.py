@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.common import RMSNorm
+from megatron_dsv3.model.pieces import COMPUTE, Piece, run_in_order
 
 
 class MTPModule(nn.Module):
@@ -38,9 +39,12 @@ class MTPModule(nn.Module):
     def forward(self, hidden: torch.Tensor, future_embedding: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """hidden, future_embedding [b, s, hidden] -> (h^k [b, s, hidden], normed for the head)."""
-        merged = self.eh_proj(torch.cat([self.enorm(future_embedding), self.hnorm(hidden)], dim=-1))
-        h = self.layer(merged, cos, sin)
+        h = self.layer(self.merge_inputs(hidden, future_embedding), cos, sin)
         return h, self.norm(h)
+
+    def merge_inputs(self, hidden: torch.Tensor, future_embedding: torch.Tensor) -> torch.Tensor:
+        """Eq. 21: M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]."""
+        return self.eh_proj(torch.cat([self.enorm(future_embedding), self.hnorm(hidden)], dim=-1))
 
 
 def shift_left(tokens_BS: torch.Tensor, k: int, fill: int) -> torch.Tensor:
@@ -54,20 +58,42 @@ def mtp_loss(modules: nn.ModuleList, hidden: torch.Tensor, tokens: torch.Tensor,
 
     tokens [b, s] are the inputs t_1..t_s, labels [b, s] = t_2..t_{s+1}; depth k at position i
     embeds t_{i+k+1} = labels[i + k - 1] and predicts labels[i + k]."""
-    losses = []
+    state = run_in_order(mtp_pieces(modules, labels, embed, head, cos, sin), {"mtp_hidden": hidden})
+    return [state[f"mtp_loss_{k}"] for k in range(1, len(modules) + 1)]
+
+
+def mtp_pieces(modules: nn.ModuleList, labels: torch.Tensor, embed: nn.Module, head,
+               cos: torch.Tensor, sin: torch.Tensor) -> list[Piece]:
+    """`mtp_loss` as pieces (`model/pieces.py`) from the state's "mtp_hidden" (h^0, the main
+    model's normalised last hidden state) to its "mtp_loss_1" .. "mtp_loss_D": per depth, the merge
+    of eq. 21, the transformer block's own pieces (eq. 22), the head and loss (eq. 23-24)."""
+    pieces = []
     for k, module in enumerate(modules, start=1):
-        future = embed(shift_left(labels, k - 1, fill=0))
-        hidden, normed = module(hidden, future, cos, sin)
-        target = shift_left(labels, k, fill=-100)  # the last k positions have no target
-        logits = head(normed)
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100))
-        if module.training:
-            with torch.no_grad():
-                valid = target != -100
-                hits = ((logits.argmax(dim=-1) == target) & valid).sum()
-                module.stats += torch.stack([losses[-1].detach().float(), torch.ones_like(module.stats[0]),
-                                             hits.to(module.stats.dtype), valid.sum().to(module.stats.dtype)])
-    return losses
+        def merge(state, k=k, module=module):
+            return {"hidden": module.merge_inputs(state["mtp_hidden"], embed(shift_left(labels, k - 1, fill=0)))}
+
+        def loss(state, k=k, module=module):
+            h = state["hidden"]
+            return {"mtp_hidden": h, f"mtp_loss_{k}": depth_loss(module, head, h, labels, k)}
+
+        block = module.layer.pieces(cos, sin) if hasattr(module.layer, "pieces") else [
+            Piece(f"mtp {k} block", COMPUTE, lambda state, module=module: {"hidden": module.layer(state["hidden"], cos, sin)})]
+        pieces += [Piece(f"mtp {k} merge", COMPUTE, merge), *block, Piece(f"mtp {k} loss", COMPUTE, loss)]
+    return pieces
+
+
+def depth_loss(module: MTPModule, head, h: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """CE(OutHead(norm(h^k)), t_{i+k+1}) (eq. 23-24), counting the module's monitoring stats."""
+    target = shift_left(labels, k, fill=-100)  # the last k positions have no target
+    logits = head(module.norm(h))
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    if module.training:
+        with torch.no_grad():
+            valid = target != -100
+            hits = ((logits.argmax(dim=-1) == target) & valid).sum()
+            module.stats += torch.stack([loss.detach().float(), torch.ones_like(module.stats[0]),
+                                         hits.to(module.stats.dtype), valid.sum().to(module.stats.dtype)])
+    return loss
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.common import RMSNorm, SwiGLU, recomputed
 from megatron_dsv3.model.mla import InferenceCache, MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
+from megatron_dsv3.model.pieces import COMPUTE, Piece, own_pieces, run_in_order
 
 
 @dataclass
@@ -42,12 +43,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[InferenceCache] = None) -> torch.Tensor:
-        if self.selective_recompute and cache is None:
-            q, k, v = recomputed(True, lambda x_: self.self_attn.project(self.input_layernorm(x_), cos, sin), x)
-            x = x + self.self_attn.attend(q, k, v)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return run_in_order(self.pieces(cos, sin, cache), {"hidden": x})["hidden"]
+
+    def pieces(self, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[InferenceCache] = None) -> list[Piece]:
+        """The layer from the state's "hidden" to its next "hidden" as pieces (`model/pieces.py`):
+        attention, then the feed-forward's own pieces where it has them (DeepSeekMoE: route,
+        dispatch, experts, combine, merge), then the residual sum."""
+
+        def attention(state):
+            x = state["hidden"]
+            if self.selective_recompute and cache is None:
+                q, k, v = recomputed(True, lambda x_: self.self_attn.project(self.input_layernorm(x_), cos, sin), x)
+                x = x + self.self_attn.attend(q, k, v)
+            else:
+                x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+            return {"residual": x, "mlp_input": self.post_attention_layernorm(x)}
+
+        mlp = own_pieces(self.mlp) or [Piece("mlp", COMPUTE, lambda state: {"mlp_output": self.mlp(state["mlp_input"])})]
+        residual = Piece("residual", COMPUTE, lambda state: {"hidden": state["residual"] + state["mlp_output"]})
+        return [Piece("attention", COMPUTE, attention), *mlp, residual]
 
 
 def attention_spec(config: DSV3Config, layer_number: int) -> ModuleSpec:

@@ -17,37 +17,47 @@ full, deferred weight gradient), so synthetic chunks of fixed cost run through t
 (scripts/bench_pipeline.py). `ModelChunk` adapts a Megatron-style model chunk and
 `forward_step_func`.
 
-B and W (zero-bubble): a "B" op computes only the gradient of the chunk's input
-(`torch.autograd.grad(..., retain_graph=True)`), which the previous stage waits for; its "W" op
+B and W (zero-bubble): a "B" op computes only the gradient of the chunk's input (piece by piece,
+`torch.autograd.grad(..., retain_graph=True)`), which the previous stage waits for; its "W" op
 later runs the backward into the parameters (`torch.autograd.backward(..., inputs=params)`) over
-the retained graph. This defers every weight gradient, expert GEMMs included, with no change to
+the retained graphs. This defers every weight gradient, expert GEMMs included, with no change to
 the layers, at the price of walking the graph twice (a GEMM-level store, as DeepSeek's reference
 does with its linear layers, would not).
 
-F&B: the forward of one micro-batch paired with the backward of another. On CPU (and here on
-GPU too) the pair runs in order, forward first; the overlap the report describes (the forward's
-all-to-all and p2p behind the backward's compute and vice versa) is not implemented yet.
+F&B: the forward of one micro-batch paired with the backward of another, interleaved piece by
+piece (attention, dispatch, experts, combine) so that each one's communication runs behind the
+other's computation: `overlap.py` says which piece overlaps which. Chunks whose model has no
+`stage_plan`, or whose forward_step_func takes no `return_schedule_plan`, run the pair in order,
+forward first.
 
 Point-to-point: Megatron-Core's `_batched_p2p_ops` (torch.distributed's batch_isend_irecv over
 Megatron's pipeline group). Its public p2p helpers are shaped for 1F1B's neighbour buffers (one
 previous and one next rank, one tensor each way per call); DualPipe sends both ways to both
 neighbours out of order, so each message is posted on its own. Receives are posted in the
 sender's send order (known from its operation list), which is what NCCL's ordered matching
-needs; sends are non-blocking and waited at the end of the step.
+needs, and waited only where the data is used (`Transport.post`); sends are non-blocking and
+waited at the end of the step.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
+from megatron_dsv3.model.pieces import COMPUTE
 from megatron_dsv3.parallel.layout import num_stages, rank_stages
 from megatron_dsv3.pipeline import simulate
+from megatron_dsv3.pipeline.overlap import Segmented, Step, Streams, run_chain, run_pair
+
+Arrival = Callable[[], Optional[torch.Tensor]]  # waits for a received tensor and returns it
 
 
 class Chunk(Protocol):
-    """One model stage on this rank, seen by the schedule."""
+    """One model stage on this rank, seen by the schedule. A chunk may also offer its forward and
+    backward as steps (`forward_steps`, `backward_steps`, as `ModelChunk` does) and say it is
+    `segmented`; F&B pairs of segmented chunks interleave."""
 
     def forward(self, mb: int, input_sbh: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Output activation for the next stage (None on the last stage)."""
@@ -90,7 +100,7 @@ class Transport:
         self.global_ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.shape, self.dtype, self.device = shape, dtype, device
         self.expected = {src: messages(schedule, src, rank) for src in range(len(schedule.ranks)) if src != rank}
-        self.arrived: dict[tuple[str, simulate.Chunk], torch.Tensor] = {}
+        self.posted: dict[tuple[str, simulate.Chunk], tuple[torch.Tensor, list]] = {}
         self.local: dict[tuple[str, simulate.Chunk], torch.Tensor] = {}
         self.pending_sends: list = []
 
@@ -109,19 +119,29 @@ class Transport:
             return
         self.pending_sends.append((self._p2p(dst, send=tensor), tensor))
 
-    def recv(self, key: tuple[str, simulate.Chunk], src: int) -> torch.Tensor:
+    def post(self, key: tuple[str, simulate.Chunk], src: int) -> Arrival:
+        """Post the receive of `key` from `src` (and of what `src` sends before it) without waiting;
+        the returned function waits for it (under NCCL: the current stream waits) and returns it."""
         if src == self.rank:
-            return self.local.pop(key)
+            return lambda: self.local.pop(key)
         queue = self.expected[src]
-        while key not in self.arrived:
+        while key not in self.posted:
             if not queue:
                 raise RuntimeError(f"pipeline rank {self.rank} waits for {key} that rank {src} never sends")
             expected = queue.pop(0)
             buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            for request in self._p2p(src, recv=buffer):
+            self.posted[expected] = (buffer, self._p2p(src, recv=buffer))
+        buffer, requests = self.posted.pop(key)
+
+        def arrive() -> torch.Tensor:
+            for request in requests:
                 request.wait()
-            self.arrived[expected] = buffer
-        return self.arrived.pop(key)
+            return buffer
+
+        return arrive
+
+    def recv(self, key: tuple[str, simulate.Chunk], src: int) -> torch.Tensor:
+        return self.post(key, src)()
 
     def finish(self) -> None:
         for requests, _ in self.pending_sends:
@@ -130,26 +150,55 @@ class Transport:
         self.pending_sends.clear()
 
 
+def forward_steps(chunk: Chunk, mb: int, arrival: Arrival) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
+    """A chunk's forward as steps, and a function giving its output once they ran."""
+    if hasattr(chunk, "forward_steps"):
+        return chunk.forward_steps(mb, arrival)
+    box = {}
+    return [Step(COMPUTE, lambda: box.update(y=chunk.forward(mb, arrival())), "forward")], lambda: box["y"]
+
+
+def backward_steps(chunk: Chunk, mb: int, arrival: Arrival, split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
+    """A chunk's backward as steps, and a function giving its input's gradient once they ran."""
+    if hasattr(chunk, "backward_steps"):
+        return chunk.backward_steps(mb, arrival, split)
+    box = {}
+    return [Step(COMPUTE, lambda: box.update(dx=chunk.backward(mb, arrival(), split)), "backward")], lambda: box["dx"]
+
+
 def run_ops(schedule: simulate.Schedule, rank: int, chunks: dict[int, Chunk], transport: Transport,
-            on_op: Optional[Callable[[simulate.Op], None]] = None) -> None:
+            on_op: Optional[Callable[[simulate.Op], None]] = None, streams: Optional[Streams] = None) -> None:
     """Run pipeline rank `rank`'s operations of `schedule` on its `chunks` (by stage): each
     forward receives its input from the previous stage's rank and sends its output on; each
     backward receives its output's gradient from the next stage's rank and sends the input's back.
-    F&B runs its forward, then its backward (no overlap, see the module docstring)."""
+    F&B runs its forward and backward interleaved (`overlap.run_pair`) where both chunks are cut
+    into pieces (`segmented`), else forward (and its send) first."""
     owner, last = owners(schedule), schedule.stages - 1
+    streams = streams or Streams(transport.device)
+    none: Arrival = lambda: None
     for op in schedule.ranks[rank]:
+        forward = backward = None
         if op.forward is not None:
             mb, stage = op.forward
-            x = None if stage == 0 else transport.recv(("F", (mb, stage - 1)), owner[mb, stage - 1])
-            y = chunks[stage].forward(mb, x)
-            if stage < last:
-                transport.send(("F", op.forward), y, owner[mb, stage + 1])
+            arrival = none if stage == 0 else transport.post(("F", (mb, stage - 1)), owner[mb, stage - 1])
+            forward = forward_steps(chunks[stage], mb, arrival)
         if op.kind in ("B", "BW", "F&B"):
             mb, stage = op.backward
-            g = None if stage == last else transport.recv(("B", (mb, stage + 1)), owner[mb, stage + 1])
-            dx = chunks[stage].backward(mb, g, split=op.kind == "B")
-            if stage > 0:
-                transport.send(("B", op.backward), dx, owner[mb, stage - 1])
+            arrival = none if stage == last else transport.post(("B", (mb, stage + 1)), owner[mb, stage + 1])
+            backward = backward_steps(chunks[stage], mb, arrival, split=op.kind == "B")
+        paired = forward and backward and all(getattr(chunks[c[1]], "segmented", False) for c in op.chunks)
+        if paired:
+            run_pair(forward[0], backward[0], streams)
+        if forward:
+            if not paired:
+                run_chain(forward[0], streams)
+            if op.forward[1] < last:
+                transport.send(("F", op.forward), forward[1](), owner[op.forward[0], op.forward[1] + 1])
+        if backward:
+            if not paired:
+                run_chain(backward[0], streams)
+            if op.backward[1] > 0:
+                transport.send(("B", op.backward), backward[1](), owner[op.backward[0], op.backward[1] - 1])
         if op.kind == "W":
             chunks[op.chunks[0][1]].weight_grad(op.chunks[0][0])
         if on_op is not None:
@@ -161,34 +210,92 @@ class ModelChunk:
     """A Megatron-style model chunk (`set_input_tensor`, called through `forward_step_func(data_iterator,
     chunk)` -> (output, loss_func)) as a `Chunk` of model stage `stage` of `stages`. The last stage's
     loss is divided by the micro-batch count, as Megatron's schedules do; `losses` collects what
-    its loss_func reports."""
+    its loss_func reports.
+
+    `segmented`: the chunk's model has a `stage_plan` and `forward_step_func` takes
+    `return_schedule_plan=True` (Megatron-Core's keyword for its own overlapped 1F1B), returning
+    a `StagePlan` in place of the output: then forward and backward run piece by piece
+    (`overlap.Segmented`) and F&B pairs interleave."""
 
     def __init__(self, chunk: Any, stage: int, stages: int, forward_step_func: Callable, data: Iterator,
-                 num_microbatches: int):
+                 num_microbatches: int, streams: Optional[Streams] = None):
         self.chunk, self.stage, self.last = chunk, stage, stage == stages - 1
         self.forward_step_func, self.data, self.num_microbatches = forward_step_func, data, num_microbatches
         module = getattr(chunk, "module", chunk)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.saved: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = {}
-        self.deferred: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self.streams = streams or Streams(torch.device("cpu"))
+        self.segmented = (hasattr(module, "stage_plan")
+                          and "return_schedule_plan" in inspect.signature(forward_step_func).parameters)
+        self.saved: dict[int, tuple[Optional[torch.Tensor], torch.Tensor, Optional[Segmented]]] = {}
+        self.deferred: dict[int, Any] = {}
         self.losses: list[Any] = []
 
     def forward(self, mb: int, input_sbh: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        x = None if input_sbh is None else input_sbh.detach().requires_grad_()
-        self.chunk.set_input_tensor([x])
-        output, loss_func = self.forward_step_func(self.data, self.chunk)
-        if self.last:  # loss_func gives (loss, report) or, in newer Megatron releases, (loss, tokens, report)
-            result = loss_func(output)
-            loss, reported = result[0], result[-1]
-            self.losses.append(reported)
-            self.saved[mb] = (x, loss / self.num_microbatches)
-            return None
-        self.saved[mb] = (x, output)
-        return output.detach()
+        steps, output = self.forward_steps(mb, lambda: input_sbh)
+        run_chain(steps, self.streams)
+        return output()
 
     def backward(self, mb: int, output_grad: Optional[torch.Tensor], split: bool) -> Optional[torch.Tensor]:
-        x, y = self.saved.pop(mb)
-        grad = None if output_grad is None else output_grad.to(y.dtype)
+        steps, input_grad = self.backward_steps(mb, lambda: output_grad, split)
+        run_chain(steps, self.streams)
+        return input_grad()
+
+    def forward_steps(self, mb: int, arrival: Arrival) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
+        """Micro-batch `mb`'s forward as steps; `arrival` gives the stage input when the first runs."""
+        box: dict[str, Any] = {}
+
+        def receive(segmented: Optional[Segmented] = None) -> None:
+            received = arrival()
+            x = None if received is None else received.detach().requires_grad_()
+            if segmented is not None and x is not None:
+                segmented.external.append(x)
+            box["x"] = x
+            self.chunk.set_input_tensor([x])
+
+        def finish(output: Any, loss_func: Callable, segmented: Optional[Segmented]) -> None:
+            if self.last:  # loss_func gives (loss, report) or, in newer Megatron releases, (loss, tokens, report)
+                result = loss_func(output)
+                self.losses.append(result[-1])
+                self.saved[mb] = (box["x"], result[0] / self.num_microbatches, segmented)
+                box["y"] = None
+            else:
+                self.saved[mb] = (box["x"], output, segmented)
+                box["y"] = output.detach()
+
+        if not self.segmented:
+            def run() -> None:
+                receive()
+                finish(*self.forward_step_func(self.data, self.chunk), None)
+
+            return [Step(COMPUTE, run, "forward")], lambda: box["y"]
+        plan, loss_func = self.forward_step_func(self.data, self.chunk, return_schedule_plan=True)
+        segmented = Segmented(plan, self.streams)
+        steps = segmented.forward_steps(lambda: receive(segmented), lambda output: finish(output, loss_func, segmented))
+        return steps, lambda: box["y"]
+
+    def backward_steps(self, mb: int, arrival: Arrival, split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
+        """Micro-batch `mb`'s backward as steps; `arrival` gives its output's gradient (None on the
+        last stage). `split`: the weight gradients wait for `weight_grad`."""
+        x, y, segmented = self.saved.pop(mb)
+        box: dict[str, Any] = {}
+
+        def root() -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            grad = arrival()
+            return y, None if grad is None else grad.to(y.dtype)
+
+        if segmented is None:
+            def run() -> None:
+                box["dx"] = self._backward_whole(mb, x, *root(), split)
+
+            return [Step(COMPUTE, run, "backward")], lambda: box["dx"]
+        if split:
+            self.deferred[mb] = segmented
+        steps = segmented.backward_steps(root, self.params, split,
+                                         lambda: box.update(dx=None if x is None else segmented.input_grad(x)))
+        return steps, lambda: box["dx"]
+
+    def _backward_whole(self, mb: int, x: Optional[torch.Tensor], y: torch.Tensor, grad: Optional[torch.Tensor],
+                        split: bool) -> Optional[torch.Tensor]:
         if not split:
             torch.autograd.backward(y, grad)
             return None if x is None else x.grad
@@ -199,8 +306,11 @@ class ModelChunk:
         return dx
 
     def weight_grad(self, mb: int) -> None:
-        y, grad = self.deferred.pop(mb)
-        torch.autograd.backward(y, grad, inputs=self.params)
+        deferred = self.deferred.pop(mb)
+        if isinstance(deferred, Segmented):
+            deferred.weight_grad()
+        else:
+            torch.autograd.backward(deferred[0], deferred[1], inputs=self.params)
 
 
 def make_forward_backward(name: str) -> Callable:
@@ -234,14 +344,15 @@ def make_forward_backward(name: str) -> Callable:
         else:  # each micro-batch once, handed to each chunk in the order it runs them
             batches = [next(data_iterator) for _ in range(num_microbatches)]
             data = {s: iter([batches[mb] for mb in order[s]]) for s in stages}
+        device = comm.device_of(group) if group is not None else torch.device("cpu")
+        streams = Streams(device)
         total = num_stages(name, pp)
-        chunks = {s: ModelChunk(c, s, total, forward_step_func, data[s], num_microbatches)
+        chunks = {s: ModelChunk(c, s, total, forward_step_func, data[s], num_microbatches, streams)
                   for s, c in zip(stages, model)}
         config = model[0].config
         shape = (seq_length, micro_batch_size, config.hidden_size)
         dtype = getattr(config, "pipeline_dtype", None) or torch.float32
-        device = comm.device_of(group) if group is not None else torch.device("cpu")
-        run_ops(schedule, rank, chunks, Transport(schedule, rank, group, shape, dtype, device))
+        run_ops(schedule, rank, chunks, Transport(schedule, rank, group, shape, dtype, device), streams=streams)
         return [loss for c in chunks.values() for loss in c.losses]
 
     forward_backward.__name__ = f"{name}_forward_backward"

@@ -15,6 +15,7 @@ its buffers for (`pipeline_dtype`). Inside a stage the model keeps [batch, seq, 
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterator, Optional
 
@@ -70,16 +71,29 @@ def forward_backward(schedule, chunks: list[ScheduledModel], batches: Iterator[d
         sums[1] += float(out.mtp_loss) / num_micro if out.mtp_loss is not None else 0.0
         return out.loss, {}  # Megatron divides the loss by num_micro before backward
 
-    def forward_step(data_iterator, chunk: ScheduledModel):
+    def forward_step(data_iterator, chunk: ScheduledModel, return_schedule_plan: bool = False):
+        """Megatron's forward_step_func; with `return_schedule_plan` (DualPipe's overlapped F&B,
+        `dualpipe.ModelChunk`) the stage's forward as pieces (`model.stage_plan`) instead of its output."""
         batch = next(data_iterator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = chunk.module(batch["tokens"].to(device), labels=batch["labels"].to(device), stage=chunk.stage,
-                        mtp_loss_weight=mtp_loss_weight, balance_loss_scale=1.0 / num_micro)
-        if model.last_balance_loss is not None:
-            sums[2] += float(model.last_balance_loss) / num_micro
-        if not chunk.last_stage:
-            out = out.transpose(0, 1).to(chunk.dtype).contiguous()  # [seq, batch, hidden]
-        return out, loss_func
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+        def stage_output(out):
+            if model.last_balance_loss is not None:
+                sums[2] += float(model.last_balance_loss) / num_micro
+            return out if chunk.last_stage else out.transpose(0, 1).to(chunk.dtype).contiguous()  # [seq, batch, hidden]
+
+        if return_schedule_plan:
+            with autocast():
+                plan = chunk.module.stage_plan(tokens, labels=labels, stage=chunk.stage, mtp_loss_weight=mtp_loss_weight,
+                                               balance_loss_scale=1.0 / num_micro)
+            model_output = plan.output
+            return dataclasses.replace(plan, output=lambda state: stage_output(model_output(state)),
+                                       context=autocast), loss_func
+        with autocast():
+            out = chunk.module(tokens, labels=labels, stage=chunk.stage, mtp_loss_weight=mtp_loss_weight,
+                               balance_loss_scale=1.0 / num_micro)
+        return stage_output(out), loss_func
 
     schedule(forward_step_func=forward_step, data_iterator=batches, model=list(chunks), num_microbatches=num_micro,
              seq_length=seq_length, micro_batch_size=micro_batch_size)

@@ -4,15 +4,19 @@ With tensor parallelism every TP rank holds the same tokens; each TP rank dispat
 share of them and the per-slot expert outputs are gathered back, so each (token, expert) pair is
 computed exactly once. Expert e lives on expert-parallel rank e // experts_per_rank.
 
-Flow for `run(x, expert_ids, experts)`:
-  take this TP rank's tokens -> sort (token, slot) pairs by expert -> all-to-all counts, then
-  tokens -> regroup by local expert -> experts -> undo regroup -> all-to-all back -> unsort ->
-  all-gather over TP -> [tokens, top_k, hidden].
+`run(x, expert_ids, experts)` is four phases, which the overlapped DualPipe step also calls one
+at a time (`DeepSeekMoE.pieces`):
+  permute   take this TP rank's tokens, sort (token, slot) pairs by expert     (compute)
+  dispatch  all-to-all counts, then tokens; regroup by local expert            (communication)
+  (experts)
+  combine   undo the regroup, all-to-all back                                   (communication)
+  unpermute unsort, all-gather over TP -> [tokens, top_k, hidden]               (compute)
 Without expert parallelism nothing here reads a device value on the host (the experts' GEMM
 sizes are their business: see experts.py); the all-to-all needs its split sizes there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +40,27 @@ class _GatherTokens(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
 
 
+@dataclass
+class Permutation:
+    """Where permute put each (token, slot) pair: undone by `unpermute`."""
+
+    order: torch.Tensor  # [pairs]: sorted position -> pair (token * top_k + slot)
+    counts_E: torch.Tensor  # [experts] pairs per expert, on the device
+    local_tokens: int
+    top_k: int
+
+
+@dataclass
+class Exchange:
+    """What dispatch sent where, for combine to send back: the all-to-all split sizes (host lists)
+    and the regroup of received rows by local expert."""
+
+    tokens_per_expert: torch.Tensor  # [local experts], the experts' segment sizes
+    input_splits: Optional[list[int]] = None
+    output_splits: Optional[list[int]] = None
+    regroup: Optional[torch.Tensor] = None
+
+
 class TokenDispatcher:
     def __init__(self, num_experts: int, ep_group: Optional[dist.ProcessGroup], tp_group: Optional[dist.ProcessGroup]):
         self.ep_group, self.tp_group = ep_group, tp_group
@@ -46,6 +71,13 @@ class TokenDispatcher:
     def run(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
             experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Unweighted expert outputs for every (token, slot): [tokens, top_k, hidden]."""
+        x_sorted, permutation = self.permute(x_TH, expert_ids_TK)
+        received, exchange = self.dispatch(x_sorted, permutation)
+        out = experts(received, exchange.tokens_per_expert)
+        return self.unpermute(self.combine(out, exchange), permutation)
+
+    def permute(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, Permutation]:
+        """This TP rank's (token, slot) pairs' inputs sorted by expert [pairs, hidden]."""
         tokens, top_k = expert_ids_TK.shape
         if self.tp_size > 1:
             if tokens % self.tp_size:
@@ -55,28 +87,21 @@ class TokenDispatcher:
             # Each TP rank back-propagates only its share of tokens: sum the shares in backward.
             x_TH = copy_to_group(x_TH, self.tp_group)
             x_TH, expert_ids_TK = x_TH[start:start + share], expert_ids_TK[start:start + share]
-        local_tokens = x_TH.shape[0]
-
         flat_experts = expert_ids_TK.flatten()  # pair p = token p // top_k, slot p % top_k
         order = torch.argsort(flat_experts, stable=True)
-        x_sorted = x_TH.index_select(0, order // top_k)
         # Not torch.bincount: on CUDA it reads the largest id on the host to size its output.
         counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=flat_experts.device).index_add_(
             0, flat_experts, torch.ones_like(flat_experts))
+        return x_TH.index_select(0, order // top_k), Permutation(order, counts_E, x_TH.shape[0], top_k)
 
+    def dispatch(self, x_sorted: torch.Tensor, permutation: Permutation) -> tuple[torch.Tensor, Exchange]:
+        """The rows of this rank's experts, grouped by local expert (identity without EP)."""
         if self.ep_size == 1:
-            out_sorted = experts(x_sorted, counts_E)
-        else:
-            out_sorted = self._exchange(x_sorted, counts_E, experts)
+            return x_sorted, Exchange(permutation.counts_E)
+        return self.exchange(x_sorted, permutation.counts_E)
 
-        out_pairs = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
-        out_TKH = out_pairs.view(local_tokens, top_k, -1)
-        if self.tp_size > 1:
-            out_TKH = _GatherTokens.apply(out_TKH, self.tp_group)
-        return out_TKH
-
-    def _exchange(self, x_sorted: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
-        """All-to-all to the ranks owning the experts, compute, all-to-all back."""
+    def exchange(self, x_sorted: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, Exchange]:
+        """`dispatch`'s all-to-alls (counts, then rows), on a group of any size."""
         send_counts = counts_E.view(self.ep_size, self.experts_per_rank)  # [dest rank, local expert]
         recv_counts = torch.empty_like(send_counts)
         comm.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [source rank, local expert]
@@ -88,6 +113,19 @@ class TokenDispatcher:
         row_block = torch.repeat_interleave(torch.arange(block_expert.numel(), device=x_sorted.device),
                                             recv_counts.flatten())
         regroup = torch.argsort(block_expert[row_block], stable=True)
-        out = experts(received.index_select(0, regroup), recv_counts.sum(0))
-        out = torch.empty_like(out).index_copy(0, regroup, out)
-        return all_to_all(out, input_splits, output_splits, self.ep_group)
+        return received.index_select(0, regroup), Exchange(recv_counts.sum(0), input_splits, output_splits, regroup)
+
+    def combine(self, out: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        """Expert outputs back to the ranks their tokens came from, in `dispatch`'s input order."""
+        if exchange.regroup is None:
+            return out
+        out = torch.empty_like(out).index_copy(0, exchange.regroup, out)
+        return all_to_all(out, exchange.input_splits, exchange.output_splits, self.ep_group)
+
+    def unpermute(self, out_sorted: torch.Tensor, permutation: Permutation) -> torch.Tensor:
+        """[pairs sorted by expert, hidden] -> [tokens, top_k, hidden] (all tokens, under TP too)."""
+        out_pairs = torch.empty_like(out_sorted).index_copy(0, permutation.order, out_sorted)
+        out_TKH = out_pairs.view(permutation.local_tokens, permutation.top_k, -1)
+        if self.tp_size > 1:
+            out_TKH = _GatherTokens.apply(out_TKH, self.tp_group)
+        return out_TKH

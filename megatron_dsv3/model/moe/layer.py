@@ -13,6 +13,7 @@ from megatron_dsv3.model.common import SwiGLU
 from megatron_dsv3.model.moe.dispatch import TokenDispatcher
 from megatron_dsv3.model.moe.experts import RoutedExperts, bf16_batched_matmul
 from megatron_dsv3.model.moe.router import Router
+from megatron_dsv3.model.pieces import COMM, COMPUTE, Piece, run_in_order
 from megatron_dsv3.parallel import groups
 
 
@@ -56,11 +57,43 @@ class DeepSeekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, hidden] -> [batch, seq, hidden]."""
-        routing = self.router(x)
-        per_slot_TKH = self.dispatcher.run(x.flatten(0, 1), routing.expert_ids, self.experts)
-        routed = (per_slot_TKH * routing.gates.unsqueeze(-1).to(x.dtype)).sum(dim=1).view_as(x)
-        out = routed if self.shared_experts is None else routed + self.shared_experts(x)
-        if routing.balance_loss is not None:
-            self.last_balance_loss = routing.balance_loss.detach()
-            out = BalanceLossAttach.apply(out, routing.balance_loss, self.balance_loss_scale)
-        return out
+        return run_in_order(self.pieces(), {"mlp_input": x})["mlp_output"]
+
+    def pieces(self) -> list[Piece]:
+        """The layer as route / dispatch / experts / combine / merge (`model/pieces.py`), from the
+        state's "mlp_input" [batch, seq, hidden] to its "mlp_output"; its other keys start "moe_"."""
+        exchanging = COMM if self.dispatcher.ep_size > 1 else COMPUTE
+
+        def route(state):
+            x = state["mlp_input"]
+            routing = self.router(x)
+            x_sorted, permutation = self.dispatcher.permute(x.flatten(0, 1), routing.expert_ids)
+            return {"moe_sorted": x_sorted, "moe_permutation": permutation, "moe_gates": routing.gates,
+                    "moe_balance_loss": routing.balance_loss}
+
+        def dispatch(state):
+            received, exchange = self.dispatcher.dispatch(state["moe_sorted"], state["moe_permutation"])
+            return {"moe_received": received, "moe_exchange": exchange}
+
+        def experts(state):
+            shared = self.shared_experts(state["mlp_input"]) if self.shared_experts is not None else None
+            return {"moe_expert_out": self.experts(state["moe_received"], state["moe_exchange"].tokens_per_expert),
+                    "moe_shared": shared}
+
+        def combine(state):
+            return {"moe_combined": self.dispatcher.combine(state["moe_expert_out"], state["moe_exchange"])}
+
+        def merge(state):
+            x, gates, balance_loss = state["mlp_input"], state["moe_gates"], state["moe_balance_loss"]
+            per_slot_TKH = self.dispatcher.unpermute(state["moe_combined"], state["moe_permutation"])
+            out = (per_slot_TKH * gates.unsqueeze(-1).to(x.dtype)).sum(dim=1).view_as(x)
+            if state["moe_shared"] is not None:
+                out = out + state["moe_shared"]
+            if balance_loss is not None:
+                self.last_balance_loss = balance_loss.detach()
+                out = BalanceLossAttach.apply(out, balance_loss, self.balance_loss_scale)
+            return {"mlp_output": out}
+
+        return [Piece("route", COMPUTE, route), Piece("dispatch", exchanging, dispatch),
+                Piece("experts", COMPUTE, experts), Piece("combine", exchanging, combine),
+                Piece("merge", COMPUTE, merge)]

@@ -1,0 +1,261 @@
+"""The overlapped forward-and-backward step of DualPipe (report section 3.2.1, Figure 4).
+
+In DualPipe's steady phase each rank runs the forward of one micro-batch beside the backward of
+another (an "F&B" operation). Both are cut into their pieces (`model/pieces.py`), and the two
+chains of pieces are issued alternately so that one's communication runs behind the other's
+computation. For a pair of DeepSeek-V3 MoE layers, forward of layer i and backward of layer j:
+
+    compute stream                        communication stream
+    attention F (i)                       combine B (j)      all-to-all of output gradients
+    experts B + W (j)                     dispatch F (i)     all-to-all of tokens
+    experts F (i)                         dispatch B (j)     all-to-all of input gradients
+    merge+attention B + W (j)             combine F (i)      all-to-all of expert outputs
+
+The head, the loss and MTP's pieces join the last stage's chains the same way (MTP's block is a
+MoE layer of its own). Pipeline p2p: both receives are posted before the pair starts and each
+chain waits for its own at its first piece; sends are non-blocking and complete behind the next
+operation (`dualpipe.Transport`).
+
+On CUDA the communication pieces run on a second stream; each chain orders its own pieces with
+an event, so the two chains only meet where the table puts them side by side. The one host read
+in a piece is dispatch's split sizes (counts exchanged first); the compute piece beside it is
+issued before it, so the GPU is busy while the host waits. On CPU the same order runs on one
+stream, without overlap, and computes exactly what the plain forward then backward computes.
+
+Each piece's autograd graph is cut at its inputs (`Segmented`): backward walks the pieces in
+reverse, taking the gradient of each piece's inputs (B) and, split or not, its weights (W).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+
+from megatron_dsv3.model.pieces import COMM, COMPUTE, Piece, StagePlan, fuse
+
+
+@dataclass
+class Step:
+    kind: str  # COMPUTE or COMM: the stream it runs on
+    run: Callable[[], None]
+    name: str = ""
+
+
+class _Inputs(Mapping):
+    """The state as one piece sees it: each tensor that needs a gradient is replaced, on first
+    read, by a detached copy that requires grad (the piece's own input leaf)."""
+
+    def __init__(self, state: Mapping[str, Any], stream: Optional[torch.cuda.Stream]):
+        self.state, self.stream, self.leaves = state, stream, {}
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.state[key]
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            return value
+        if key not in self.leaves:
+            if self.stream is not None and value.is_cuda:
+                value.record_stream(self.stream)  # produced on the other stream, read on this one
+            self.leaves[key] = (value, value.detach().requires_grad_())
+        return self.leaves[key][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+@dataclass
+class _Record:
+    piece: Piece
+    leaves: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (the state's tensor, this piece's leaf)
+    outputs: list[torch.Tensor]  # what it wrote that carries a gradient
+
+
+class Streams:
+    """A compute and a communication stream on CUDA; nothing (one implicit stream) elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(device)
+            self.comm = torch.cuda.Stream(device)
+
+    def stream(self, kind: str) -> Optional[torch.cuda.Stream]:
+        return None if not self.cuda else (self.comm if kind == COMM else self.compute)
+
+    def chain(self) -> Optional[torch.cuda.Event]:
+        """An event ordering one chain's steps, starting after what the compute stream holds now."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.compute)
+        return event
+
+    def run(self, step: Step, chain: Optional[torch.cuda.Event]) -> None:
+        if not self.cuda:
+            step.run()
+            return
+        stream = self.stream(step.kind)
+        stream.wait_event(chain)
+        with torch.cuda.stream(stream):
+            step.run()
+        chain.record(stream)
+
+    def join(self, chains: list[Optional[torch.cuda.Event]]) -> None:
+        """The compute stream waits for every chain's last step."""
+        if self.cuda:
+            for event in chains:
+                self.compute.wait_event(event)
+
+
+class Segmented:
+    """One micro-batch's pass through one stage, piece by piece: forward steps now, backward
+    steps (input gradients, and weight gradients unless deferred to `weight_grad`) later."""
+
+    def __init__(self, plan: StagePlan, streams: Streams):
+        self.plan, self.streams = plan, streams
+        self.pieces = fuse(plan.pieces)
+        self.state: dict[str, Any] = {}
+        self.records: list[_Record] = []
+        self.output: Any = None
+        self.output_inputs = _Inputs({}, None)
+        self.grads: dict[int, torch.Tensor] = {}  # id(state tensor) -> gradient summed over its readers
+        self.deferred: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.external: list[torch.Tensor] = []  # leaves the pieces read from outside the state (the stage input)
+
+    def forward_steps(self, prologue: Callable[[], None], epilogue: Callable[[Any], None]) -> list[Step]:
+        """The pieces as steps; `prologue` runs before the first (the stage input's arrival) and
+        `epilogue(output)` after the last."""
+        steps = [Step(piece.kind, lambda piece=piece: self._forward(piece), piece.name) for piece in self.pieces]
+        return _framed(steps, prologue, lambda: epilogue(self.output))
+
+    def _forward(self, piece: Piece) -> None:
+        inputs = _Inputs(self.state, self.streams.stream(piece.kind))
+        with self.plan.context():
+            written = piece.run(inputs)
+        for key, value in written.items():
+            if isinstance(value, (list, tuple, dict)) and any(
+                    isinstance(v, torch.Tensor) and v.requires_grad for v in (value.values() if isinstance(value, dict) else value)):
+                raise TypeError(f"piece {piece.name!r} wrote {key!r}, a container of tensors that need gradients: "
+                                "write each tensor under its own key, so that the cut between pieces sees it")
+        self.state.update(written)
+        outputs = [v for v in written.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+        self.records.append(_Record(piece, inputs.leaves, outputs))
+        if piece is self.pieces[-1]:  # the output reads the state through leaves of its own, as a piece would
+            self.output_inputs = _Inputs(self.state, None)
+            self.output = self.plan.output(self.output_inputs)
+
+    def backward_steps(self, root: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]], params: list[torch.Tensor],
+                       split: bool, epilogue: Callable[[], None]) -> list[Step]:
+        """Steps from the last piece back to the first. `root()` gives the tensor backward starts
+        from (the stage's output, or its loss) and its gradient (None for a scalar loss); it is a
+        function of the output, without weights of its own. `split`: defer the weight gradients."""
+        self._root, self._params, self._split = root, params, split
+        steps = [Step(rec.piece.kind, lambda rec=rec: self._backward(rec), rec.piece.name)
+                 for rec in reversed(self.records)]
+        return _framed(steps, self._seed, lambda: (epilogue(), None if split else self._release()))
+
+    def _release(self) -> None:
+        """Drop the pieces' inputs and outputs once no backward or W needs them."""
+        self.records.clear()
+        self.state.clear()
+        self.output_inputs = _Inputs({}, None)
+
+    def _seed(self) -> None:
+        """Gradients of the state values the output read, from the root (the output holds no weights)."""
+        root, grad = self._root()
+        read = list(self.output_inputs.leaves.values())
+        if not read:
+            return
+        for (source, _), g in zip(read, torch.autograd.grad(root, [leaf for _, leaf in read], grad, allow_unused=True)):
+            if g is not None:
+                self.grads[id(source)] = g
+
+    def _backward(self, rec: _Record) -> None:
+        outputs, grads = [], []
+        for out in rec.outputs:
+            g = self.grads.pop(id(out), None)
+            if g is not None:
+                if self.streams.cuda:
+                    g.record_stream(torch.cuda.current_stream())
+                outputs.append(out)
+                grads.append(g)
+        sources = [source for source, _ in rec.leaves.values()] + self.external
+        leaves = [leaf for _, leaf in rec.leaves.values()] + self.external
+        if not outputs:
+            return
+        if self._split:
+            input_grads = (torch.autograd.grad(outputs, leaves, grads, retain_graph=True, allow_unused=True)
+                           if leaves else [])
+            self.deferred.append((outputs, grads))
+        else:
+            torch.autograd.backward(outputs, grads, inputs=[*leaves, *self._params])
+            input_grads = [leaf.grad for leaf in leaves]
+            for leaf in self.external:
+                leaf.grad = None
+        for source, g in zip(sources, input_grads):
+            if g is not None:
+                previous = self.grads.get(id(source))
+                self.grads[id(source)] = g if previous is None else previous + g
+
+    def input_grad(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """The gradient that reached `tensor`, one of `external`."""
+        return self.grads.pop(id(tensor), None)
+
+    def weight_grad(self) -> None:
+        """The deferred weight gradients, every piece's, in the order backward reached them."""
+        for outputs, grads in self.deferred:
+            torch.autograd.backward(outputs, grads, inputs=self._params)
+        self.deferred.clear()
+        self._release()
+
+
+def _framed(steps: list[Step], before: Callable[[], Any], after: Callable[[], Any]) -> list[Step]:
+    """`steps` with `before` run at the start of the first and `after` at the end of the last."""
+    first = steps[0].run
+    steps[0] = Step(steps[0].kind, lambda: (before(), first()), steps[0].name)
+    last = steps[-1].run
+    steps[-1] = Step(steps[-1].kind, lambda: (last(), after()), steps[-1].name)
+    return steps
+
+
+def interleave(forward: list[Step], backward: list[Step]) -> Iterator[Step]:
+    """The two chains' steps in issue order: a compute step of one beside a communication step of
+    the other (compute issued first). Where both chains' next steps are of one kind the backward's
+    runs alone, which puts it one step ahead: both chains start with compute (the forward's
+    attention, the backward's head or merge), and then each forward piece meets the backward piece
+    the table in the module docstring names."""
+    f = b = 0
+    while f < len(forward) or b < len(backward):
+        if f < len(forward) and b < len(backward) and forward[f].kind != backward[b].kind:
+            pair = (forward[f], backward[b])
+            yield from (pair if pair[0].kind == COMPUTE else pair[::-1])
+            f, b = f + 1, b + 1
+        elif b < len(backward):
+            yield backward[b]
+            b += 1
+        else:
+            yield forward[f]
+            f += 1
+
+
+def run_chain(steps: list[Step], streams: Streams) -> None:
+    """One chain alone (a forward or backward outside F&B), on the streams its steps name."""
+    chain = streams.chain()
+    for step in steps:
+        streams.run(step, chain)
+    streams.join([chain])
+
+
+def run_pair(forward: list[Step], backward: list[Step], streams: Streams,
+             on_step: Optional[Callable[[Step], None]] = None) -> None:
+    """The F&B operation: `forward` and `backward` (of different micro-batches) interleaved."""
+    chains = {id(s): c for steps, c in ((forward, streams.chain()), (backward, streams.chain())) for s in steps}
+    for step in interleave(forward, backward):
+        streams.run(step, chains[id(step)])
+        if on_step is not None:
+            on_step(step)
+    streams.join(list({id(c): c for c in chains.values()}.values()))
