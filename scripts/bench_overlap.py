@@ -1,0 +1,100 @@
+"""What cutting a stage into pieces costs where nothing can overlap (CPU, gloo): two micro-batches'
+forward and backward on two expert-parallel ranks, plain (F0, F1, one backward) against DualPipe's
+overlapped step (F0; F1 interleaved with B0 piece by piece; B1), median of --repeats, ratio in the
+same run. On a GPU the same pieces put the all-to-alls on their own stream; here the ratio is the
+price of the cuts (leaves, per-piece autograd calls), the floor of what the overlap must win back.
+
+    .venv/bin/python scripts/bench_overlap.py --preset tiny --repeats 7
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rank_main(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_dsv3 import DSV3Config, build_model
+    from megatron_dsv3.parallel import initialize_parallel
+    from megatron_dsv3.pipeline.overlap import Segmented, Streams, run_chain, run_pair
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    initialize_parallel(1, 1, 2)
+    torch.set_num_threads(1)
+    config = DSV3Config.preset(args.preset, mtp_num_modules=1)
+    model = build_model(config, seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(dist.get_rank())
+    data = [torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=g) for _ in range(2)]
+    data = [(d[:, :-1], d[:, 1:]) for d in data]
+    cpu = Streams(torch.device("cpu"))
+
+    def plain() -> None:
+        sum(model(t, labels=l).loss for t, l in data).backward()
+
+    def overlapped() -> None:
+        passes, outputs = [Segmented(model.stage_plan(t, labels=l), cpu) for t, l in data], {}
+
+        def forward(i):
+            return passes[i].forward_steps(lambda: None, lambda out: outputs.__setitem__(i, out))
+
+        def backward(i):
+            return passes[i].backward_steps(lambda: (outputs[i].loss, None), params, False, lambda: None)
+
+        run_chain(forward(0), cpu)
+        run_pair(forward(1), backward(0), cpu)
+        run_chain(backward(1), cpu)
+
+    times = {"plain": [], "overlapped": []}
+    for repeat in range(args.repeats + 1):  # the first of each is a warm-up
+        for name, step in (("plain", plain), ("overlapped", overlapped)):
+            model.zero_grad(set_to_none=True)
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            dist.barrier()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        plain_s, overlapped_s = statistics.median(times["plain"]), statistics.median(times["overlapped"])
+        print(f"preset {args.preset}, EP2 on gloo, 2 micro-batches of {args.batch}x{args.seq}, "
+              f"median of {args.repeats}: plain {plain_s * 1e3:.1f} ms, overlapped step {overlapped_s * 1e3:.1f} ms, "
+              f"ratio {overlapped_s / plain_s:.3f} (per repeat: "
+              + ", ".join(f"{o / p:.3f}" for o, p in zip(times["overlapped"], times["plain"])) + ")")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank:
+        rank_main(args)
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distributed import free_port
+
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--rank", *sys.argv[1:]], env=env))
+    sys.exit(max(p.wait() for p in procs))
+
+
+if __name__ == "__main__":
+    main()
