@@ -55,6 +55,26 @@ def rank_main(args) -> None:
         run_pair(forward(1), backward(0), cpu)
         run_chain(backward(1), cpu)
 
+    # Activation memory after one forward: what autograd saved plus what is still referenced (the
+    # output; the pieces' state, which the cut pass clears), distinct storages, parameters excluded.
+    params_at = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def bytes_of(tensors) -> dict[int, int]:
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                if t.untyped_storage().data_ptr() not in params_at}
+
+    def kept_after(forward) -> int:
+        saved: list = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            held = forward()
+        return sum((bytes_of(saved) | bytes_of(held)).values())
+
+    def cut_forward() -> list:
+        segmented = Segmented(model.stage_plan(data[0][0], labels=data[0][1]), cpu)
+        run_chain(segmented.forward_steps(lambda: None, lambda out: None), cpu)
+        return [segmented.output.loss, *(v for v in segmented.state.values() if isinstance(v, torch.Tensor))]
+
+    memory = {"plain": kept_after(lambda: [model(data[0][0], labels=data[0][1]).loss]), "cut": kept_after(cut_forward)}
     times = {"plain": [], "overlapped": []}
     for repeat in range(args.repeats + 1):  # the first of each is a warm-up
         for name, step in (("plain", plain), ("overlapped", overlapped)):
@@ -71,6 +91,8 @@ def rank_main(args) -> None:
               f"median of {args.repeats}: plain {plain_s * 1e3:.1f} ms, overlapped step {overlapped_s * 1e3:.1f} ms, "
               f"ratio {overlapped_s / plain_s:.3f} (per repeat: "
               + ", ".join(f"{o / p:.3f}" for o, p in zip(times["overlapped"], times["plain"])) + ")")
+        print(f"activation bytes after one forward: plain {memory['plain'] / 2**20:.2f} MiB, cut into pieces "
+              f"{memory['cut'] / 2**20:.2f} MiB, ratio {memory['cut'] / memory['plain']:.3f}")
     dist.destroy_process_group()
 
 

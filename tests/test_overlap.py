@@ -101,6 +101,34 @@ def test_a_stage_cut_at_every_piece_computes_the_plain_gradients(recompute, spli
     assert_same_step(([float(run.output.loss)], grads(model)), ref)
 
 
+def test_cut_pieces_keep_no_activation_that_autograd_does_not_save():
+    """After a forward cut at every piece, every tensor a piece wrote is either freed or saved by
+    autograd for backward (or is the loss): the cuts hold no activation of their own."""
+    import gc
+    import weakref
+
+    config = DSV3Config.preset("tiny", **MODEL)
+    (tokens, labels), = batches(config.vocab_size, 1)
+    model = build_model(config, seed=1)
+    run = Pass(model, tokens, labels, Streams(torch.device("cpu")), cut_everywhere=True)
+    written: list = []
+    for piece in run.segmented.pieces:
+        def recording(state, inner=piece.run):
+            out = inner(state)
+            written.extend(weakref.ref(v) for v in out.values() if isinstance(v, torch.Tensor))
+            return out
+        piece.run = recording
+    saved: set = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        run_chain(run.forward_steps(), run.segmented.streams)
+    gc.collect()
+    alive = [ref() for ref in written if ref() is not None]
+    assert len(written) > 40 and len(alive) < len(written)  # some outputs were freed (not saved)
+    loss = run.output.loss.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() in saved | {loss} for t in alive)
+
+
 def test_interleave_pairs_compute_of_one_chain_with_communication_of_the_other():
     forward = [Step(k, lambda: None, f"F{i}") for i, k in enumerate([COMPUTE, COMM, COMPUTE, COMM, COMPUTE])]
     backward = [Step(k, lambda: None, f"B{i}") for i, k in enumerate([COMPUTE, COMM, COMPUTE, COMM, COMPUTE])]

@@ -22,16 +22,20 @@ in a piece is dispatch's split sizes (counts exchanged first); the compute piece
 issued before it, so the GPU is busy while the host waits. On CPU the same order runs on one
 stream, without overlap, and computes exactly what the plain forward then backward computes.
 
-Each piece's autograd graph is cut at its inputs (`Segmented`): backward walks the pieces in
-reverse, taking the gradient of each piece's inputs (B) and, split or not, its weights (W).
+Each piece's autograd graph is cut at what it reads (`_Cut`, `Segmented`): backward walks the
+pieces in reverse, taking the gradient of each piece's inputs (B) and, at once or deferred, of its
+weights (W). The cuts keep no tensor alive: activations live as long as autograd saves them, as in
+the plain forward (`tests/test_overlap.py` checks it).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from megatron_dsv3.model.pieces import COMM, COMPUTE, Piece, StagePlan, fuse
 
@@ -43,22 +47,45 @@ class Step:
     name: str = ""
 
 
+class _Cut(torch.autograd.Function):
+    """A piece's view of a state value, where its autograd graph stops: the backward hands the
+    gradient to `sink` and goes no further. The graph reaches only `anchor` (a scalar that needs a
+    gradient) through it, so it keeps neither the value nor anything upstream alive."""
+
+    @staticmethod
+    def forward(ctx, value, anchor, sink):
+        ctx.sink = sink
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink(grad)
+        return None, None, None
+
+
+def _accumulate(grads: dict[int, torch.Tensor], serial: int, grad: torch.Tensor) -> None:
+    grads[serial] = grad if serial not in grads else grads[serial] + grad
+
+
 class _Inputs(Mapping):
     """The state as one piece sees it: each tensor that needs a gradient is replaced, on first
-    read, by a detached copy that requires grad (the piece's own input leaf)."""
+    read, by a `_Cut` of it whose gradient is summed into `grads` under the value's serial."""
 
-    def __init__(self, state: Mapping[str, Any], stream: Optional[torch.cuda.Stream]):
-        self.state, self.stream, self.leaves = state, stream, {}
+    def __init__(self, segmented: "Segmented", stream: Optional[torch.cuda.Stream]):
+        self.state, self.serials, self.stream = segmented.state, segmented.serials, stream
+        self.anchor, self.grads = segmented.anchor, segmented.grads
+        self.cuts: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> Any:
         value = self.state[key]
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
             return value
-        if key not in self.leaves:
+        if key not in self.cuts:
             if self.stream is not None and value.is_cuda:
                 value.record_stream(self.stream)  # produced on the other stream, read on this one
-            self.leaves[key] = (value, value.detach().requires_grad_())
-        return self.leaves[key][1]
+            sink = functools.partial(_accumulate, self.grads, self.serials[key])
+            self.cuts[key] = _Cut.apply(value.detach(), self.anchor, sink)
+        return self.cuts[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.state)
@@ -70,8 +97,7 @@ class _Inputs(Mapping):
 @dataclass
 class _Record:
     piece: Piece
-    leaves: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (the state's tensor, this piece's leaf)
-    outputs: list[torch.Tensor]  # what it wrote that carries a gradient
+    outputs: list[tuple[GradientEdge, int]]  # what it wrote that carries a gradient: (its graph edge, its serial)
 
 
 class Streams:
@@ -113,17 +139,25 @@ class Streams:
 
 class Segmented:
     """One micro-batch's pass through one stage, piece by piece: forward steps now, backward
-    steps (input gradients, and weight gradients unless deferred to `weight_grad`) later."""
+    steps (input gradients, and weight gradients unless deferred to `weight_grad`) later.
+
+    Each piece's graph starts at `_Cut`s of what it read and ends at what it wrote; records keep
+    only the graph edges of the outputs, so activations live exactly as long as autograd saves
+    them (as in the plain forward). A piece's B runs its graph down to its cuts, which pass the
+    gradients to the pieces that wrote those values; its W runs the same graph into the weights."""
 
     def __init__(self, plan: StagePlan, streams: Streams):
         self.plan, self.streams = plan, streams
         self.pieces = fuse(plan.pieces)
         self.state: dict[str, Any] = {}
+        self.serials: dict[str, int] = {}  # key -> serial of the value the state holds under it
+        self.numbering = itertools.count()
+        self.grads: dict[int, torch.Tensor] = {}  # serial -> gradient summed over its readers
+        self.anchor = torch.zeros((), requires_grad=True)
         self.records: list[_Record] = []
         self.output: Any = None
-        self.output_inputs = _Inputs({}, None)
-        self.grads: dict[int, torch.Tensor] = {}  # id(state tensor) -> gradient summed over its readers
-        self.deferred: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.output_read = False  # whether the output read a cut (the seed then runs)
+        self.deferred: list[tuple[list[GradientEdge], list[torch.Tensor]]] = []
         self.external: list[torch.Tensor] = []  # leaves the pieces read from outside the state (the stage input)
 
     def forward_steps(self, prologue: Callable[[], None], epilogue: Callable[[Any], None]) -> list[Step]:
@@ -133,20 +167,25 @@ class Segmented:
         return _framed(steps, prologue, lambda: epilogue(self.output))
 
     def _forward(self, piece: Piece) -> None:
-        inputs = _Inputs(self.state, self.streams.stream(piece.kind))
+        inputs = _Inputs(self, self.streams.stream(piece.kind))
         with self.plan.context():
             written = piece.run(inputs)
+        outputs = []
         for key, value in written.items():
             if isinstance(value, (list, tuple, dict)) and any(
                     isinstance(v, torch.Tensor) and v.requires_grad for v in (value.values() if isinstance(value, dict) else value)):
                 raise TypeError(f"piece {piece.name!r} wrote {key!r}, a container of tensors that need gradients: "
                                 "write each tensor under its own key, so that the cut between pieces sees it")
+            self.serials[key] = serial = next(self.numbering)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                outputs.append((get_gradient_edge(value), serial))
         self.state.update(written)
-        outputs = [v for v in written.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-        self.records.append(_Record(piece, inputs.leaves, outputs))
-        if piece is self.pieces[-1]:  # the output reads the state through leaves of its own, as a piece would
-            self.output_inputs = _Inputs(self.state, None)
-            self.output = self.plan.output(self.output_inputs)
+        self.records.append(_Record(piece, outputs))
+        if piece is self.pieces[-1]:  # the output reads the state through cuts of its own, as a piece would
+            output_inputs = _Inputs(self, None)
+            self.output = self.plan.output(output_inputs)
+            self.output_read = bool(output_inputs.cuts)
+            self.state.clear()  # from here on only autograd's saved tensors hold the activations
 
     def backward_steps(self, root: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]], params: list[torch.Tensor],
                        split: bool, epilogue: Callable[[], None]) -> list[Step]:
@@ -159,56 +198,42 @@ class Segmented:
         return _framed(steps, self._seed, lambda: (epilogue(), None if split else self._release()))
 
     def _release(self) -> None:
-        """Drop the pieces' inputs and outputs once no backward or W needs them."""
+        """Drop the pieces' graph edges once no backward or W needs them."""
         self.records.clear()
-        self.state.clear()
-        self.output_inputs = _Inputs({}, None)
 
     def _seed(self) -> None:
         """Gradients of the state values the output read, from the root (the output holds no weights)."""
         root, grad = self._root()
-        read = list(self.output_inputs.leaves.values())
-        if not read:
-            return
-        for (source, _), g in zip(read, torch.autograd.grad(root, [leaf for _, leaf in read], grad, allow_unused=True)):
-            if g is not None:
-                self.grads[id(source)] = g
+        if self.output_read:
+            torch.autograd.backward(root, grad, inputs=[self.anchor])
 
     def _backward(self, rec: _Record) -> None:
-        outputs, grads = [], []
-        for out in rec.outputs:
-            g = self.grads.pop(id(out), None)
+        edges, grads = [], []
+        for edge, serial in rec.outputs:
+            g = self.grads.pop(serial, None)
             if g is not None:
                 if self.streams.cuda:
                     g.record_stream(torch.cuda.current_stream())
-                outputs.append(out)
+                edges.append(edge)
                 grads.append(g)
-        sources = [source for source, _ in rec.leaves.values()] + self.external
-        leaves = [leaf for _, leaf in rec.leaves.values()] + self.external
-        if not outputs:
+        if not edges:
             return
+        cuts = [self.anchor, *self.external]
         if self._split:
-            input_grads = (torch.autograd.grad(outputs, leaves, grads, retain_graph=True, allow_unused=True)
-                           if leaves else [])
-            self.deferred.append((outputs, grads))
+            torch.autograd.backward(edges, grads, inputs=cuts, retain_graph=True)
+            self.deferred.append((edges, grads))
         else:
-            torch.autograd.backward(outputs, grads, inputs=[*leaves, *self._params])
-            input_grads = [leaf.grad for leaf in leaves]
-            for leaf in self.external:
-                leaf.grad = None
-        for source, g in zip(sources, input_grads):
-            if g is not None:
-                previous = self.grads.get(id(source))
-                self.grads[id(source)] = g if previous is None else previous + g
+            torch.autograd.backward(edges, grads, inputs=[*cuts, *self._params])
 
     def input_grad(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         """The gradient that reached `tensor`, one of `external`."""
-        return self.grads.pop(id(tensor), None)
+        grad, tensor.grad = tensor.grad, None
+        return grad
 
     def weight_grad(self) -> None:
         """The deferred weight gradients, every piece's, in the order backward reached them."""
-        for outputs, grads in self.deferred:
-            torch.autograd.backward(outputs, grads, inputs=self._params)
+        for edges, grads in self.deferred:
+            torch.autograd.backward(edges, grads, inputs=self._params)
         self.deferred.clear()
         self._release()
 
