@@ -2,7 +2,9 @@
 forward and backward on two expert-parallel ranks, plain (F0, F1, one backward) against DualPipe's
 overlapped step (F0; F1 interleaved with B0 piece by piece; B1), median of --repeats, ratio in the
 same run. On a GPU the same pieces put the all-to-alls on their own stream; here the ratio is the
-price of the cuts (leaves, per-piece autograd calls), the floor of what the overlap must win back.
+price of the cuts (a view and an autograd call per piece), what the overlap must win back. Also:
+the same backwards split into B and deferred W (DualPipe's cool-down), and the activation bytes
+kept after one forward, plain and cut.
 
     .venv/bin/python scripts/bench_overlap.py --preset tiny --repeats 7
 """
@@ -42,18 +44,30 @@ def rank_main(args) -> None:
     def plain() -> None:
         sum(model(t, labels=l).loss for t, l in data).backward()
 
-    def overlapped() -> None:
+    def cut_passes():
         passes, outputs = [Segmented(model.stage_plan(t, labels=l), cpu) for t, l in data], {}
 
         def forward(i):
             return passes[i].forward_steps(lambda: None, lambda out: outputs.__setitem__(i, out))
 
-        def backward(i):
-            return passes[i].backward_steps(lambda: (outputs[i].loss, None), params, False, lambda: None)
+        def backward(i, split=False):
+            return passes[i].backward_steps(lambda: (outputs[i].loss, None), params, split, lambda: None)
 
+        return passes, forward, backward
+
+    def overlapped() -> None:
+        _, forward, backward = cut_passes()
         run_chain(forward(0), cpu)
         run_pair(forward(1), backward(0), cpu)
         run_chain(backward(1), cpu)
+
+    def split() -> None:  # every backward as B, then its deferred W (DualPipe's cool-down ops)
+        passes, forward, backward = cut_passes()
+        run_chain(forward(0), cpu)
+        run_chain(forward(1), cpu)
+        for i in (0, 1):
+            run_chain(backward(i, split=True), cpu)
+            passes[i].weight_grad()
 
     # Activation memory after one forward: what autograd saved plus what is still referenced (the
     # output; the pieces' state, which the cut pass clears), distinct storages, parameters excluded.
@@ -75,9 +89,9 @@ def rank_main(args) -> None:
         return [segmented.output.loss, *(v for v in segmented.state.values() if isinstance(v, torch.Tensor))]
 
     memory = {"plain": kept_after(lambda: [model(data[0][0], labels=data[0][1]).loss]), "cut": kept_after(cut_forward)}
-    times = {"plain": [], "overlapped": []}
+    times = {"plain": [], "overlapped": [], "split": []}
     for repeat in range(args.repeats + 1):  # the first of each is a warm-up
-        for name, step in (("plain", plain), ("overlapped", overlapped)):
+        for name, step in (("plain", plain), ("overlapped", overlapped), ("split", split)):
             model.zero_grad(set_to_none=True)
             dist.barrier()
             start = time.perf_counter()
@@ -91,6 +105,9 @@ def rank_main(args) -> None:
               f"median of {args.repeats}: plain {plain_s * 1e3:.1f} ms, overlapped step {overlapped_s * 1e3:.1f} ms, "
               f"ratio {overlapped_s / plain_s:.3f} (per repeat: "
               + ", ".join(f"{o / p:.3f}" for o, p in zip(times["overlapped"], times["plain"])) + ")")
+        split_s = statistics.median(times["split"])
+        print(f"backward split into B and deferred W (W walks each piece's graph again): {split_s * 1e3:.1f} ms, "
+              f"ratio to the overlapped step {split_s / overlapped_s:.3f}")
         print(f"activation bytes after one forward: plain {memory['plain'] / 2**20:.2f} MiB, cut into pieces "
               f"{memory['cut'] / 2**20:.2f} MiB, ratio {memory['cut'] / memory['plain']:.3f}")
     dist.destroy_process_group()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from megatron_dsv3.fp8 import (FP8RangeError, Fp8Linear, apply_fp8, blockwise_scaled_mm_api, expert_gemm_rows,
-                               fp8_batched_matmul, fp8_gemm, quantize_blocks, quantize_tiles, raise_deferred_overflow)
+                               fp8_batched_matmul, fp8_gemm, fp8_matmul, quantize_blocks, quantize_tiles, raise_deferred_overflow)
 from megatron_dsv3.fp8 import backends, quantize
 from megatron_dsv3.model.moe.experts import RoutedExperts
 
@@ -214,16 +214,17 @@ def test_fp8_gemm_keeps_fp32_accumulation_under_bf16_autocast():
 
 # --- MoE experts: each expert's rows padded to a multiple of 128, one kernel-sized GEMM each ------------
 
-def test_grouped_expert_path_pads_each_expert_below_128_rows_and_matches_the_capacity_path(monkeypatch):
+def test_grouped_expert_path_pads_each_expert_below_128_rows_and_matches_unpadded_fp8_gemms(monkeypatch):
     torch.manual_seed(0)
     counts = torch.tensor([1, 0, 129, 300, 7])
     x = torch.randn(int(counts.sum()), 128)
     grouped = RoutedExperts(5, 128, 128, batched_matmul=fp8_batched_matmul)
     for p in grouped.parameters():
         nn.init.normal_(p, std=0.05)
-    capacity = RoutedExperts(5, 128, 128, batched_matmul=fp8_batched_matmul.__call__)  # one capacity for all
-    reference = RoutedExperts(5, 128, 128)  # FP32 bmm
-    for other in (capacity, reference):
+    # each expert's rows as they are, one FP8 GEMM per expert ([1, rows, K] @ [1, N, K]^T)
+    unpadded = RoutedExperts(5, 128, 128, batched_matmul=lambda x, w: fp8_matmul(x[0], w[0])[None])
+    reference = RoutedExperts(5, 128, 128)  # FP32
+    for other in (unpadded, reference):
         other.load_state_dict(grouped.state_dict())
 
     seen_rows = []
@@ -233,7 +234,7 @@ def test_grouped_expert_path_pads_each_expert_below_128_rows_and_matches_the_cap
     monkeypatch.setitem(expert_gemm_rows, "total", 0)
     monkeypatch.setitem(expert_gemm_rows, "kernel", 0)
     outs, grads = [], []
-    for experts in (grouped, capacity, reference):
+    for experts in (grouped, unpadded, reference):
         xi = x.clone().requires_grad_()
         out = experts(xi, counts)
         out.backward(torch.ones_like(out))
@@ -245,8 +246,8 @@ def test_grouped_expert_path_pads_each_expert_below_128_rows_and_matches_the_cap
     assert expert_gemm_rows["total"] == 2 * sum(seen_rows[0]) and expert_gemm_rows["kernel"] == 0  # CPU: emulation
     assert _rel(outs[0], outs[1]) < 1e-5, "padding must not change FP8 tile scales: zeros never raise an amax"
     assert _rel(outs[0], outs[2]) < 2 * FP8_REL_TOL  # two chained FP8 GEMMs
-    for g, g_grouped_capacity, g_ref in zip(grads[0], grads[1], grads[2]):
-        assert _rel(g, g_grouped_capacity) < 1e-5
+    for g, g_unpadded, g_ref in zip(grads[0], grads[1], grads[2]):
+        assert _rel(g, g_unpadded) < 1e-5
         assert _rel(g, g_ref) < 2 * FP8_REL_TOL
     assert torch.count_nonzero(grads[0][1][1]) == 0, "an expert without tokens gets a zero gradient"
 

@@ -85,19 +85,23 @@ def test_bf16_master_weight_and_dtype_preserved():
     assert lin.weight.dtype == lin.weight.grad.dtype == torch.bfloat16
 
 
-def test_fp8_batched_matmul_matches_bmm_forward_and_backward():
+def test_fp8_grouped_expert_gemms_match_per_expert_mm_forward_and_backward():
+    """Each expert's block of rows (a multiple of 128, one block empty) against its own mm."""
     torch.manual_seed(2)
-    x = torch.randn(4, 100, 256)
+    rows = [128, 0, 256, 128]
+    x = torch.randn(sum(rows), 256)
     w = torch.randn(4, 200, 256) * 0.05
-    dy = torch.randn(4, 100, 200)
+    dy = torch.randn(sum(rows), 200)
+    per_expert = lambda a, b, r: torch.cat([a_e @ b_e.t() for a_e, b_e in zip(a.split(r), b)])  # noqa: E731
     outs = []
-    for fn in (fp8_batched_matmul, lambda a, b: torch.bmm(a, b.transpose(1, 2))):
+    for fn in (fp8_batched_matmul.grouped, per_expert):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fn(xi, wi)
+        y = fn(xi, wi, rows)
         y.backward(dy)
         outs.append((y, xi.grad, wi.grad))
     for got, ref in zip(*outs):
         assert got.shape == ref.shape and _rel(got, ref) < FP8_REL_TOL
+    assert outs[0][2][1].abs().sum() == 0  # the empty expert's weight gets no gradient
 
 
 def test_fp8_batched_matmul_plugs_into_routed_experts():

@@ -64,16 +64,10 @@ def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None
 
 
 class ExpertFp8Matmul:
-    """FP8 GEMMs of the MoE experts.
-
-    Called as x [E, C, K] @ w [E, N, K]^T -> [E, C, N] (every expert padded to one capacity);
-    `grouped` takes instead each expert's rows padded to a multiple of `row_multiple`, so every
-    expert's Fprop, Dgrad and Wgrad (1x128 tiles along tokens) is a kernel-sized 2-D GEMM.
-    """
+    """FP8 GEMMs of the MoE experts: `grouped` takes each expert's rows padded to a multiple of
+    `row_multiple`, so every expert's Fprop, Dgrad and Wgrad (1x128 tiles along tokens) is a
+    kernel-sized 2-D GEMM."""
     row_multiple = TILE
-
-    def __call__(self, x_ECK: torch.Tensor, w_ENK: torch.Tensor) -> torch.Tensor:
-        return _Fp8MatmulFn.apply(x_ECK, w_ENK, None, False, "routed experts")
 
     def grouped(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, rows_E: list[int],
                 label: str = "routed experts") -> torch.Tensor:

@@ -20,7 +20,8 @@ On CUDA the communication pieces run on a second stream; each chain orders its o
 an event, so the two chains only meet where the table puts them side by side. The one host read
 in a piece is dispatch's split sizes (counts exchanged first); the compute piece beside it is
 issued before it, so the GPU is busy while the host waits. On CPU the same order runs on one
-stream, without overlap, and computes exactly what the plain forward then backward computes.
+stream, without overlap: the losses of the plain forward bit for bit, its gradients up to the
+order in which a value's gradients from several readers are summed.
 
 Each piece's autograd graph is cut at what it reads (`_Cut`, `Segmented`): backward walks the
 pieces in reverse, taking the gradient of each piece's inputs (B) and, at once or deferred, of its
