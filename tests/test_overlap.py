@@ -70,14 +70,18 @@ def overlapped_step(model, data, device, split_last: bool, on_step=None) -> tupl
     return [float(p.output.loss) for p in passes], grads(model)
 
 
-def assert_same_step(got, ref, exact_loss: bool = True) -> None:
+def assert_same_step(got, ref, on_cpu: bool = True) -> None:
+    """Losses bit for bit on CPU (the forward is the same operations in the same order); gradients
+    up to the order in which gradients from several readers are summed (and, on CUDA, to kernels
+    such as attention's backward that need not be deterministic)."""
     (losses, g), (ref_losses, ref_g) = got, ref
-    if exact_loss:  # on CPU the forward is the same operations in the same order
+    if on_cpu:
         assert losses == ref_losses
     assert losses == pytest.approx(ref_losses, rel=1e-6)
     assert set(g) == set(ref_g)
+    rtol, atol = (1e-5, 1e-7) if on_cpu else (1e-4, 1e-6)
     for name in ref_g:
-        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(g[name], ref_g[name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
@@ -230,7 +234,7 @@ def test_on_cuda_communication_pieces_run_on_their_own_stream():
         Streams.run = original
     torch.cuda.synchronize()
     assert seen[COMM] and seen[COMPUTE] and not seen[COMM] & seen[COMPUTE]
-    assert_same_step(got, ref, exact_loss=False)
+    assert_same_step(got, ref, on_cpu=False)
 
 
 if __name__ == "__main__" and sys.argv[1] == "ep2":

@@ -105,7 +105,7 @@ class Streams:
     """A compute and a communication stream on CUDA; nothing (one implicit stream) elsewhere."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
             self.comm = torch.cuda.Stream(device)
@@ -154,7 +154,7 @@ class Segmented:
         self.serials: dict[str, int] = {}  # key -> serial of the value the state holds under it
         self.numbering = itertools.count()
         self.grads: dict[int, torch.Tensor] = {}  # serial -> gradient summed over its readers
-        self.anchor = torch.zeros((), requires_grad=True)
+        self.anchor = torch.zeros((), device=streams.device, requires_grad=True)
         self.records: list[_Record] = []
         self.output: Any = None
         self.output_read = False  # whether the output read a cut (the seed then runs)
