@@ -21,11 +21,12 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import types
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 BENCH_SHAPES = {"tiny": (4, 256), "small": (8, 256)}  # (batch, seq) per preset: the fixed benchmark batch
 
@@ -173,19 +174,6 @@ def run_step(args) -> None:
 
 
 # ------------------------------------------------------------------------------ imbalance
-def padded_experts_forward(self, x_NH, counts_E):
-    """The pre-issue-17 experts: every expert zero-padded to the most loaded one's count."""
-    E = self.num_local_experts
-    capacity = int(counts_E.max())
-    expert_of_token = torch.repeat_interleave(torch.arange(E), counts_E)
-    first_of_expert = torch.cumsum(counts_E, 0) - counts_E
-    slot = expert_of_token * capacity + torch.arange(x_NH.shape[0]) - first_of_expert[expert_of_token]
-    padded_ECH = x_NH.new_zeros(E * capacity, x_NH.shape[1]).index_copy(0, slot, x_NH).view(E, capacity, -1)
-    gate, up = torch.bmm(padded_ECH, self.gate_up_weight.transpose(1, 2)).chunk(2, dim=-1)
-    out_ECH = torch.bmm(F.silu(gate) * up, self.down_weight.transpose(1, 2))
-    return out_ECH.flatten(0, 1).index_select(0, slot)
-
-
 def max_vio(layer, x) -> float:
     with torch.no_grad():
         ids = layer.router.select(torch.sigmoid(x.flatten(0, 1) @ layer.router.weight.t()))
@@ -226,7 +214,10 @@ def moe_layer(target: float, padded: bool):
     x = torch.randn(batch, seq, config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
     reached = force_max_vio(layer, x, target)
     if padded:
-        layer.experts.forward = types.MethodType(padded_experts_forward, layer.experts)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_experts_grouped import padded_reference  # the pre-issue-17 experts, padded to the largest count
+
+        layer.experts.forward = types.MethodType(padded_reference, layer.experts)
 
     def step():
         layer.zero_grad(set_to_none=True)
