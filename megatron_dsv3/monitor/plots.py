@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>[a-z0-9_]+)$")
 _MTP_DEPTH_KEY = re.compile(r"^mtp/(?P<stat>loss|acceptance)_d(?P<depth>\d+)$")
@@ -71,33 +71,32 @@ def loss_plot(records: list[dict]) -> Optional[bytes]:
     """Loss, MTP loss (the logged step's) and each depth's MTP loss (mean since the previous logged
     step) against the step."""
     curves = [(k, *series(records, k)) for k in ("loss", "mtp_loss", *mtp_depth_keys(records, "loss"))]
-    curves = [c for c in curves if c[1]]
-    if not curves:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for name, steps, values in curves:
-        depth_mean = name.startswith("mtp/")
-        ax.plot(steps, values, label=f"{name} (mean since the previous log)" if depth_mean else name,
-                marker="." if len(steps) < 50 else None, linestyle="--" if depth_mean else "-")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Loss and MTP loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
+    return _step_curves(curves, "Loss and MTP loss", "cross-entropy (nats)", height=3.6,
+                        label=lambda name: f"{name} (mean since the previous log)" if name.startswith("mtp/") else name,
+                        dashed=lambda name: name.startswith("mtp/"))
 
 
 def acceptance_plot(records: list[dict]) -> Optional[bytes]:
     """How often each MTP depth's top-1 prediction was the true token (depth 1: the token after
     next, the acceptance rate of speculative decoding), against the step."""
     curves = [(key, *series(records, key)) for key in mtp_depth_keys(records, "acceptance")]
+    return _step_curves(curves, "MTP acceptance", "top-1 = true token", height=3.2, ylim=(0, 1),
+                        label=lambda name: f"depth {name.rsplit('_d', 1)[1]}")
+
+
+def _step_curves(curves: list[tuple[str, list, list]], title: str, ylabel: str, height: float,
+                 label: Callable[[str], str], dashed: Callable[[str], bool] = lambda name: False,
+                 ylim: Optional[tuple[float, float]] = None) -> Optional[bytes]:
+    """(name, steps, values) curves against the step, one line each; None when all are empty."""
     curves = [c for c in curves if c[1]]
     if not curves:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = plt.subplots(figsize=(8, height))
     for name, steps, values in curves:
-        ax.plot(steps, values, label=f"depth {name.rsplit('_d', 1)[1]}", marker="." if len(steps) < 50 else None)
-    ax.set(xlabel="step", ylabel="top-1 = true token", title="MTP acceptance", ylim=(0, 1))
+        ax.plot(steps, values, label=label(name), marker="." if len(steps) < 50 else None,
+                linestyle="--" if dashed(name) else "-")
+    ax.set(xlabel="step", ylabel=ylabel, title=title, **({"ylim": ylim} if ylim else {}))
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
