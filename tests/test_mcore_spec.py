@@ -491,21 +491,30 @@ def our_model_from(path, cfg: DSV3Config):
     return model
 
 
+def native_and_converted(tmp_path, cfg: DSV3Config):
+    """A native GPTModel, and our model from its distributed checkpoint through mcore-to-dist."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_dsv3.convert.mcore import mcore_to_dist
+
+    native = native_gpt(cfg)
+    (tmp_path / "native").mkdir()
+    dist_checkpointing.save(native.sharded_state_dict(), str(tmp_path / "native"))
+    mcore_to_dist(tmp_path / "native", tmp_path / "ours", cfg)
+    return native, our_model_from(tmp_path / "ours", cfg)
+
+
 def test_native_megatron_checkpoint_converts_to_ours_and_back(tmp_path):
     """Megatron-Core's own MLA + MoE GPTModel (local spec; 4 experts per token in 2 of 4 groups, so
     Megatron's group score, the top 4 // 2 = 2, is DeepSeek's) -> its distributed checkpoint ->
     mcore-to-dist -> our model: same logits; -> dist-to-mcore -> a fresh native GPTModel: same logits."""
     from megatron.core import dist_checkpointing
 
-    from megatron_dsv3.convert.mcore import dist_to_mcore, mcore_to_dist
+    from megatron_dsv3.convert.mcore import dist_to_mcore
     from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
 
     cfg = tiny(num_experts_per_token=4, seq_aux_loss_coeff=0.0, mtp_num_modules=0)
-    native = native_gpt(cfg)
-    (tmp_path / "native").mkdir()
-    dist_checkpointing.save(native.sharded_state_dict(), str(tmp_path / "native"))
-    mcore_to_dist(tmp_path / "native", tmp_path / "ours", cfg)
-    ours = our_model_from(tmp_path / "ours", cfg)
+    native, ours = native_and_converted(tmp_path, cfg)
     tokens = batch(cfg)[0]
     expected = native_logits(native, tokens)
     diff = (ours(tokens) - expected).abs().max().item()
@@ -522,17 +531,10 @@ def test_native_megatron_checkpoint_converts_to_ours_and_back(tmp_path):
 def test_native_mtp_layer_converts_to_our_mtp_module(tmp_path):
     """Megatron's MTP layer (`transformer_layer` up to 0.16, `mtp_model_layer` from 0.17): the same
     per-token LM loss (GPTModel with MTP returns losses, not logits) and MTP weights in our names."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_dsv3.convert.mcore import mcore_to_dist
     from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
 
     cfg = tiny(num_experts_per_token=4, seq_aux_loss_coeff=0.0, mtp_num_modules=1)
-    native = native_gpt(cfg)
-    (tmp_path / "native").mkdir()
-    dist_checkpointing.save(native.sharded_state_dict(), str(tmp_path / "native"))
-    mcore_to_dist(tmp_path / "native", tmp_path / "ours", cfg)
-    ours = our_model_from(tmp_path / "ours", cfg)
+    native, ours = native_and_converted(tmp_path, cfg)
     state = native.state_dict()
     layer = f"mtp.layers.0.{mtp_layer_attribute()}"
     assert torch.equal(ours.mtp[0].layer.self_attn.kv_b_proj.weight, state[f"{layer}.self_attention.linear_kv_up_proj.weight"])
