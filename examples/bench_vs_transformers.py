@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import DeepseekV3ForCausalLM
 
     from megatron_dsv3 import DSV3Config, build_model
-    from megatron_dsv3.hf import export_hf_weights
+    from megatron_dsv3.convert.hf import export_hf_weights
 
     config = DSV3Config.preset("tiny", mtp_num_modules=0, seq_aux_loss_coeff=0.0)
     ours = build_model(config, seed=0).train()

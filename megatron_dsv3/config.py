@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from megatron_dsv3 import registry
+
 
 class ConfigError(ValueError):
     """An inconsistent configuration; the message names the offending field."""
@@ -88,8 +90,6 @@ class DSV3Config:
     def preset(cls, name: str, **overrides: Any) -> "DSV3Config":
         """A registered preset (`registry` kind "preset": the built-in ones and any a user
         registers) with `overrides` replacing fields."""
-        from megatron_dsv3 import registry
-
         if name not in registry.names("preset"):
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(registry.names('preset'))}")
         config = dataclasses.replace(registry.get("preset", name), **overrides)
@@ -250,3 +250,5 @@ PRESETS: dict[str, DSV3Config] = {
         num_experts_per_token=2, moe_ffn_hidden_size=64, num_expert_groups=4, num_limited_groups=2,
         routed_scaling_factor=2.5, init_std=0.02, bias_update_rate=0.01),
 }
+for _name, _preset in PRESETS.items():
+    registry.register("preset", _name, _preset)

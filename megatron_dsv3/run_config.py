@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from megatron_dsv3 import registry
 from megatron_dsv3.config import FP8_MODES, RECOMPUTE_MODES, ConfigError, DSV3Config
 from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES
 
@@ -158,8 +159,6 @@ def value_schedule(key: str, value: Any) -> Optional[list]:
 
 def registered(kind: str) -> Check:
     def check(key: str, value: Any) -> str:
-        from megatron_dsv3 import registry
-
         if value not in registry.names(kind):
             raise RunConfigError(f"{key}={value!r} is not a registered {kind.replace('_', ' ')} "
                                  f"(registered: {', '.join(registry.names(kind))})")

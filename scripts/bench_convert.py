@@ -30,7 +30,7 @@ from megatron_dsv3.convert.dist_to_hf import FP8_WEIGHTS  # noqa: E402
 from megatron_dsv3.convert.hf_to_dist import meta_model  # noqa: E402
 from megatron_dsv3.convert.safetensors_io import ShardWriter  # noqa: E402
 from megatron_dsv3.fp8.quantize import quantize_blocks  # noqa: E402
-from megatron_dsv3.hf import iter_hf_weights  # noqa: E402
+from megatron_dsv3.convert.hf import iter_hf_weights  # noqa: E402
 
 
 def config_for(gigabytes: float) -> DSV3Config:

@@ -109,7 +109,7 @@ def run_step(args) -> None:
     from transformers import DeepseekV3ForCausalLM
 
     from megatron_dsv3 import DSV3Config, build_model
-    from megatron_dsv3.hf import export_hf_weights
+    from megatron_dsv3.convert.hf import export_hf_weights
 
     batch, seq = BENCH_SHAPES[args.preset]
     config = DSV3Config.preset(args.preset, mtp_num_modules=0, seq_aux_loss_coeff=0.0)

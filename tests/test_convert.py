@@ -22,7 +22,7 @@ from megatron_dsv3.convert.dist_to_hf import FP8_WEIGHTS, QUANTIZATION_CONFIG
 from megatron_dsv3.convert.safetensors_io import read_header, read_headers, read_tensor
 from megatron_dsv3.fp8 import quantize_blocks
 from megatron_dsv3.fp8.quantize import expand_block_scales
-from megatron_dsv3.hf import dequantize_fp8_blockwise, iter_hf_weights
+from megatron_dsv3.convert.hf import dequantize_fp8_blockwise, iter_hf_weights
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM  # noqa: E402

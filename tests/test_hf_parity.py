@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_dsv3 import DSV3Config, YarnConfig, build_model
-from megatron_dsv3.hf import (HFWeightError, MTPCopyMismatchWarning, dequantize_fp8_blockwise, export_hf_weights,
+from megatron_dsv3.convert.hf import (HFWeightError, MTPCopyMismatchWarning, dequantize_fp8_blockwise, export_hf_weights,
                               load_hf_checkpoint, load_hf_weights, save_hf_checkpoint)
 from megatron_dsv3.fp8 import quantize_blocks
 from megatron_dsv3.model.moe.router import Router

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 through Megatron-Core's own GPTModel (megatron_dsv3.model.mcore), on one CPU process.
+"""DeepSeek-V3 through Megatron-Core's own GPTModel (megatron_dsv3.mcore), on one CPU process.
 
 A single-rank gloo world, Megatron's parallel state at TP=PP=EP=1 and `megatron_dsv3.compat.megatron_cpu`'s
 shims stand in for the GPU cluster. The central check: with DSV3Model's weights renamed into a
@@ -25,7 +25,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 import megatron_dsv3
 from megatron_dsv3 import ConfigError, DSV3Config, YarnConfig, build_model
-from megatron_dsv3.model import mcore
+from megatron_dsv3.convert import mcore_names
+from megatron_dsv3.mcore import config as mcore_config
+from megatron_dsv3.mcore import layers, specs
 from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.compat import megatron_cpu
 from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
@@ -73,9 +75,9 @@ def tiny(**overrides) -> DSV3Config:
 
 def gpt(cfg: DSV3Config, spec=None, **megatron_overrides):
     """GPTModel with our decoder (and MTP) specs for `cfg`; returns (model, megatron config)."""
-    config = mcore.megatron_config_from_dsv3(cfg, use_cpu_initialization=True, **megatron_overrides)
-    model = GPTModel(config, transformer_layer_spec=mcore.get_dsv3_decoder_block_spec(config) if spec is None else spec,
-                     mtp_block_spec=mcore.get_dsv3_mtp_block_spec(config), vocab_size=cfg.vocab_size,
+    config = mcore_config.megatron_config_from_dsv3(cfg, use_cpu_initialization=True, **megatron_overrides)
+    model = GPTModel(config, transformer_layer_spec=specs.get_dsv3_decoder_block_spec(config) if spec is None else spec,
+                     mtp_block_spec=specs.get_dsv3_mtp_block_spec(config), vocab_size=cfg.vocab_size,
                      max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope")
     return model, config
 
@@ -84,7 +86,7 @@ def paired(cfg: DSV3Config, **megatron_overrides):
     """(DSV3Model, GPTModel holding the same weights, megatron config)."""
     ours = build_model(cfg)
     model, config = gpt(cfg, **megatron_overrides)
-    model.load_state_dict(mcore.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
+    model.load_state_dict(mcore_names.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
     return ours, model, config
 
 
@@ -123,7 +125,7 @@ def test_gpt_model_gives_dsv3_model_logits_with_the_same_weights(overrides):
             diff = (model(tokens, positions, None) - ours(tokens)).abs().max().item()
         assert diff <= 1e-5, diff  # measured: 0.0
     # ... and the weights come back under DSV3Model's names.
-    back = mcore.megatron_state_dict_to_dsv3(model.state_dict())
+    back = mcore_names.megatron_state_dict_to_dsv3(model.state_dict())
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
 
@@ -131,13 +133,13 @@ def test_gpt_model_gives_dsv3_model_logits_with_the_same_weights(overrides):
 def test_state_dict_renames_are_inverse_and_cover_mtp():
     ours = build_model(tiny(mtp_num_modules=1))
     state = ours.state_dict()
-    megatron = mcore.dsv3_state_dict_to_megatron(state)
+    megatron = mcore_names.dsv3_state_dict_to_megatron(state)
     assert f"mtp.layers.0.{mtp_layer_attribute()}.mlp.router.expert_bias" in megatron
     assert megatron["mtp.layers.0.final_layernorm.weight"] is state["mtp.0.norm.weight"]
     assert megatron["decoder.layers.1.pre_mlp_layernorm.weight"] is state["layers.1.post_attention_layernorm.weight"]
-    assert mcore.megatron_state_dict_to_dsv3(megatron).keys() == state.keys()
+    assert mcore_names.megatron_state_dict_to_dsv3(megatron).keys() == state.keys()
     with pytest.raises(KeyError, match="rotary.bogus"):
-        mcore.dsv3_state_dict_to_megatron({"rotary.bogus": torch.zeros(1)})
+        mcore_names.dsv3_state_dict_to_megatron({"rotary.bogus": torch.zeros(1)})
 
 
 def test_mtp_block_spec_builds_megatron_mtp_equal_to_our_mtp():
@@ -149,17 +151,17 @@ def test_mtp_block_spec_builds_megatron_mtp_equal_to_our_mtp():
     with torch.no_grad():
         ours.norm.weight.uniform_(0.5, 1.5)
     model, config = gpt(cfg)
-    model.load_state_dict(mcore.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
-    spec = mcore.get_dsv3_mtp_block_spec(config)
+    model.load_state_dict(mcore_names.dsv3_state_dict_to_megatron(ours.state_dict()), strict=True)
+    spec = specs.get_dsv3_mtp_block_spec(config)
     assert len(spec.layer_specs) == 1
     assert type(getattr(model.mtp.layers[0], mtp_layer_attribute()).mlp).__name__ == "MegatronDeepSeekMoE"
-    assert type(model.mtp.layers[0].enorm) is mcore.MegatronRMSNorm
+    assert type(model.mtp.layers[0].enorm) is layers.MegatronRMSNorm
     tokens, labels, positions = batch(cfg)
     model.train()
     ours.train()
     MTPLossLoggingHelper.tracker.clear()
     # A tracker entry left by a model without MTP (3 layers) must not break logging layer 4.
-    save_to_aux_losses_tracker(mcore.BALANCE_LOSS_NAME, torch.zeros(()), 1, cfg.num_layers)
+    save_to_aux_losses_tracker(layers.BALANCE_LOSS_NAME, torch.zeros(()), 1, cfg.num_layers)
     with torch.no_grad():
         lm_per_token = model(tokens, positions, None, labels=labels)  # [b, s]; MTP loss is tracked
         tracked = MTPLossLoggingHelper.tracker  # "values" up to megatron-core 0.18, "loss_values" from 0.19
@@ -170,8 +172,8 @@ def test_mtp_block_spec_builds_megatron_mtp_equal_to_our_mtp():
 
 
 def test_no_mtp_block_without_mtp_layers():
-    config = mcore.megatron_config_from_dsv3(tiny(mtp_num_modules=0))
-    assert config.mtp_num_layers is None and mcore.get_dsv3_mtp_block_spec(config) is None
+    config = mcore_config.megatron_config_from_dsv3(tiny(mtp_num_modules=0))
+    assert config.mtp_num_layers is None and specs.get_dsv3_mtp_block_spec(config) is None
 
 
 # ----------------------------------------------------------------------- backward
@@ -218,7 +220,7 @@ def test_balance_loss_gradient_takes_megatrons_aux_loss_scale(per_token):
     assert len(megatron_grads) == 2 and all(g.abs().sum() > 0 for g in megatron_grads)
     for mine, theirs in zip(our_grads, megatron_grads):
         torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-8)
-    logged = get_moe_layer_wise_logging_tracker()[mcore.BALANCE_LOSS_NAME]["values"]
+    logged = get_moe_layer_wise_logging_tracker()[layers.BALANCE_LOSS_NAME]["values"]
     expected = torch.stack([m.last_balance_loss for m in ours.moe_layers()]) / cfg.seq_aux_loss_coeff
     torch.testing.assert_close(logged[1:3], expected)
 
@@ -240,7 +242,7 @@ def test_megatron_expert_bias_update_matches_ours():
     _update_router_expert_bias([model], config)
     reset_model_temporary_tensors(config, [model])
     update_expert_bias(ours.routers(), cfg.bias_update_rate)
-    theirs = [m.router for m in model.modules() if isinstance(m, mcore.MegatronDeepSeekMoE)]
+    theirs = [m.router for m in model.modules() if isinstance(m, layers.MegatronDeepSeekMoE)]
     for mine, their in zip(ours.routers(), theirs):
         assert their.expert_bias.abs().sum() > 0
         assert torch.equal(their.expert_bias, mine.expert_bias)
@@ -257,8 +259,8 @@ def test_megatron_expert_bias_update_matches_ours():
                                       mscale_all_dim=1.0)),
 ], ids=["tiny", "lite", "671b", "yarn-no-aux"])
 def test_config_round_trip_preserves_every_field(cfg):
-    config = mcore.megatron_config_from_dsv3(cfg)
-    back = mcore.dsv3_config_from_megatron(config, vocab_size=cfg.vocab_size,
+    config = mcore_config.megatron_config_from_dsv3(cfg)
+    back = mcore_config.dsv3_config_from_megatron(config, vocab_size=cfg.vocab_size,
                                            max_position_embeddings=cfg.max_position_embeddings)
     assert back == cfg
     k = cfg.first_k_dense_layers
@@ -275,17 +277,17 @@ def test_config_round_trip_preserves_every_field(cfg):
 
 
 def test_first_k_dense_is_read_from_moe_layer_freq():
-    config = mcore.megatron_config_from_dsv3(tiny())
+    config = mcore_config.megatron_config_from_dsv3(tiny())
     config.moe_layer_freq = 1  # Megatron's int form: every layer MoE
-    assert mcore.dsv3_config_from_megatron(config).first_k_dense_layers == 0
+    assert mcore_config.dsv3_config_from_megatron(config).first_k_dense_layers == 0
     config.moe_layer_freq = [0, 0, 1]
-    assert mcore.dsv3_config_from_megatron(config).first_k_dense_layers == 2
+    assert mcore_config.dsv3_config_from_megatron(config).first_k_dense_layers == 2
     config.moe_layer_freq = [1, 0, 1]
     with pytest.raises(ConfigError, match="moe_layer_freq"):
-        mcore.dsv3_config_from_megatron(config)
+        mcore_config.dsv3_config_from_megatron(config)
     config.moe_layer_freq = [0, 1]
     with pytest.raises(ConfigError, match="moe_layer_freq"):
-        mcore.dsv3_config_from_megatron(config)
+        mcore_config.dsv3_config_from_megatron(config)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -298,30 +300,30 @@ def test_first_k_dense_is_read_from_moe_layer_freq():
     ("fp8_recipe", "delayed"),
 ])
 def test_other_architectures_are_refused_naming_the_field(field, value):
-    config = mcore.megatron_config_from_dsv3(tiny())
+    config = mcore_config.megatron_config_from_dsv3(tiny())
     setattr(config, field, value)
     if field == "fp8_recipe":
         config.fp8 = "e4m3"
     with pytest.raises(ConfigError, match=field):
-        mcore.dsv3_config_from_megatron(config)
+        mcore_config.dsv3_config_from_megatron(config)
 
 
 def test_router_pre_softmax_is_accepted_as_a_no_op_for_sigmoid_routing():
     """Megatron reads moe_router_pre_softmax only for softmax scores; its own DeepSeek-V3 example sets it."""
-    config = mcore.megatron_config_from_dsv3(tiny())
+    config = mcore_config.megatron_config_from_dsv3(tiny())
     config.moe_router_pre_softmax = True
-    assert mcore.dsv3_config_from_megatron(config) == mcore.dsv3_config_from_megatron(
-        mcore.megatron_config_from_dsv3(tiny()))
+    assert mcore_config.dsv3_config_from_megatron(config) == mcore_config.dsv3_config_from_megatron(
+        mcore_config.megatron_config_from_dsv3(tiny()))
 
 
 def test_group_score_difference_from_megatrons_router_is_said():
     """Megatron sums the top topk // group_topk expert scores per group, DeepSeek-V3 the top 2."""
-    assert mcore.group_score_difference(8, 4, 8) is None  # DeepSeek-V3 671B: 8 // 4 = 2
-    assert mcore.group_score_difference(2, 1, 1) is None  # no groups
-    with pytest.warns(mcore.GroupScoreWarning, match=r"moe_router_topk=6 // moe_router_group_topk=2 = 3.*top 2"):
-        config = mcore.megatron_config_from_dsv3(tiny(num_routed_experts=16, num_experts_per_token=6))
-    with pytest.warns(mcore.GroupScoreWarning, match="top 3 expert scores"):
-        mcore.dsv3_config_from_megatron(config)
+    assert mcore_config.group_score_difference(8, 4, 8) is None  # DeepSeek-V3 671B: 8 // 4 = 2
+    assert mcore_config.group_score_difference(2, 1, 1) is None  # no groups
+    with pytest.warns(mcore_config.GroupScoreWarning, match=r"moe_router_topk=6 // moe_router_group_topk=2 = 3.*top 2"):
+        config = mcore_config.megatron_config_from_dsv3(tiny(num_routed_experts=16, num_experts_per_token=6))
+    with pytest.warns(mcore_config.GroupScoreWarning, match="top 3 expert scores"):
+        mcore_config.dsv3_config_from_megatron(config)
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -335,39 +337,33 @@ def test_group_score_difference_from_megatrons_router_is_said():
     (dict(moe_z_loss_coeff=1e-3), "moe_z_loss_coeff"),
 ])
 def test_unsupported_megatron_features_raise_naming_them(changes, field):
-    config = mcore.megatron_config_from_dsv3(tiny(), use_cpu_initialization=True)
+    config = mcore_config.megatron_config_from_dsv3(tiny(), use_cpu_initialization=True)
     for name, value in changes.items():  # set after construction: Megatron's own checks need a real cluster
         setattr(config, name, value)
     with pytest.raises(ConfigError, match=field):
-        mcore.get_dsv3_decoder_block_spec(config)
+        specs.get_dsv3_decoder_block_spec(config)
     with pytest.raises(ConfigError, match=field):  # the --spec path builds no block spec: the adapters check
-        GPTModel(config, transformer_layer_spec=mcore.dsv3_layer_spec, vocab_size=320, max_sequence_length=64,
+        GPTModel(config, transformer_layer_spec=specs.dsv3_layer_spec, vocab_size=320, max_sequence_length=64,
                  position_embedding_type="rope")
 
 
 def test_fp8_tile_reads_from_megatron_blockwise_and_is_never_emitted_for_the_adapters():
-    config = mcore.megatron_config_from_dsv3(tiny())
+    config = mcore_config.megatron_config_from_dsv3(tiny())
     config.fp8, config.fp8_recipe = "e4m3", "blockwise"
-    assert mcore.dsv3_config_from_megatron(config).fp8 == "tile"
+    assert mcore_config.dsv3_config_from_megatron(config).fp8 == "tile"
     # The adapters refuse FP8 configs, so the config builder emits none: it refuses with the same reason.
     with pytest.raises(ConfigError, match=r"fp8='tile' through these adapters is not supported"):
-        mcore.megatron_config_from_dsv3(tiny(fp8="tile"))
+        mcore_config.megatron_config_from_dsv3(tiny(fp8="tile"))
 
 
 # ------------------------------------------------------------ registry and --spec
-def test_registry_names_the_megatron_spec_builders_and_registration_is_idempotent():
-    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is mcore.get_dsv3_decoder_block_spec
-    assert megatron_dsv3.get("layer_spec", "megatron-gpt-mtp") is mcore.get_dsv3_mtp_block_spec
-    before = {kind: megatron_dsv3.names(kind) for kind in ("layer_spec", "preset", "schedule")}
-    from megatron_dsv3 import registry
-
-    registry._register_builtins()  # repeated: nothing added, nothing replaced
-    assert {kind: megatron_dsv3.names(kind) for kind in before} == before
-    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is mcore.get_dsv3_decoder_block_spec
+def test_registry_names_the_megatron_spec_builders_and_refuses_a_second_registration():
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is specs.get_dsv3_decoder_block_spec
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt-mtp") is specs.get_dsv3_mtp_block_spec
     with pytest.raises(KeyError, match="already registered"):
-        megatron_dsv3.register("layer_spec", "megatron-gpt", mcore.get_dsv3_decoder_block_spec)
-    megatron_dsv3.register("layer_spec", "megatron-gpt", mcore.get_dsv3_decoder_block_spec, overwrite=True)
-    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is mcore.get_dsv3_decoder_block_spec
+        megatron_dsv3.register("layer_spec", "megatron-gpt", specs.get_dsv3_decoder_block_spec)
+    megatron_dsv3.register("layer_spec", "megatron-gpt", specs.get_dsv3_decoder_block_spec, overwrite=True)
+    assert megatron_dsv3.get("layer_spec", "megatron-gpt") is specs.get_dsv3_decoder_block_spec
 
 
 def test_spec_argument_of_megatron_lm_pretrain_gpt():
@@ -375,8 +371,8 @@ def test_spec_argument_of_megatron_lm_pretrain_gpt():
     unchanged as GPTModel(transformer_layer_spec=...). TransformerBlock accepts a layer ModuleSpec
     (repeated num_layers times) or TransformerBlockSubmodules; `dsv3_layer_spec` is the former and
     still builds dense layers for the first k."""
-    spec = import_module(["megatron_dsv3.model.mcore", "dsv3_layer_spec"])
-    assert isinstance(spec, ModuleSpec) and spec is mcore.dsv3_layer_spec
+    spec = import_module(["megatron_dsv3.mcore.specs", "dsv3_layer_spec"])
+    assert isinstance(spec, ModuleSpec) and spec is specs.dsv3_layer_spec
     cfg = tiny(mtp_num_modules=0)
     ours, reference, _ = paired(cfg)
     model, _ = gpt(cfg, spec=spec)
@@ -397,10 +393,10 @@ def test_spec_module_builds_its_mtp_block_for_the_patched_gpt_builders():
     UnboundLocalError: use_te); GPTModel then holds our MTP layer."""
     import importlib
 
-    builder = getattr(importlib.import_module("megatron_dsv3.model.mcore"), "mtp_block_spec")
+    builder = getattr(importlib.import_module("megatron_dsv3.mcore.specs"), "mtp_block_spec")
     cfg = tiny(mtp_num_modules=1)
-    config = mcore.megatron_config_from_dsv3(cfg, use_cpu_initialization=True)
-    model = GPTModel(config, transformer_layer_spec=import_module(["megatron_dsv3.model.mcore", "dsv3_layer_spec"]),
+    config = mcore_config.megatron_config_from_dsv3(cfg, use_cpu_initialization=True)
+    model = GPTModel(config, transformer_layer_spec=import_module(["megatron_dsv3.mcore.specs", "dsv3_layer_spec"]),
                      mtp_block_spec=builder(config, vp_stage=None), vocab_size=cfg.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope")
     assert type(getattr(model.mtp.layers[0], mtp_layer_attribute()).mlp).__name__ == "MegatronDeepSeekMoE"
@@ -408,8 +404,8 @@ def test_spec_module_builds_its_mtp_block_for_the_patched_gpt_builders():
 
 def test_callable_spec_of_megatron_lm_forks():
     """Forks (slime and others) call a callable `--spec` as spec(args, config, vp_stage)."""
-    builder = import_module(["megatron_dsv3.model.mcore", "megatron_lm_spec"])
-    config = mcore.megatron_config_from_dsv3(tiny(mtp_num_modules=0), use_cpu_initialization=True)
+    builder = import_module(["megatron_dsv3.mcore.specs", "megatron_lm_spec"])
+    config = mcore_config.megatron_config_from_dsv3(tiny(mtp_num_modules=0), use_cpu_initialization=True)
     block = builder(None, config, None)
     assert isinstance(block, TransformerBlockSubmodules) and len(block.layer_specs) == 3
     model = GPTModel(config, transformer_layer_spec=block, vocab_size=320, max_sequence_length=64,
@@ -430,7 +426,7 @@ def test_sharded_state_dict_covers_every_tensor_with_tp_axes():
 
 def test_sharded_state_dict_refuses_expert_parallel_moe(monkeypatch):
     model, _ = gpt(tiny(mtp_num_modules=0))
-    monkeypatch.setattr(mcore.parallel_state, "get_expert_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(layers.parallel_state, "get_expert_model_parallel_world_size", lambda: 2)
     with pytest.raises(NotImplementedError, match="expert-parallel"):
         model.sharded_state_dict()
 
@@ -455,9 +451,9 @@ def native_gpt(cfg: DSV3Config):
     from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
 
     model_parallel_cuda_manual_seed(1)
-    with pytest.warns(mcore.GroupScoreWarning) if mcore.group_score_difference(
+    with pytest.warns(mcore_config.GroupScoreWarning) if mcore_config.group_score_difference(
             cfg.num_experts_per_token, cfg.num_limited_groups, cfg.num_expert_groups) else contextlib.nullcontext():
-        config = mcore.megatron_config_from_dsv3(cfg, use_cpu_initialization=True, rope_type="rope")
+        config = mcore_config.megatron_config_from_dsv3(cfg, use_cpu_initialization=True, rope_type="rope")
     with local_spec_shims():
         block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         mtp = get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)

@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_dsv3.convert.distcp import DistCheckpointError
     from megatron_dsv3.convert.mcore_names import NativeNameError
     from megatron_dsv3.convert.safetensors_io import SafetensorsError
-    from megatron_dsv3.hf import HFWeightError
+    from megatron_dsv3.convert.hf import HFWeightError
 
     log = lambda message: print(f"dsv3-convert: {message}", flush=True)  # noqa: E731
     dtype = getattr(torch, DTYPES[args.dtype])

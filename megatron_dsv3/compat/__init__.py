@@ -12,23 +12,8 @@ Each workaround is scoped and undoable:
 """
 from __future__ import annotations
 
-_ACTIVE: list[str] = []
-
-
-def applied() -> list[str]:
-    """Names of the workarounds active right now, in the order they were applied."""
-    return list(_ACTIVE)
-
-
-def _mark(name: str) -> None:
-    _ACTIVE.append(name)
-
-
-def _unmark(name: str) -> None:
-    _ACTIVE.remove(name)
-
-
-from megatron_dsv3.compat.megatron_api import build_megatron_config, config_value  # noqa: E402
-from megatron_dsv3.compat.megatron_cpu import cpu_shims  # noqa: E402
+from megatron_dsv3.compat.active import applied
+from megatron_dsv3.compat.megatron_api import build_megatron_config, config_value
+from megatron_dsv3.compat.megatron_cpu import cpu_shims
 
 __all__ = ["applied", "build_megatron_config", "config_value", "cpu_shims"]

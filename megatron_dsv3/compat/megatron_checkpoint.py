@@ -26,7 +26,7 @@ import sys
 import threading
 from multiprocessing.managers import SyncManager
 
-from megatron_dsv3.compat import _mark, _unmark
+from megatron_dsv3.compat.active import mark, unmark
 
 NAME = "megatron.core.dist_checkpointing.strategies.filesystem_async:signal-safe-results-queue"
 PREEMPTION_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
@@ -76,7 +76,7 @@ def signal_safe_checkpoint_writer():
 
     signal_safe_queue.signal_safe = True
     writer._get_write_results_queue = signal_safe_queue
-    _mark(NAME)
+    mark(NAME)
     try:
         yield
     finally:
@@ -84,4 +84,4 @@ def signal_safe_checkpoint_writer():
         writer._results_queue = None
         for manager in managers:
             manager.shutdown()
-        _unmark(NAME)
+        unmark(NAME)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_dsv3.compat import _mark, _unmark
+from megatron_dsv3.compat.active import mark, unmark
 
 _lock = threading.Lock()
 _depth = 0
@@ -226,7 +226,7 @@ def apply() -> list[str]:
         try:
             for name, shim in _SHIMS:
                 _undo_stack.append((name, shim()))
-                _mark(name)
+                mark(name)
                 names.append(name)
         except BaseException:
             _depth -= 1
@@ -254,7 +254,7 @@ def _undo_all() -> None:
             restore()
         except Exception as error:  # keep restoring the rest, report at the end
             errors.append(error)
-        _unmark(name)
+        unmark(name)
     if errors:
         raise errors[0]
 

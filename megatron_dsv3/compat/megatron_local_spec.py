@@ -28,7 +28,7 @@ import inspect
 import math
 from typing import Iterator, Optional
 
-from megatron_dsv3.compat import _mark, _unmark
+from megatron_dsv3.compat.active import mark, unmark
 
 NAME = "megatron.core.transformer:local-mla-moe-without-te"
 _UNSET = object()
@@ -65,7 +65,7 @@ def local_spec_shims() -> Iterator[None]:
     mla.HAVE_TE = have_te and not fake_te
     if gemm is _UNSET:
         moe_utils.te_general_gemm = None
-    _mark(NAME)
+    mark(NAME)
     try:
         yield
     finally:
@@ -73,4 +73,4 @@ def local_spec_shims() -> Iterator[None]:
         mla.HAVE_TE = have_te
         if gemm is _UNSET:
             del moe_utils.te_general_gemm
-        _unmark(NAME)
+        unmark(NAME)

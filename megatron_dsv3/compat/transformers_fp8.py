@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_dsv3.compat import _mark, _unmark
+from megatron_dsv3.compat.active import mark, unmark
 
 NAME = "transformers.integrations.finegrained_fp8:Fp8Dequantize-partial-blocks"
 BLOCK = 128
@@ -50,9 +50,9 @@ def fp8_partial_blocks() -> Iterator[None]:
         return original(self, whole, scales, *args, **kwargs)[..., :rows, :cols].contiguous()
 
     Fp8Dequantize._dequantize_one = dequantize_one
-    _mark(NAME)
+    mark(NAME)
     try:
         yield
     finally:
         Fp8Dequantize._dequantize_one = original
-        _unmark(NAME)
+        unmark(NAME)

@@ -22,7 +22,7 @@ from typing import Callable, Union
 
 import torch
 
-from megatron_dsv3 import hf
+from megatron_dsv3.convert import hf
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.convert.distcp import DistCheckpointError, DistReader
 from megatron_dsv3.convert.hf_to_dist import meta_model

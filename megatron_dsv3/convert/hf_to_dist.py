@@ -29,7 +29,7 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_dsv3 import hf
+from megatron_dsv3.convert import hf
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.convert.distcp import DistWriter
 from megatron_dsv3.convert.safetensors_io import read_headers, read_tensor

@@ -1,4 +1,5 @@
-"""Native Megatron-Core DeepSeek-V3 tensor names <-> ours.
+"""Megatron-Core DeepSeek-V3 tensor names <-> ours: of Megatron-Core's own specs, and of this project's specs
+inside a GPTModel (`megatron_dsv3.mcore`, at the end of this file).
 
 Megatron-Core's own MLA + MoE layer specs (`get_gpt_decoder_block_spec` with
 `multi_latent_attention`, local or Transformer Engine backend) name a decoder layer's tensors
@@ -40,6 +41,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
+
+from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
 
 _TOP = {"embedding.word_embeddings.weight": "embed_tokens.weight", "decoder.final_layernorm.weight": "norm.weight",
         "output_layer.weight": "lm_head.weight"}
@@ -168,4 +173,83 @@ def native_checkpoint_names(our_shapes: dict[str, tuple[int, ...]], te: bool, mt
         else:
             name = choices[0]
         out[prefix + name] = shape
+    return out
+
+
+# ---------------------------------------------------- this project's specs inside a GPTModel
+# (`megatron_dsv3.mcore`): the same tensors as DSV3Model's under Megatron's module prefixes.
+# Whole-model names (PP=1, or a gathered full state dict). Inside a decoder layer the names are
+# DSV3Model's except for the four submodule prefixes below; experts, router (weight and
+# expert_bias) and every MLA projection keep their DeepSeek names.
+_TOP_LEVEL = {ours: native for native, ours in _TOP.items()}
+_IN_LAYER = {"self_attn.": "self_attention.", "post_attention_layernorm.": "pre_mlp_layernorm.",
+             "input_layernorm.": "input_layernorm.", "mlp.": "mlp."}
+# Inside one MTP module: ours (mtp.K.<name>) -> Megatron (mtp.layers.K.<name>); the decoder layer is
+# `transformer_layer.` up to megatron-core 0.16 and `mtp_model_layer.` from 0.17 (compat.megatron_api).
+_IN_MTP = {"enorm.": "enorm.", "hnorm.": "hnorm.", "eh_proj.": "eh_proj.", "norm.": "final_layernorm.",
+           "layer.": "transformer_layer."}
+
+
+def _swap_prefix(rest: str, table: dict[str, str], name: str) -> str:
+    prefix = next((p for p in table if rest.startswith(p)), None)
+    if prefix is None:
+        raise KeyError(f"no Megatron/DSV3 name mapping for {name!r}")
+    return table[prefix] + rest[len(prefix):]
+
+
+def _layer_to_megatron(rest: str, name: str) -> str:
+    return _swap_prefix(rest, _IN_LAYER, name)
+
+
+def _layer_to_dsv3(rest: str, name: str) -> str:
+    return _swap_prefix(rest, {v: k for k, v in _IN_LAYER.items()}, name)
+
+
+def dsv3_state_dict_to_megatron(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DSV3Model state-dict names -> GPTModel names (this module's decoder and MTP specs).
+
+    Tensors are passed through unchanged (same shapes and layouts on both sides). Raises
+    KeyError for a name it cannot place."""
+    out = {}
+    for name, value in state.items():
+        if name in _TOP_LEVEL:
+            out[_TOP_LEVEL[name]] = value
+        elif name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            out[f"decoder.layers.{index}.{_layer_to_megatron(rest, name)}"] = value
+        elif name.startswith("mtp."):
+            _, index, rest = name.split(".", 2)
+            rest = _swap_prefix(rest, _IN_MTP, name)
+            if rest.startswith("transformer_layer."):
+                rest = f"{mtp_layer_attribute()}." + _layer_to_megatron(rest[len("transformer_layer."):], name)
+            out[f"mtp.layers.{index}.{rest}"] = value
+        else:
+            raise KeyError(f"no Megatron name for DSV3Model entry {name!r}")
+    return out
+
+
+def megatron_state_dict_to_dsv3(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPTModel names (this module's specs) -> DSV3Model names; Megatron's `_extra_state`
+    entries (Transformer Engine / FP8 metadata) are dropped."""
+    top = {v: k for k, v in _TOP_LEVEL.items()}
+    in_mtp = {v: k for k, v in _IN_MTP.items()}
+    out = {}
+    for name, value in state.items():
+        if name.endswith("_extra_state"):
+            continue
+        if name in top:
+            out[top[name]] = value
+        elif name.startswith("decoder.layers."):
+            _, _, index, rest = name.split(".", 3)
+            out[f"layers.{index}.{_layer_to_dsv3(rest, name)}"] = value
+        elif name.startswith("mtp.layers."):
+            _, _, index, rest = name.split(".", 3)
+            layer = next((p for p in _MTP_LAYER if rest.startswith(p)), None)
+            if layer is not None:
+                rest = "layer." + _layer_to_dsv3(rest[len(layer):], name)
+            else:
+                rest = _swap_prefix(rest, in_mtp, name)
+            out[f"mtp.{index}.{rest}"] = value
+        else:
+            raise KeyError(f"no DSV3Model name for Megatron entry {name!r}")
     return out

@@ -16,6 +16,7 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
+from megatron_dsv3 import registry
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.common import RMSNorm, SwiGLU, recomputed
 from megatron_dsv3.model.mla import InferenceCache, MultiLatentAttention
@@ -83,3 +84,6 @@ def decoder_layer_spec(config: DSV3Config, layer_number: int) -> ModuleSpec:
         params={"config": config, "layer_number": layer_number},
         submodules=DecoderLayerSubmodules(self_attention=attention_spec(config, layer_number),
                                           mlp=mlp_spec(config, layer_number)))
+
+
+registry.register("layer_spec", "dsv3", decoder_layer_spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from megatron_dsv3 import registry
 from megatron_dsv3.pipeline.megatron_hook import install, installed, uninstall  # noqa: F401
 
 
@@ -31,3 +32,5 @@ def dualpipev() -> Callable:
 
 
 SCHEDULES: dict[str, Callable[[], Callable]] = {"1f1b": megatron_1f1b, "dualpipe": dualpipe, "dualpipev": dualpipev}
+for _name, _make in SCHEDULES.items():
+    registry.register("schedule", _name, _make)

@@ -1,6 +1,6 @@
 """Weights to and from Hugging Face DeepseekV3 checkpoints (DeepSeek's published layout).
 
-    from megatron_dsv3.hf import load_hf_checkpoint, export_hf_weights, save_hf_checkpoint
+    from megatron_dsv3.convert.hf import load_hf_checkpoint, export_hf_weights, save_hf_checkpoint
     model = build_model(DSV3Config.from_hf(hf_config))
     load_hf_checkpoint(model, "/path/to/DeepSeek-V3")      # streams the *.safetensors shards
     tensors = export_hf_weights(model, fused_experts=True)  # transformers' in-memory names
