@@ -1,5 +1,6 @@
-"""Exit codes of the ranks, for dsv3-torchrun: torchrun reports any failed worker as 1, so the
-wrapper learns from these files that the ranks saved and exited 75 (preempted).
+"""The exit codes of dsv3-train (and of the commands that relay them), and their record for
+dsv3-torchrun: torchrun reports any failed worker as 1, so the wrapper learns from these files
+that the ranks saved and exited 75 (preempted).
 
     record(75)                    # in each rank, as it exits: $DSV3_EXIT_STATUS_DIR/rank-<RANK>
     recorded(directory)           # in the wrapper: {"rank-0": 75, "rank-1": 75}
@@ -13,6 +14,12 @@ import sys
 from pathlib import Path
 
 ENV = "DSV3_EXIT_STATUS_DIR"
+
+DONE = 0
+REFUSED = 2  # bad input, named in the message, before any compute
+DIVERGED = 3  # NaN or a loss above train.max_loss
+TIMED_OUT = 4  # a collective or a checkpoint write outlasted its bound: a rank stalled or died
+PREEMPTED = 75  # SIGTERM / SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: Slurm requeues on it)
 
 
 def record(code: int) -> None:

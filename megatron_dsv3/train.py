@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_dsv3 import exit_status
 from megatron_dsv3.checkpoint import dist as ckpt
 from megatron_dsv3.plan import RunPlan, choose_device, make_plan
 from megatron_dsv3.run_config import RunConfig, RunConfigError
 
-EXIT_REFUSED, EXIT_DIVERGED, EXIT_TIMED_OUT, EXIT_PREEMPTED = 2, 3, 4, 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Model settings that schedules or the FP8 switch change between runs: not a change of model.
 RESUMABLE_MODEL_CHANGES = ("mtp_loss_weight", "bias_update_rate", "fp8")
@@ -316,8 +316,8 @@ class Trainer:
     def stop(self, saved: Optional[Path]) -> int:
         """Preempted: save (unless this step was just saved) and exit to be requeued."""
         path = saved or self.save()
-        _log(f"preempted: saved {path} at step {self.step}; exiting with {EXIT_PREEMPTED} to be requeued")
-        return EXIT_PREEMPTED
+        _log(f"preempted: saved {path} at step {self.step}; exiting with {exit_status.PREEMPTED} to be requeued")
+        return exit_status.PREEMPTED
 
     def finish(self) -> int:
         """The final save (not of a step just resumed) and the summary line."""
@@ -382,7 +382,7 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exit_status.REFUSED
     from megatron_dsv3.compat.megatron_checkpoint import signal_safe_checkpoint_writer
     from megatron_dsv3.compat.megatron_cpu import cpu_shims
 
@@ -391,7 +391,7 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
         device = choose_device(run, cuda)
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exit_status.REFUSED
     init_distributed(device, run.checkpoint.save_timeout_s)
     previous_handlers = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     try:
@@ -400,10 +400,10 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
             return Trainer(run, plan).train()
     except TrainingDiverged as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return exit_status.DIVERGED
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exit_status.REFUSED
     except RuntimeError as error:
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
@@ -411,7 +411,7 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
               f"{run.parallel.timeout_s:g} s or a checkpoint write checkpoint.save_timeout_s="
               f"{run.checkpoint.save_timeout_s:g} s; another rank stalled or died "
               f"({str(error).splitlines()[0][:200]})", file=sys.stderr)
-        return EXIT_TIMED_OUT
+        return exit_status.TIMED_OUT
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state
@@ -427,8 +427,6 @@ def cli() -> None:
     default for SIGUSR1 is to die: a warning signal repeated by the batch script must not turn
     exit 0 or 75 into a kill, so the process ignores both signals from the end of `main` on.
     The code is also recorded for dsv3-torchrun (megatron_dsv3.exit_status)."""
-    from megatron_dsv3 import exit_status
-
     code = main(exiting=True)
     exit_status.record(code)
     sys.exit(code)

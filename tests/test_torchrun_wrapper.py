@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from distributed import ROOT, free_port
-from megatron_dsv3.cli.torchrun import EXIT_PREEMPTED, exit_code
+from megatron_dsv3 import exit_status
+from megatron_dsv3.cli.torchrun import exit_code
 
 SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "logging.interval=1",
          "train.device=cpu", "train.steps=100000", "checkpoint.save_interval=2", "logging.jsonl=false"]
@@ -114,7 +115,7 @@ def test_preemption_saves_exits_75_and_leaves_no_process(tmp_path, sig, to_every
     finally:
         job.kill_everything()
     text = job.text()
-    assert code == EXIT_PREEMPTED, text[-3000:]
+    assert code == exit_status.PREEMPTED, text[-3000:]
     saved = re.search(r"preempted: saved \S+iter_(\d+) at step (\d+)", text)
     assert saved and (job.ckpt / f"iter_{int(saved.group(1)):07d}").is_dir(), text[-3000:]
     assert "the ranks saved a checkpoint and exited 75 (torchrun exited 1)" in text
@@ -135,7 +136,7 @@ def test_rank_killed_leaves_no_orphaned_writer_or_resource_tracker(tmp_path):
         left_behind = _alive(everything)
     finally:
         job.kill_everything()
-    assert code not in (0, EXIT_PREEMPTED), job.text()[-3000:]
+    assert code not in (0, exit_status.PREEMPTED), job.text()[-3000:]
     assert left_behind == []
 
 

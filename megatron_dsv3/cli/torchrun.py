@@ -33,7 +33,6 @@ from typing import Optional, Sequence
 import psutil
 
 from megatron_dsv3 import exit_status
-from megatron_dsv3.train import EXIT_PREEMPTED
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -125,8 +124,8 @@ def end_leftovers() -> None:
 
 def exit_code(torchrun_code: int, rank_codes: dict[str, int]) -> int:
     """75 when every rank that recorded its code recorded 75; else torchrun's code (128 + N for signal N)."""
-    if rank_codes and set(rank_codes.values()) == {EXIT_PREEMPTED}:
-        return EXIT_PREEMPTED
+    if rank_codes and set(rank_codes.values()) == {exit_status.PREEMPTED}:
+        return exit_status.PREEMPTED
     return 128 - torchrun_code if torchrun_code < 0 else torchrun_code
 
 
@@ -140,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torchrun_code = relay.wait()
         end_leftovers()
         code = exit_code(torchrun_code, exit_status.recorded(status_dir))
-        if code == EXIT_PREEMPTED != torchrun_code:
+        if code == exit_status.PREEMPTED != torchrun_code:
             _log(f"the ranks saved a checkpoint and exited {code} (torchrun exited {torchrun_code}); exiting {code}")
         return code
     finally:

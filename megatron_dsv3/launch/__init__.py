@@ -8,6 +8,6 @@ script -> submission.
 """
 from megatron_dsv3.launch.preflight import PreflightError, PreflightReport, preflight  # noqa: F401
 from megatron_dsv3.launch.presets import cuda_device_max_connections, environment, load_preset  # noqa: F401
-from megatron_dsv3.launch.render import PREEMPTED_EXIT, render_sbatch, train_command  # noqa: F401
+from megatron_dsv3.launch.render import render_sbatch, train_command  # noqa: F401
 from megatron_dsv3.launch.run import LaunchConfigError, load_run, tasks_per_node, world_size  # noqa: F401
 from megatron_dsv3.launch.submit import submit  # noqa: F401

@@ -10,12 +10,12 @@ import re
 import shlex
 from typing import Any, Iterable, Optional
 
+from megatron_dsv3 import exit_status
 from megatron_dsv3.launch.presets import environment, launch_dir, load_preset
 from megatron_dsv3.launch.preflight import PreflightReport
 from megatron_dsv3.launch.run import LaunchConfigError, tasks_per_node
 from megatron_dsv3.run_config import RunConfig, RunConfigError, text
 
-PREEMPTED_EXIT = 75  # dsv3-train: "preempted, checkpoint saved"
 # Each task (a dsv3-train rank, or dsv3-torchrun) starts with SIGUSR1 ignored (not fatal) until it
 # installs its handler: srun delivers the forwarded warning signal to every process of the step.
 IGNORE_USR1_UNTIL_HANDLED = """bash -c 'trap "" USR1; exec "$@"' dsv3-step"""
@@ -114,7 +114,7 @@ def render_sbatch(run: RunConfig, config_path: str, overrides: Iterable[str] = (
         "log_dir": shlex.quote(launch.output_dir),
         "setup": ("\n# ---- site setup (launch.setup)\n" + setup) if setup else "",
         "step": _step(run, train_command(run, config_path, overrides)),
-        "preempted_exit": str(PREEMPTED_EXIT),
+        "preempted_exit": str(exit_status.PREEMPTED),
         "requeue_action": action,
     }
     template = (launch_dir() / "sbatch.sh.tmpl").read_text()
