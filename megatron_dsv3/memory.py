@@ -7,14 +7,16 @@ FP32 master weights), otherwise FP32 weights and gradients; Adam moments in FP32
 parallel by the distributed optimizer (ZeRO-1) unless `parallel.distributed_optimizer: false`. Activations count
 what one layer saves for backward per token, with the report's selective recomputation (section
 3.2.3: RMSNorm and MLA up-projections; SwiGLU outputs) and FP8 caching of linear inputs
-(section 3.3.3), times the micro-batches a rank holds in flight under the pipeline schedule.
+(section 3.3.3), times the micro-batches a rank holds in flight under the pipeline schedule
+(its descriptor's `micro_batches_held`: the peak over the simulator's operation lists).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.parallel.layout import ParallelLayout, stage_cut
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.pipeline.schedule import Schedule
 
 GIB = 1024**3
 
@@ -119,31 +121,18 @@ class MemoryEstimate:
         return f"{self.total / GIB:.1f} GiB{cap} per GPU ({parts} GiB; {self.params_per_rank / 1e9:.2f}B params per rank)"
 
 
-def in_flight(layout: ParallelLayout, schedule: str, micro_batches: int) -> tuple[float, float]:
-    """(micro-batches held by the busiest rank, layers each of them has passed on that rank).
-
-    1F1B: the first stage holds up to PP micro-batches of its L/PP layers. DualPipe: PP + 1 chunks of
-    L/PP layers (and 2x parameters). DualPipeV: 2PP + 1 chunks of L/(2PP) layers over PP devices.
-    """
-    pp = layout.pipeline
-    if pp == 1:
-        return 1.0, 1.0
-    if schedule == "dualpipe":
-        return float(min(pp + 1, micro_batches)), 1.0 / pp
-    if schedule == "dualpipev":
-        return float(min(2 * pp + 1, micro_batches)), 1.0 / (2 * pp)
-    return float(min(pp, micro_batches)), 1.0 / pp
-
-
-def estimate_memory(c: DSV3Config, layout: ParallelLayout, schedule: str, train, reserve_gib: float = 0.0,
+def estimate_memory(c: DSV3Config, layout: ParallelLayout, schedule: Schedule, train, reserve_gib: float = 0.0,
                     distributed_optimizer: bool = True) -> MemoryEstimate:
     """Per-GPU memory of `c` trained under `layout` and `schedule` with the run's `train:` section
-    (`run_config.TrainSection`)."""
+    (`run_config.TrainSection`). Parameters: the schedule's copies of the model over the pipeline
+    ranks. Activations: the micro-batches its busiest rank holds (1F1B: PP on the first stage;
+    DualPipe: PP + 1 chunks, DualPipeV: 2PP + 1 chunks of half the layers), each having passed one
+    model stage of its cut."""
     recompute, fp8 = train.recompute, train.fp8 != "none"
     mixed = train.param_dtype == "bfloat16"  # BF16 weights + FP32 masters
     counts = count_params(c)
     tp, pp = layout.tensor, layout.pipeline
-    copies = 2 if schedule == "dualpipe" and pp > 1 else 1
+    copies = schedule.model_copies
     model_all = counts.total + c.mtp_num_modules * counts.mtp_module
     routed = counts.routed_all / (layout.expert * tp) * copies / pp
     shared = (model_all - counts.routed_all) / tp * copies / pp
@@ -157,9 +146,9 @@ def estimate_memory(c: DSV3Config, layout: ParallelLayout, schedule: str, train,
     tokens = train.seq_length * train.micro_batch_size
     layers = c.num_layers + c.mtp_num_modules
     micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * layout.data))
-    held, _ = in_flight(layout, schedule, micro_batches)
-    # each held micro-batch has passed one chunk of the schedule's stage cut (the trainer's): its largest
-    share = max(len(r) for r in stage_cut(schedule, c.num_layers, pp)) / c.num_layers
+    held = schedule.micro_batches_held(pp, micro_batches)
+    # each held micro-batch has passed one stage of the schedule's cut (the trainer's): its largest
+    share = max(len(r) for r in schedule.stage_cut(c.num_layers, pp)) / c.num_layers
     kinds = [moe for moe, present in ((True, c.num_moe_layers), (False, c.first_k_dense_layers)) if present]
     worst_layer = max(layer_activation_bytes(c, moe, "none" if recompute == "full" else recompute, fp8) for moe in kinds)
     if recompute == "full":

@@ -15,7 +15,8 @@ from typing import Optional
 
 from megatron_dsv3.config import ConfigError, DSV3Config
 from megatron_dsv3.memory import MemoryEstimate, estimate_memory
-from megatron_dsv3.parallel.layout import ParallelLayout, num_stages, stage_cut
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.pipeline.schedule import Schedule, ScheduleRefused, get as get_schedule
 from megatron_dsv3.run_config import RunConfig
 
 
@@ -59,48 +60,37 @@ def nodes_per_token(num_experts: int, num_groups: int, num_limited_groups: int,
     return min(num_limited_groups, ep_nodes)
 
 
-def check_schedule(schedule: str, pipeline: int, micro_batches: int, num_layers: Optional[int] = None) -> None:
-    """DualPipe: PP even, micro-batches even and >= 2*PP. DualPipeV: micro-batches >= 2*PP. Both:
-    every model stage of the cut (`layout.stage_cut`: 2*PP for DualPipeV) gets a decoder layer; the
-    last stage, which holds the head and MTP, sits with stage 0 (the embedding MTP reads) on rank 0."""
-    if schedule not in ("dualpipe", "dualpipev"):
-        return
-    if pipeline < 2:
-        raise PlanError(f"{schedule} needs at least 2 pipeline ranks, got parallel.pipeline={pipeline}")
-    if schedule == "dualpipe" and pipeline % 2:
-        raise PlanError(f"dualpipe needs an even pipeline size, got parallel.pipeline={pipeline}")
-    if micro_batches < 2 * pipeline:
-        raise PlanError(f"{schedule} needs at least 2 x PP = {2 * pipeline} micro-batches per step, got "
-                        f"{micro_batches} (global_batch_size / (micro_batch_size x DP))")
-    if schedule == "dualpipe" and micro_batches % 2:
-        raise PlanError(f"dualpipe needs an even number of micro-batches per step, got {micro_batches}")
+def check_schedule(schedule: Schedule, pipeline: int, micro_batches: int, num_layers: Optional[int] = None) -> None:
+    """The schedule's own rule (`Schedule.check`: an executor to train with, its pipeline and
+    micro-batch rule), then every model stage of its cut gets a decoder layer."""
+    try:
+        schedule.check(pipeline, micro_batches)
+    except ScheduleRefused as error:
+        raise PlanError(str(error)) from None
     if num_layers is not None:
         check_stages_hold_layers(schedule, pipeline, num_layers)
 
 
-def check_stages_hold_layers(schedule: str, pipeline: int, num_layers: int) -> None:
-    """Every model stage of `layout.stage_cut` needs a decoder layer."""
-    stages = num_stages(schedule, pipeline)
+def check_stages_hold_layers(schedule: Schedule, pipeline: int, num_layers: int) -> None:
+    """Every model stage of `schedule.stage_cut` needs a decoder layer."""
+    stages = schedule.num_stages(pipeline)
     if num_layers < stages:
-        raise PlanError(f"model.num_layers={num_layers} does not split into the {stages} stages of {schedule} on "
-                        f"parallel.pipeline={pipeline}: every stage needs a decoder layer")
+        raise PlanError(f"model.num_layers={num_layers} does not split into the {stages} stages of {schedule.name} "
+                        f"on parallel.pipeline={pipeline}: every stage needs a decoder layer")
 
 
 @dataclass(frozen=True)
 class RunPlan:
     run: RunConfig
     model: DSV3Config
+    schedule: Schedule  # the descriptor `parallel.schedule` names
     layout: ParallelLayout
     ranks_per_node: int
     micro_batches: int  # per data-parallel rank and step
-    stage_layers: tuple[range, ...]  # decoder layers of each model stage (2 x PP under DualPipeV)
+    stage_layers: tuple[range, ...]  # decoder layers of each model stage (`Schedule.stage_cut`)
     nodes_per_token: int
     device: str  # "cuda" or "cpu"
     optimizer: str  # "zero1" (Megatron's distributed optimizer) or "local"
-
-    @property
-    def schedule(self) -> str:
-        return self.run.parallel.schedule
 
     def memory(self, reserve_gib: float = 0.0) -> MemoryEstimate:
         """Per-GPU memory estimate of the most loaded rank (`memory.py`)."""
@@ -114,7 +104,7 @@ class RunPlan:
                      if self.optimizer == "zero1" else "AdamW, state on every data-parallel rank")
         cut = ", ".join(f"{len(r)}" for r in self.stage_layers)
         return (f"world {lay.world_size} = TP{lay.tensor} x PP{lay.pipeline} x DP{lay.data} (EP{lay.expert}); "
-                f"{self.schedule} over {self.micro_batches} micro-batches of {train.micro_batch_size}x"
+                f"{self.schedule.name} over {self.micro_batches} micro-batches of {train.micro_batch_size}x"
                 f"{train.seq_length} per rank; decoder layers per stage [{cut}]; a token's experts on <= "
                 f"{self.nodes_per_token} node(s); device {self.device}; {optimizer}")
 
@@ -137,19 +127,19 @@ def make_plan(run: RunConfig, world: int, ranks_per_node: int, cuda: bool) -> Ru
         raise PlanError(f"expert={ep} must divide tensor x data = {tp * data} (world {world}, pipeline {pp})")
     if tp > ranks_per_node or ranks_per_node % tp:
         raise PlanError(f"tensor parallel TP{tp} must stay inside a node of {ranks_per_node} ranks")
-    model = run.model_config()
-    if par.schedule in ("dualpipe", "dualpipev"):  # its own message first: the stages are not parallel.pipeline
-        check_stages_hold_layers(par.schedule, pp, model.num_layers)
+    model, schedule = run.model_config(), get_schedule(par.schedule)
+    if schedule.stages_per_rank > 1:  # its own message first: the stages are not parallel.pipeline
+        check_stages_hold_layers(schedule, pp, model.num_layers)
     try:
         model.validate(tensor_parallel_size=tp, expert_parallel_size=ep,
-                       pipeline_parallel_size=num_stages(par.schedule, pp))
+                       pipeline_parallel_size=schedule.num_stages(pp))
     except ConfigError as error:
         raise PlanError(f"model {run.model.preset}: {error}") from None
     if train.global_batch_size % (train.micro_batch_size * data):
         raise PlanError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
                         f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {data}")
     micro_batches = train.global_batch_size // (train.micro_batch_size * data)
-    check_schedule(par.schedule, pp, micro_batches, model.num_layers)
+    check_schedule(schedule, pp, micro_batches, model.num_layers)
     reach = nodes_per_token(model.num_routed_experts, model.num_expert_groups, model.num_limited_groups, ep, 1,
                             ranks_per_node)
     device = choose_device(run, cuda)
@@ -157,6 +147,7 @@ def make_plan(run: RunConfig, world: int, ranks_per_node: int, cuda: bool) -> Ru
     if train.param_dtype == "bfloat16" and not zero1:
         raise PlanError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
                         "optimizer, which parallel.distributed_optimizer=auto picks only on GPU: set it to true")
-    return RunPlan(run=run, model=model, layout=ParallelLayout(tp, pp, ep, data), ranks_per_node=ranks_per_node,
-                   micro_batches=micro_batches, stage_layers=stage_cut(par.schedule, model.num_layers, pp),
+    return RunPlan(run=run, model=model, schedule=schedule, layout=ParallelLayout(tp, pp, ep, data),
+                   ranks_per_node=ranks_per_node, micro_batches=micro_batches,
+                   stage_layers=schedule.stage_cut(model.num_layers, pp),
                    nodes_per_token=reach, device=device, optimizer="zero1" if zero1 else "local")

@@ -25,6 +25,7 @@ import yaml
 from megatron_dsv3 import registry
 from megatron_dsv3.config import FP8_MODES, RECOMPUTE_MODES, ConfigError, DSV3Config
 from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES
+from megatron_dsv3.pipeline.schedule import ONE_F_ONE_B
 
 
 class RunConfigError(ValueError):
@@ -166,6 +167,15 @@ def registered(kind: str) -> Check:
     return check
 
 
+def model_overrides(key: str, value: Any) -> dict:
+    """DSV3Config fields (checked by DSV3Config), except `fp8`: `train.fp8` is the one FP8 switch."""
+    value = mapping(key, value)
+    if "fp8" in value:
+        raise RunConfigError(f"{key}.fp8 is not a model override: train.fp8 is the one FP8 switch (set "
+                             f"train.fp8={value['fp8']!r} instead)")
+    return value
+
+
 def blend(key: str, value: Any) -> list:
     """Dataset prefixes `[p1, p2]` or a weighted blend `[w1, p1, w2, p2]` (Megatron's --data-path)."""
     if not isinstance(value, list) or any(isinstance(v, (bool, list, dict)) or v is None for v in value):
@@ -215,7 +225,7 @@ def slurm_time(key: str, value: Any) -> str:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     preset: str = setting("tiny", registered("preset"))
-    overrides: dict = setting({}, mapping)  # DSV3Config fields, checked by DSV3Config
+    overrides: dict = setting({}, model_overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +233,7 @@ class ParallelSection:
     tensor: int = setting(1, integer(1))
     pipeline: int = setting(1, integer(1))
     expert: int = setting(1, integer(1))
-    schedule: str = setting("1f1b", registered("schedule"))
+    schedule: str = setting(ONE_F_ONE_B.name, registered("schedule"))  # a `pipeline.Schedule`'s name
     # Megatron-Core's DDP + distributed optimizer (ZeRO-1); auto = on GPU only.
     distributed_optimizer: Any = setting("auto", one_of("auto", True, False))
     timeout_s: float = setting(600.0, number(0, low_open=True))  # every collective of a step
@@ -380,11 +390,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def model_config(self) -> DSV3Config:
-        """The model: the preset, its overrides, and FP8 from `train.fp8` (the one place it is chosen)."""
-        overrides = dict(self.model.overrides)
-        overrides.setdefault("fp8", self.train.fp8)
+        """The model: the preset, its overrides, and FP8 from `train.fp8` (the one switch for it)."""
         try:
-            return DSV3Config.preset(self.model.preset, **overrides)
+            return DSV3Config.preset(self.model.preset, **self.model.overrides, fp8=self.train.fp8)
         except (ConfigError, TypeError) as error:
             raise RunConfigError(f"model: {error}") from None
 

@@ -27,11 +27,27 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import yaml
+from megatron.core import parallel_state
+from tqdm import tqdm
 
 from megatron_dsv3 import exit_status
 from megatron_dsv3.checkpoint import dist as ckpt
-from megatron_dsv3.plan import RunPlan, choose_device, make_plan
-from megatron_dsv3.run_config import RunConfig, RunConfigError
+from megatron_dsv3.compat.megatron_checkpoint import signal_safe_checkpoint_writer
+from megatron_dsv3.compat.megatron_cpu import cpu_shims
+from megatron_dsv3.config import ConfigError
+from megatron_dsv3.data import DataError, build_train_iterator
+from megatron_dsv3.fp8 import FP8RangeError, Fp8Linear, describe_backend, raise_deferred_overflow
+from megatron_dsv3.model.gpt import build_model
+from megatron_dsv3.model.moe.router import update_expert_bias
+from megatron_dsv3.model.mtp import take_stats
+from megatron_dsv3.monitor import ExpertLoadTracker, build_logger, mtp_metrics
+from megatron_dsv3.optim import LocalOptimizer, learning_rate, scheduled
+from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
+from megatron_dsv3.parallel import comm, groups, initialize_parallel
+from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
+from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
+from megatron_dsv3.plan import PlanError, RunPlan, choose_device, make_plan
+from megatron_dsv3.run_config import RunConfig, RunConfigError, load_run_config
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Model settings that schedules or the FP8 switch change between runs: not a change of model.
@@ -83,8 +99,6 @@ class PreemptionFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        from megatron_dsv3.parallel import comm, groups
-
         flag = torch.tensor([1.0 if self.raised else 0.0])
         comm.all_reduce(flag, groups.world_group(), op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -128,18 +142,10 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         """Process groups, data (checked before any compute), model, schedule, optimizer."""
-        from megatron_dsv3 import registry
-        from megatron_dsv3.data import build_train_iterator
-        from megatron_dsv3.model.gpt import build_model
-        from megatron_dsv3.parallel import groups, initialize_parallel
-        from megatron_dsv3.parallel.layout import num_stages, rank_stages
-        from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
-        from megatron_dsv3.pipeline.stages import ScheduledModel
-
-        run, plan, lay = self.run, self.plan, self.plan.layout
-        initialize_parallel(lay.tensor, lay.pipeline, lay.expert, timeout_s=run.parallel.timeout_s)
-        # Megatron-Core's forward/backward function: 1F1B across pipeline stages, a plain loop without.
-        self.schedule = registry.get("schedule", run.parallel.schedule)()
+        run, plan, layout, schedule = self.run, self.plan, self.plan.layout, self.plan.schedule
+        initialize_parallel(layout.tensor, layout.pipeline, layout.expert, timeout_s=run.parallel.timeout_s)
+        # The schedule's forward/backward function, called as Megatron-Core's is.
+        self.forward_backward_func = schedule.forward_backward_func()
         self.resumed_from, notes = ckpt.agree_on_resume(self.ckpt_dir) if run.checkpoint.resume else (None, [])
         for note in notes:
             _log(f"checkpoint: {note}")
@@ -150,22 +156,23 @@ class Trainer:
             self.consumed_samples = saved["consumed_samples"]
         train = run.train
         self.batches = build_train_iterator(run.data, train.seq_length, train.micro_batch_size,
-                                            train.global_batch_size, groups.rank(groups.dp_group()), lay.data,
+                                            train.global_batch_size, groups.rank(groups.dp_group()), layout.data,
                                             train.seed, plan.model.vocab_size, start_sample=self.consumed_samples)
         torch.manual_seed(train.seed)
         # This rank's model stages (two under DualPipe/DualPipeV) in one module, a chunk per stage.
         pp_rank = groups.rank(groups.pp_group())
-        stages = rank_stages(run.parallel.schedule, lay.pipeline, pp_rank)
+        stages = schedule.rank_stages(layout.pipeline, pp_rank)
         self.model = build_model(plan.model, seed=train.seed, stages=stages,
-                                 num_stages=num_stages(run.parallel.schedule, lay.pipeline)).to(plan.device)
+                                 num_stages=schedule.num_stages(layout.pipeline)).to(plan.device)
         self.model.recompute = train.recompute
-        self.chunks = [ScheduledModel(self.model, lay.tensor, lay.pipeline, torch.bfloat16 if train.bf16
+        self.chunks = [ScheduledModel(self.model, layout.tensor, layout.pipeline, torch.bfloat16 if train.bf16
                                       else torch.float32, stage=s) for s in stages]  # the dtype crossing stages
         self.stage = self.chunks[0]
-        # DualPipe: this rank and pipeline rank PP-1-r hold the same stages (summed gradients, one saved copy)
-        self.mirror = groups.mirror_group() if run.parallel.schedule == "dualpipe" else None
+        # Two copies (DualPipe): this rank and pipeline rank PP-1-r hold the same stages (summed
+        # gradients, one saved copy)
+        self.mirror = groups.mirror_group() if schedule.model_copies == 2 else None
         if self.mirror is not None:
-            mark_mirror_copies(self.model, int(pp_rank >= lay.pipeline // 2))
+            mark_mirror_copies(self.model, int(pp_rank >= layout.pipeline // 2))
         self.optimizer = self._build_optimizer()
 
     def _build_optimizer(self):
@@ -173,21 +180,14 @@ class Trainer:
         adam = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay,
                     clip_grad=train.clip_grad)
         if self.plan.optimizer == "zero1":  # Megatron-Core's DDP + distributed optimizer
-            from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
-
             return ZeRO1Optimizer(self.model, self.stage.config, bf16_moments=train.bf16_adam_moments,
                                   bf16_params=train.param_dtype == "bfloat16", mirror=self.mirror, **adam)
-        from megatron_dsv3.optim import LocalOptimizer
-
         return LocalOptimizer(self.model, moment_dtype=torch.bfloat16 if train.bf16_adam_moments else torch.float32,
                               mirror=self.mirror, **adam)
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
         """Load the agreed checkpoint, set later saves aside, record the run config, start the logs."""
-        from megatron_dsv3.monitor import ExpertLoadTracker, build_logger
-        from megatron_dsv3.parallel import comm, groups
-
         if self.resumed_from is not None:
             path = ckpt.checkpoint_path(self.ckpt_dir, self.resumed_from)
             common = ckpt.load_common(path)
@@ -217,26 +217,19 @@ class Trainer:
         _log(f"training {self.run.model.preset} ({params / 1e6:.2f}M params on this rank) for {self.run.train.steps} "
              f"steps: {self.plan.describe()}; Adam moments {self.optimizer.state_bytes() / 2**20:.2f} MiB on this rank")
         if self.plan.model.fp8 == "tile":
-            from megatron_dsv3.fp8 import Fp8Linear, describe_backend
-
             linears = sum(isinstance(m, Fp8Linear) for m in self.model.modules())
             _log(f"fp8: {linears} linears with 1x128/128x128 scaling; backend {describe_backend()}")
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
         """Forward and backward over the micro-batches, the optimizer step, the routing-bias step."""
-        from megatron_dsv3.model.moe.router import update_expert_bias
-        from megatron_dsv3.optim import learning_rate, scheduled
-        from megatron_dsv3.parallel import groups
-        from megatron_dsv3.pipeline.stages import forward_backward, reduce_losses
-
         train, model_config = self.run.train, self.plan.model
         tokens_seen = self.step * train.global_batch_size * train.seq_length
         lr = learning_rate(self.step, train.steps, train.lr, train.min_lr, train.warmup_steps)
         mtp_weight = scheduled(train.mtp_loss_weight_schedule, tokens_seen, model_config.mtp_loss_weight)
         gamma = scheduled(train.bias_update_rate_schedule, tokens_seen, model_config.bias_update_rate)
         self.optimizer.zero_grad()
-        stage_losses = forward_backward(self.schedule, self.chunks, self.batches, self.plan.micro_batches,
+        stage_losses = forward_backward(self.forward_backward_func, self.chunks, self.batches, self.plan.micro_batches,
                                         train.micro_batch_size, train.seq_length, train.bf16, mtp_weight)
         grad_norm = self.optimizer.step(lr)  # reduce over replicas, clip, update
         lm, mtp, balance = reduce_losses(stage_losses)
@@ -261,8 +254,6 @@ class Trainer:
     def _fp8_overflow(self) -> str:
         if self.plan.model.fp8 != "tile":
             return ""
-        from megatron_dsv3.fp8 import FP8RangeError, raise_deferred_overflow
-
         try:
             raise_deferred_overflow()  # the one host sync of the FP8 checks, only when a step went bad
         except FP8RangeError as error:
@@ -283,10 +274,6 @@ class Trainer:
     # ------------------------------------------------------------------ logs
     def log(self, result: StepResult, tokens_per_s: float) -> None:
         """Metrics, expert load and MTP counts from every pipeline stage, on rank 0's sinks."""
-        from megatron_dsv3.model.mtp import take_stats
-        from megatron_dsv3.monitor import mtp_metrics
-        from megatron_dsv3.parallel import comm, groups
-
         mtp = {}
         if self.plan.model.mtp_num_modules:  # the last stage's counts: one small sum per logging step
             stats = take_stats(self.model.mtp, self.plan.model.mtp_num_modules, torch.device(self.plan.device))
@@ -362,8 +349,6 @@ class Trainer:
     def _progress_bar(self):
         if not (self.is_rank0 and sys.stderr.isatty()):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.run.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
 
 
@@ -372,20 +357,12 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     parser.add_argument("--config", help="run YAML (default: the tiny preset on the embedded corpus)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.expert=2")
     args = parser.parse_args(argv)
-    from megatron_dsv3.config import ConfigError
-    from megatron_dsv3.data import DataError
-    from megatron_dsv3.plan import PlanError
-    from megatron_dsv3.run_config import load_run_config
-
     refused = (RunConfigError, ConfigError, DataError, PlanError)
     try:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return exit_status.REFUSED
-    from megatron_dsv3.compat.megatron_checkpoint import signal_safe_checkpoint_writer
-    from megatron_dsv3.compat.megatron_cpu import cpu_shims
-
     cuda = torch.cuda.is_available()
     try:
         device = choose_device(run, cuda)
@@ -414,8 +391,6 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
         return exit_status.TIMED_OUT
     finally:
         if dist.is_initialized():
-            from megatron.core import parallel_state
-
             parallel_state.destroy_model_parallel()  # its groups die with the process group
             dist.destroy_process_group()
         for sig, handler in previous_handlers.items():

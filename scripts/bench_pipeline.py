@@ -2,15 +2,16 @@
 
     .venv/bin/python scripts/bench_pipeline.py --ranks 4 --micro-batches 8 --f-ms 20 --repeats 3
 
-Every schedule (1F1B, DualPipe, DualPipeV) runs through the runtime dsv3-train uses
-(`pipeline.dualpipe.run_ops`: the simulator's operation lists, Megatron-Core's p2p) on `--ranks`
-local gloo processes. A stage sleeps for its cost instead of computing (F = f, input gradient
-B - W = f, W = f, so B = 2f; an F&B pair runs in order, F + B, as on CPU), so the numbers do not
-depend on the shared cores, and holds an activation of `--act-kib` KiB from its forward until its
-input gradient. The model is the same for all: 1F1B and DualPipe cut it in `ranks` stages,
-DualPipeV in 2 x ranks stages of half the cost. Prints per rank the measured idle time (step time
-minus the rank's busy time: the time of its ops less what they waited for messages; median over
-the repeats) beside the simulator's bubble for the same operation list with the op costs as
+Every registered schedule with operation lists (1F1B, ZB1P, DualPipe, DualPipeV) runs through the
+runtime of dsv3-train's DualPipe (`pipeline.dualpipe.run_ops`: the operation lists of the
+schedule's descriptor, Megatron-Core's p2p) on `--ranks` local gloo processes. A stage sleeps for
+its cost instead of computing (F = f, input gradient B - W = f, W = f, so B = 2f; an F&B pair runs
+in order, F + B, as on CPU), so the numbers do not depend on the shared cores, and holds an
+activation of `--act-kib` KiB from its forward until its input gradient. The model is the same
+for all: 1F1B, ZB1P and DualPipe cut it in `ranks` stages, DualPipeV in 2 x ranks stages of half
+the cost (a stage costs f x ranks / the schedule's stages). Prints per rank the measured idle
+time (step time minus the rank's busy time: the time of its ops less what they waited for
+messages; median over the repeats) beside the simulator's bubble for the same operation list with the op costs as
 measured and the measured p2p latency, and the peak activation bytes beside the simulator's peak
 in-flight count x the activation.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class SleepChunk:
+class SleepStage:
     """A stage of fixed cost: sleeps, sends a small tensor on, holds `act_bytes` until its B."""
 
     def __init__(self, f: float, act_bytes: int, tracker: dict):
@@ -97,6 +98,7 @@ def rank_main(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from megatron_dsv3.cli.schedule import simulated
     from megatron_dsv3.parallel import comm, groups, initialize_parallel
     from megatron_dsv3.pipeline import simulate
     from megatron_dsv3.pipeline.dualpipe import run_ops
@@ -107,22 +109,20 @@ def rank_main(args) -> None:
     initialize_parallel(1, args.ranks, 1)
     rank, pp = groups.rank(groups.pp_group()), args.ranks
     f = args.f_ms / 1000
-    plans = {"1F1B": (simulate.one_f_one_b(pp, args.micro_batches), f),
-             "DualPipe": (simulate.dualpipe(pp, args.micro_batches), f),
-             "DualPipeV": (simulate.dualpipev(2 * pp, args.micro_batches), f / 2)}
+    plans = {s.name: (s.op_lists(pp, args.micro_batches), f * pp / s.num_stages(pp)) for s in simulated()}
     latency = p2p_latency(rank)
     results = {}
     for name, (schedule, cost) in plans.items():
         idles, peaks, durations = [], [], {}
         for _ in range(args.repeats):
             tracker = {"bytes": 0, "peak": 0}
-            stages = {s for ops in schedule.ranks[rank:rank + 1] for op in ops for _, s in op.chunks}
-            chunks = {s: SleepChunk(cost, args.act_kib * 1024, tracker) for s in stages}
+            stages = {s for op in schedule.ranks[rank] for _, s in op.micro_stages}
+            runners = {s: SleepStage(cost, args.act_kib * 1024, tracker) for s in stages}
             transport = TimedTransport(schedule, rank, groups.pp_group(), (4,), torch.float32, torch.device("cpu"))
             clock = OpClock(transport)
             comm.barrier(groups.pp_group())
             start = clock.last = time.time()
-            run_ops(schedule, rank, chunks, transport, on_op=clock)
+            run_ops(schedule, rank, runners, transport, on_op=clock)
             end = time.time()
             spans = comm.all_gather_object((start, end), groups.pp_group())
             step = max(e for _, e in spans) - min(s for s, _ in spans)
@@ -194,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--f-ms", type=float, default=20.0, help="forward cost of one 1F1B/DualPipe stage")
+    parser.add_argument("--f-ms", type=float, default=20.0, help="forward cost of one stage of PP (1F1B, DualPipe)")
     parser.add_argument("--act-kib", type=int, default=256, help="activation one stage holds per micro-batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3 import DSV3Config, build_model, registry
+from megatron_dsv3 import DSV3Config, build_model
 from megatron_dsv3.model.moe import dispatch
 from megatron_dsv3.model.moe.router import update_expert_bias
 from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
 from megatron_dsv3.parallel.sharding import gather_full, gather_like, load_full
 from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
-from megatron_dsv3.parallel.layout import num_stages, rank_stages
+from megatron_dsv3.pipeline import get_schedule
 from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from megatron_dsv3.compat.megatron_cpu import cpu_shims
@@ -69,9 +69,10 @@ def step(args, out: Path) -> None:
     layout = initialize_parallel(args.tensor, args.pipeline, args.expert)
     config = DSV3Config.preset("tiny", **MODEL, **({"num_layers": args.layers} if args.layers else {}))
     pp_rank = groups.rank(groups.pp_group())
-    stages = rank_stages(args.schedule, layout.pipeline, pp_rank)
-    model = build_model(config, seed=3, stages=stages, num_stages=num_stages(args.schedule, layout.pipeline))
-    mirror = groups.mirror_group() if args.schedule == "dualpipe" else None
+    descriptor = get_schedule(args.schedule)
+    stages = descriptor.rank_stages(layout.pipeline, pp_rank)
+    model = build_model(config, seed=3, stages=stages, num_stages=descriptor.num_stages(layout.pipeline))
+    mirror = groups.mirror_group() if descriptor.model_copies == 2 else None
     if mirror is not None:
         mark_mirror_copies(model, int(pp_rank >= layout.pipeline // 2))
     if args.write_state:
@@ -96,7 +97,7 @@ def step(args, out: Path) -> None:
     else:
         optimizer = LocalOptimizer(model, lr=LR, clip_grad=CLIP, mirror=mirror)
     optimizer.zero_grad()
-    schedule = registry.get("schedule", args.schedule)()
+    schedule = descriptor.forward_backward_func()
     if args.via_megatron_hook:
         import megatron.core.pipeline_parallel as megatron_pipeline
 
@@ -170,7 +171,8 @@ def pipeline_bytes(args, out: Path) -> None:
                     for i in range(num_micro)])
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     stage = ScheduledModel(model, layout.tensor, layout.pipeline, dtype)
-    forward_backward(registry.get("schedule", "1f1b")(), [stage], batches, num_micro, micro, SEQ, bf16=args.bf16)
+    forward_backward(get_schedule("1f1b").forward_backward_func(), [stage], batches, num_micro, micro, SEQ,
+                     bf16=args.bf16)
     torch.save({"bytes": sum(n for n, _ in sent), "dtypes": sorted({d for _, d in sent}), "messages": len(sent),
                 "hidden": config.hidden_size, "tokens": num_micro * micro * SEQ}, out / f"bytes{dist.get_rank()}.pt")
 

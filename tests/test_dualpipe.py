@@ -4,6 +4,7 @@ compares its layouts: losses, every gradient, every updated parameter (AdamW's f
 rank's own moments) and the moments within its tolerances, routing biases bitwise."""
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 from distributed import run_ranks
 from test_parallel import WORKER, assert_step_matches
 
-from megatron_dsv3.parallel.layout import num_stages, rank_stages, stage_cut
-from megatron_dsv3.pipeline import simulate
+from megatron_dsv3 import registry
+from megatron_dsv3.pipeline import get_schedule, simulate
 from megatron_dsv3.pipeline.dualpipe import messages, owners
 from megatron_dsv3.plan import PlanError, check_schedule
 
@@ -22,23 +23,39 @@ LAYERS = 8  # enough for DualPipeV's 8 stages on PP4
 
 
 def test_stage_cut_and_rank_stages():
-    assert [list(r) for r in stage_cut("1f1b", 8, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [len(r) for r in stage_cut("dualpipev", 8, 2)] == [2, 2, 2, 2]
-    assert num_stages("dualpipev", 4) == 8 and num_stages("dualpipe", 4) == 4
-    assert rank_stages("dualpipe", 4, 1) == (1, 2) and rank_stages("dualpipe", 4, 3) == (3, 0)
-    assert rank_stages("dualpipev", 4, 0) == (0, 7) and rank_stages("dualpipev", 4, 3) == (3, 4)
-    # every stage of the V is held by exactly one rank; DualPipe holds each twice
-    for name, copies in (("dualpipev", 1), ("dualpipe", 2)):
-        held = [s for r in range(4) for s in rank_stages(name, 4, r)]
-        assert sorted(held) == sorted(list(range(num_stages(name, 4))) * copies)
+    one_f, dual, v = (get_schedule(name) for name in ("1f1b", "dualpipe", "dualpipev"))
+    assert [list(r) for r in one_f.stage_cut(8, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [len(r) for r in v.stage_cut(8, 2)] == [2, 2, 2, 2]
+    assert v.num_stages(4) == 8 and dual.num_stages(4) == 4
+    assert dual.rank_stages(4, 1) == (1, 2) and dual.rank_stages(4, 3) == (3, 0)
+    assert v.rank_stages(4, 0) == (0, 7) and v.rank_stages(4, 3) == (3, 4)
+
+
+@pytest.mark.parametrize("name", registry.names("schedule"))
+def test_every_descriptor_agrees_with_its_operation_lists(name):
+    """Each stage is held `model_copies` times, `stages_per_rank` on every rank, and the operation
+    lists put each stage on the ranks that hold it; the memory estimate's micro-batches held are
+    the lists' peak (1F1B: PP, DualPipe: PP + 1, DualPipeV: 2 PP + 1 chunks)."""
+    schedule, pp, micro_batches = get_schedule(name), 4, 16
+    held = [s for r in range(pp) for s in schedule.rank_stages(pp, r)]
+    assert sorted(held) == sorted(list(range(schedule.num_stages(pp))) * schedule.model_copies)
+    assert all(len(schedule.rank_stages(pp, r)) == schedule.stages_per_rank for r in range(pp))
+    op_lists = schedule.op_lists(pp, micro_batches)
+    assert (op_lists.stages, len(op_lists.ranks)) == (schedule.num_stages(pp), pp)
+    for rank, ops in enumerate(op_lists.ranks):
+        assert {stage for op in ops for _, stage in op.micro_stages} == set(schedule.rank_stages(pp, rank))
+    expected = {"1f1b": pp, "zb1p": pp, "dualpipe": pp + 1, "dualpipev": 2 * pp + 1}[name]
+    assert schedule.micro_batches_held(pp, micro_batches) == expected
 
 
 def test_runtime_walks_the_simulators_ops_and_messages_match():
-    """Every message a rank expects is one its peer sends, and the chunks' owners are the layout's."""
-    for schedule, name, pp in ((simulate.dualpipe(4, 8), "dualpipe", 4), (simulate.dualpipev(8, 8), "dualpipev", 4)):
+    """Every message a rank expects is one its peer sends, and the stages' owners are the layout's."""
+    for name, pp in (("dualpipe", 4), ("dualpipev", 4)):
+        descriptor = get_schedule(name)
+        schedule = descriptor.op_lists(pp, 8)
         owner = owners(schedule)
         for (mb, stage), rank in owner.items():
-            assert stage in rank_stages(name, pp, rank)
+            assert stage in descriptor.rank_stages(pp, rank)
         for src in range(pp):
             for dst in range(pp):
                 if src != dst:
@@ -53,10 +70,10 @@ def test_runtime_walks_the_simulators_ops_and_messages_match():
     ("dualpipev", 2, 4, 4, None)])
 def test_refusals_name_the_field(schedule, pp, micro, layers, error):
     if error is None:
-        check_schedule(schedule, pp, micro, layers)
+        check_schedule(get_schedule(schedule), pp, micro, layers)
         return
     with pytest.raises(PlanError, match=error):
-        check_schedule(schedule, pp, micro, layers)
+        check_schedule(get_schedule(schedule), pp, micro, layers)
 
 
 def test_dsv3_train_refuses_a_v_with_more_stages_than_layers():
@@ -70,7 +87,7 @@ def test_dsv3_train_refuses_a_v_with_more_stages_than_layers():
     plan = make_plan(load_run_config(None, ("parallel.pipeline=2", "parallel.schedule=dualpipev",
                                             "train.global_batch_size=32", "model.overrides.num_layers=4")),
                      world=2, ranks_per_node=2, cuda=False)
-    assert plan.stage_layers == stage_cut("dualpipev", 4, 2) and len(plan.stage_layers) == 4
+    assert plan.stage_layers == get_schedule("dualpipev").stage_cut(4, 2) and len(plan.stage_layers) == 4
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +157,26 @@ def test_split_backward_defers_the_weight_gradient_and_adds_up_to_the_full_one()
 
 
 def test_forward_only_is_refused_by_name_and_megatron_keywords_are_accepted():
-    from megatron_dsv3 import registry
+    """The executor names the keywords Megatron-Core's schedules take (0.16-0.19 pass the same set
+    to all three of its schedules), accepts them all and refuses any other by name."""
+    from megatron.core.pipeline_parallel import schedules
 
-    forward_backward = registry.get("schedule", "dualpipev")()
-    with pytest.raises(ValueError, match="forward_only"):
-        forward_backward(forward_step_func=None, data_iterator=None, model=[], num_microbatches=4, seq_length=8,
-                         micro_batch_size=1, decoder_seq_length=8, forward_only=True, collect_non_loss_data=False,
-                         first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None,
-                         pg_collection=None)
+    forward_backward = get_schedule("dualpipev").forward_backward_func()
+    ours = set(inspect.signature(forward_backward).parameters)
+    for megatron_schedule in (schedules.forward_backward_no_pipelining,
+                              schedules.forward_backward_pipelining_without_interleaving,
+                              schedules.forward_backward_pipelining_with_interleaving):
+        assert set(inspect.signature(megatron_schedule).parameters) == ours, megatron_schedule.__name__
+    keywords = dict(forward_step_func=None, data_iterator=None, model=[], num_microbatches=4, seq_length=8,
+                    micro_batch_size=1, decoder_seq_length=8, forward_only=True, collect_non_loss_data=False,
+                    first_val_step=None, adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None,
+                    force_all_reduce=False)
+    assert set(keywords) == ours
+    with pytest.raises(ValueError, match=r"parallel\.schedule='dualpipev' trains only \(forward_only=True"):
+        forward_backward(**keywords)  # every keyword accepted: the refusal is forward_only's
+    with pytest.raises(TypeError, match="unexpected keyword argument 'microbatch_group_size'"):
+        forward_backward(**keywords, microbatch_group_size=2)
+    assert not get_schedule("dualpipev").forward_only and get_schedule("1f1b").forward_only
 
 
 # ----------------------------------------------------------------------------- dsv3-train

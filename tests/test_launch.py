@@ -15,6 +15,7 @@ from megatron_dsv3.launch import (LaunchConfigError, PreflightError, cuda_device
                                   preflight, render_sbatch)
 from megatron_dsv3.memory import GIB, count_params, estimate_memory
 from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.pipeline import get_schedule
 from megatron_dsv3.plan import check_schedule, nodes_per_token
 from megatron_dsv3.run_config import ParallelSection, RunConfig
 
@@ -194,13 +195,13 @@ def test_preflight_refuses_layouts_that_do_not_fit(overrides, message):
     ("dualpipev", 4, 7, "at least 2 x PP = 8")])
 def test_dualpipe_constraints_are_refused(schedule, pipeline, micro_batches, message):
     with pytest.raises(PreflightError, match=message):
-        check_schedule(schedule, pipeline, micro_batches)
+        check_schedule(get_schedule(schedule), pipeline, micro_batches)
 
 
 def test_dualpipe_constraints_accept_valid_schedules():
-    check_schedule("dualpipe", 16, 120)
-    check_schedule("dualpipev", 3, 6)
-    check_schedule("1f1b", 7, 1)
+    check_schedule(get_schedule("dualpipe"), 16, 120)
+    check_schedule(get_schedule("dualpipev"), 3, 6)
+    check_schedule(get_schedule("1f1b"), 7, 1)
 
 
 def test_preflight_refuses_dualpipe_with_too_few_micro_batches():
@@ -242,7 +243,8 @@ def test_recompute_and_fp8_shrink_activations():
     config = DSV3Config.preset("deepseek-v3-671b")
     layout = preflight(v3_run()).plan.layout
     train = v3_run().train
-    act = {(rc, fp8): estimate_memory(config, layout, "dualpipe", dataclasses.replace(train, recompute=rc, fp8=fp8)
+    dualpipe = get_schedule("dualpipe")
+    act = {(rc, fp8): estimate_memory(config, layout, dualpipe, dataclasses.replace(train, recompute=rc, fp8=fp8)
                                       ).activations
            for rc in ("none", "selective", "full") for fp8 in ("none", "tile")}
     assert act["full", "tile"] < act["selective", "tile"] < act["none", "tile"]
@@ -253,8 +255,8 @@ def test_dualpipe_holds_twice_the_parameters_and_one_more_micro_batch():
     config = DSV3Config.preset("deepseek-v3-671b")
     train = v3_run().train
     layout = ParallelLayout(tensor=1, pipeline=16, expert=64, data=128)
-    one_f = estimate_memory(config, layout, "1f1b", train)
-    dual = estimate_memory(config, layout, "dualpipe", train)
+    one_f = estimate_memory(config, layout, get_schedule("1f1b"), train)
+    dual = estimate_memory(config, layout, get_schedule("dualpipe"), train)
     assert dual.params == pytest.approx(2 * one_f.params)
     assert (dual.micro_batches_in_flight, one_f.micro_batches_in_flight) == (17, 16)
 
@@ -265,7 +267,7 @@ def test_bf16_moments_and_zero1_shrink_optimizer_states():
     layout = preflight(load_run(ROOT / LITE)).plan.layout
 
     def estimate(distributed_optimizer: bool = True, **changes):
-        return estimate_memory(config, layout, "1f1b", dataclasses.replace(train, **changes),
+        return estimate_memory(config, layout, get_schedule("1f1b"), dataclasses.replace(train, **changes),
                                distributed_optimizer=distributed_optimizer)
 
     fp32 = estimate(bf16_adam_moments=False).optimizer

@@ -6,7 +6,7 @@ import types
 import pytest
 
 from megatron_dsv3 import registry
-from megatron_dsv3.pipeline import megatron_hook
+from megatron_dsv3.pipeline import Schedule, ScheduleRefused, megatron_hook
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def test_schedule():
         calls.append(kwargs)
         return []
 
-    registry.register("schedule", "hook-test", lambda: forward_backward, overwrite=True)
+    registry.register("schedule", "hook-test", Schedule("hook-test", executor=lambda: forward_backward), overwrite=True)
     yield forward_backward
     megatron_hook.uninstall()
     registry._REGISTRY["schedule"].pop("hook-test", None)
@@ -57,4 +57,10 @@ def test_install_reaches_the_name_megatron_training_imported(test_schedule, monk
 def test_install_refuses_an_unregistered_name():
     with pytest.raises(KeyError, match=r"'zb-v' is not registered; registered: .*1f1b.*dualpipev"):
         megatron_hook.install("zb-v")
+    assert megatron_hook.installed() is None
+
+
+def test_install_refuses_a_simulated_only_schedule_by_name():
+    with pytest.raises(ScheduleRefused, match=r"parallel\.schedule='zb1p' is simulated only"):
+        megatron_hook.install("zb1p")
     assert megatron_hook.installed() is None

@@ -1,5 +1,6 @@
-"""The pipeline-schedule simulator (`pipeline/simulate.py`) and `dsv3-schedule` against the
-DeepSeek-V3 report's bubble table (shared/reference/dsv3-facts.md)."""
+"""The pipeline-schedule simulator (`pipeline/simulate.py`), the schedules' descriptors that build
+its operation lists, and `dsv3-schedule`, against the DeepSeek-V3 report's bubble table
+(shared/reference/dsv3-facts.md)."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,19 @@ import zlib
 import pytest
 
 from megatron_dsv3.cli import schedule as cli
-from megatron_dsv3.pipeline.simulate import (SCHEDULES, Costs, Op, Schedule, ScheduleError, dualpipe, dualpipev,
-                                             one_f_one_b, peak_activations, simulate, summarize, zb1p)
+from megatron_dsv3.pipeline import ScheduleRefused, get_schedule
+from megatron_dsv3.pipeline.simulate import (Costs, Op, OpLists, ScheduleError, dualpipe, dualpipev, one_f_one_b,
+                                             peak_activations, simulate, summarize, zb1p)
+
+# The report's schedules by registered name, each over PP pipeline stages (DualPipeV: PP/2 ranks).
+SCHEDULES = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}
 
 
 def table(name: str, pp: int, c: Costs) -> float:
     """The table's bubble, PP counting pipeline stages (DualPipeV runs them on PP/2 ranks)."""
-    if name == "1F1B":
+    if name == "1f1b":
         return (pp - 1) * (c.f + c.b)
-    if name == "ZB1P":
+    if name == "zb1p":
         return (pp - 1) * (c.f + c.b - 2 * c.w)
     return (pp / 2 - 1) * (c.fb + c.b - 3 * c.w)
 
@@ -41,13 +46,13 @@ def test_simulated_bubbles_equal_the_table(pp, micro_batches, costs):
 def test_1f1b_bubble_holds_for_any_costs(costs):
     for pp, micro_batches in [(2, 2), (4, 4), (5, 13), (8, 24)]:
         assert summarize(one_f_one_b(pp, micro_batches), costs)["bubble"] == pytest.approx(
-            table("1F1B", pp, costs))
+            table("1f1b", pp, costs))
 
 
 def test_weight_gradients_longer_than_forward_leave_more_bubble_than_the_table():
     """With W > F the deferred W no longer fit the waits they are meant to fill."""
     costs = Costs(f=1, b=3, w=2, fb=3.5)
-    for name in ("ZB1P", "DualPipe", "DualPipeV"):
+    for name in ("zb1p", "dualpipe", "dualpipev"):
         assert summarize(SCHEDULES[name](8, 16), costs)["bubble"] > table(name, 8, costs) + 0.5, name
 
 
@@ -66,25 +71,25 @@ def test_p2p_latency_adds_to_every_schedule():
         assert slow["step_time"] > quiet["step_time"], name
 
 
-def assert_runs_in_dependency_order(schedule: Schedule, costs: Costs) -> None:
+def assert_runs_in_dependency_order(schedule: OpLists, costs: Costs) -> None:
     slots = simulate(schedule, costs)
     end = {}
     for s in slots:
         if s.op.forward:
             end["F", s.op.forward] = s.end
         if s.op.kind in ("B", "BW", "F&B"):
-            end["B", s.op.chunks[-1]] = s.end
+            end["B", s.op.micro_stages[-1]] = s.end
     last = schedule.stages - 1
     for s in slots:
-        if s.op.kind in ("F", "F&B") and s.op.chunks[0][1] > 0:
-            mb, stage = s.op.chunks[0]
+        if s.op.kind in ("F", "F&B") and s.op.micro_stages[0][1] > 0:
+            mb, stage = s.op.micro_stages[0]
             assert end["F", (mb, stage - 1)] <= s.start
         if s.op.kind in ("B", "BW", "F&B"):
-            mb, stage = s.op.chunks[-1]
+            mb, stage = s.op.micro_stages[-1]
             assert end["F", (mb, stage)] <= s.start
             assert stage == last or end["B", (mb, stage + 1)] <= s.start
         if s.op.kind == "W":
-            assert end["B", s.op.chunks[0]] <= s.start
+            assert end["B", s.op.micro_stages[0]] <= s.start
     for rank in range(len(schedule.ranks)):
         mine = [s for s in slots if s.rank == rank]
         assert [s.op for s in mine] == list(schedule.ranks[rank])
@@ -92,24 +97,24 @@ def assert_runs_in_dependency_order(schedule: Schedule, costs: Costs) -> None:
 
 
 @pytest.mark.parametrize("pp,micro_batches", [(2, 4), (4, 8), (4, 11), (6, 14), (8, 16)])
-def test_every_chunk_gets_one_f_b_w_on_one_rank_in_dependency_order(pp, micro_batches):
+def test_every_micro_stage_gets_one_f_b_w_on_one_rank_in_dependency_order(pp, micro_batches):
     for name, build in SCHEDULES.items():
-        if name == "DualPipe" and micro_batches % 2:
+        if name == "dualpipe" and micro_batches % 2:
             continue
         schedule = build(pp, micro_batches)
         counts: dict = {}
         for rank, ops in enumerate(schedule.ranks):
             for op in ops:
                 parts = ("F", "BW") if op.kind == "F&B" else (op.kind,)
-                for part, chunk in zip(parts, op.chunks, strict=True):
+                for part, micro_stage in zip(parts, op.micro_stages, strict=True):
                     for kind in part:
-                        counts.setdefault((chunk, kind), []).append(rank)
-        chunks = [(mb, stage) for mb in range(micro_batches) for stage in range(schedule.stages)]
-        for chunk in chunks:
-            ranks = [counts.get((chunk, kind)) for kind in "FBW"]
-            assert all(r is not None and len(r) == 1 for r in ranks), (name, chunk, ranks)
-            assert len({r[0] for r in ranks}) == 1, (name, chunk, ranks)
-        assert len(counts) == 3 * len(chunks)
+                        counts.setdefault((micro_stage, kind), []).append(rank)
+        micro_stages = [(mb, stage) for mb in range(micro_batches) for stage in range(schedule.stages)]
+        for micro_stage in micro_stages:
+            ranks = [counts.get((micro_stage, kind)) for kind in "FBW"]
+            assert all(r is not None and len(r) == 1 for r in ranks), (name, micro_stage, ranks)
+            assert len({r[0] for r in ranks}) == 1, (name, micro_stage, ranks)
+        assert len(counts) == 3 * len(micro_stages)
         assert_runs_in_dependency_order(schedule, Costs(f=1, b=2.5, w=0.7, fb=3, p2p=0.1))
 
 
@@ -121,7 +126,7 @@ def test_dualpipe_sends_half_the_micro_batches_from_each_end():
     assert {mb for mb, rank in first_stage.items() if rank == 0} == set(range(m // 2))
     assert {mb for mb, rank in first_stage.items() if rank == pp - 1} == set(range(m // 2, m))
     for rank, ops in enumerate(schedule.ranks):
-        assert {chunk[1] for op in ops for chunk in op.chunks} == {rank, pp - 1 - rank}
+        assert {chunk[1] for op in ops for chunk in op.micro_stages} == {rank, pp - 1 - rank}
 
 
 def test_dualpipev_folds_the_stages_into_a_v():
@@ -129,7 +134,7 @@ def test_dualpipev_folds_the_stages_into_a_v():
     schedule = dualpipev(stages, m)
     assert len(schedule.ranks) == stages // 2
     for rank, ops in enumerate(schedule.ranks):
-        assert {chunk[1] for op in ops for chunk in op.chunks} == {rank, stages - 1 - rank}
+        assert {chunk[1] for op in ops for chunk in op.micro_stages} == {rank, stages - 1 - rank}
 
 
 @pytest.mark.parametrize("pp", [4, 8, 16])
@@ -141,7 +146,9 @@ def test_activations_and_parameters_follow_the_table(pp):
     assert summarize(dualpipev(pp, m), Costs())["peak_activations"] == pp + 1
     footprint = {n: (s.stages_per_rank, s.model_copies) for n, s in
                  ((n, b(pp, m)) for n, b in SCHEDULES.items())}
-    assert footprint == {"1F1B": (1, 1), "ZB1P": (1, 1), "DualPipe": (2, 2), "DualPipeV": (2, 1)}
+    assert footprint == {"1f1b": (1, 1), "zb1p": (1, 1), "dualpipe": (2, 2), "dualpipev": (2, 1)}
+    for name, (stages_per_rank, copies) in footprint.items():  # the descriptors say what the lists do
+        assert (get_schedule(name).stages_per_rank, get_schedule(name).model_copies) == (stages_per_rank, copies)
 
 
 def test_activations_are_held_from_forward_to_input_gradient():
@@ -151,27 +158,28 @@ def test_activations_are_held_from_forward_to_input_gradient():
 
 
 def test_dual_schedules_refuse_too_few_micro_batches():
-    with pytest.raises(ValueError, match="micro-batches"):
-        dualpipe(8, 14)
-    with pytest.raises(ValueError, match="even number of micro-batches"):
-        dualpipe(8, 17)
-    with pytest.raises(ValueError, match="micro-batches"):
-        dualpipev(8, 7)
-    with pytest.raises(ValueError, match="even"):
-        dualpipe(5, 20)
+    """Their descriptors' rules come before the builders (arguments: pipeline ranks, micro-batches)."""
+    with pytest.raises(ScheduleRefused, match="micro-batches"):
+        get_schedule("dualpipe").op_lists(8, 14)
+    with pytest.raises(ScheduleRefused, match="even number of micro-batches"):
+        get_schedule("dualpipe").op_lists(8, 17)
+    with pytest.raises(ScheduleRefused, match="micro-batches"):
+        get_schedule("dualpipev").op_lists(4, 7)
+    with pytest.raises(ScheduleRefused, match="even"):
+        get_schedule("dualpipe").op_lists(5, 20)
 
 
 def test_broken_schedules_are_refused():
     good = one_f_one_b(2, 2)
-    missing_w = Schedule("x", 2, 2, (good.ranks[0][:-1] + (Op("B", good.ranks[0][-1].chunks),), good.ranks[1]), 1, 1)
+    missing_w = OpLists(2, 2, (good.ranks[0][:-1] + (Op("B", good.ranks[0][-1].micro_stages),), good.ranks[1]))
     with pytest.raises(ScheduleError, match="F/B/W"):
         simulate(missing_w, Costs())
-    twice = Schedule("x", 2, 2, (good.ranks[0] + good.ranks[0][:1], good.ranks[1]), 1, 1)
+    twice = OpLists(2, 2, (good.ranks[0] + good.ranks[0][:1], good.ranks[1]))
     with pytest.raises(ScheduleError, match="twice"):
         simulate(twice, Costs())
     backward_first = tuple(sorted(good.ranks[0], key=lambda op: op.kind != "BW"))
     with pytest.raises(ScheduleError, match="deadlocks"):
-        simulate(Schedule("x", 2, 2, (backward_first, good.ranks[1]), 1, 1), Costs())
+        simulate(OpLists(2, 2, (backward_first, good.ranks[1])), Costs())
 
 
 def test_cli_json_matches_the_simulation(capsys):
@@ -179,9 +187,9 @@ def test_cli_json_matches_the_simulation(capsys):
     out = json.loads(capsys.readouterr().out)
     costs = Costs(f=1, b=2, w=1, fb=3)
     assert out["costs"]["fb"] == 3 and out["micro_batches"] == 16
-    assert [r["schedule"] for r in out["schedules"]] == list(SCHEDULES)
+    assert [r["schedule"] for r in out["schedules"]] == sorted(SCHEDULES)
     for row in out["schedules"]:
-        expected = summarize(SCHEDULES[row["schedule"]](8, 16), costs)
+        expected = {"schedule": row["schedule"], **summarize(SCHEDULES[row["schedule"]](8, 16), costs)}
         assert {k: row[k] for k in expected} == expected  # JSON keeps floats exactly
         assert row["table_bubble"] == pytest.approx(table(row["schedule"], 8, costs))
         assert row["bubble"] == pytest.approx(row["table_bubble"])
@@ -190,10 +198,10 @@ def test_cli_json_matches_the_simulation(capsys):
 def test_cli_table_names_a_schedule_that_refuses(capsys):
     assert cli.main(["--pp", "8", "--micro-batches", "10"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    dual = next(line for line in lines if line.startswith("DualPipe "))
-    assert "needs >= 8 micro-batches per direction" in dual
-    one_f = next(line for line in lines if line.startswith("1F1B"))
-    bubble = table("1F1B", 8, Costs())
+    dual = next(line for line in lines if line.startswith("dualpipe "))
+    assert "dualpipe needs at least 2 x PP = 16 micro-batches per step, got 10" in dual
+    one_f = next(line for line in lines if line.startswith("1f1b"))
+    bubble = table("1f1b", 8, Costs())
     assert one_f.split()[1:5] == ["8", f"{10 * 3 + bubble:g}", f"{bubble:g}", f"{bubble:g}"]
 
 

@@ -145,3 +145,40 @@ def test_no_import_circle_among_the_package_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    """ids of the module's, classes' and functions' docstring constants."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def test_a_schedule_name_is_written_only_in_its_descriptors_module():
+    """Everything that depends on the pipeline schedule reads its `Schedule` descriptor: a
+    registered schedule's name appears as a string literal (docstrings aside) only in the module
+    that binds its registry entry, and in tests. Scripts count as code."""
+    import importlib
+
+    from megatron_dsv3 import registry
+
+    modules = {path: importlib.import_module(_module_name(path)) for path in sorted(PACKAGE.rglob("*.py"))}
+    homes = {name: {path for path, module in modules.items()
+                    if any(value is entry for value in vars(module).values())}
+             for name, entry in ((n, registry.get("schedule", n)) for n in registry.names("schedule"))}
+    homes = {name: paths for name, paths in homes.items() if paths}  # entries a test registered live in tests
+    assert homes, "no registered schedule is bound in a package module"
+    code = [*modules, *sorted((PACKAGE.parent / "scripts").glob("*.py"))]
+    misplaced = []
+    for path in code:
+        tree = _tree(path)
+        docstrings = _docstrings(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and node.value in homes and id(node) not in docstrings
+                    and path not in homes[node.value]):
+                misplaced.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
+    assert not misplaced, "schedule names outside their descriptor's module: " + ", ".join(misplaced)

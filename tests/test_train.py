@@ -588,15 +588,22 @@ def test_recompute_modes_train_to_the_same_losses_under_tp2_ep2(tmp_path, ranks)
             assert losses[mode][step] == pytest.approx(loss, rel=1e-6), (mode, step)
 
 
-def test_a_registered_schedule_drives_training(tmp_path, capsys):
-    """parallel.schedule names any registered schedule: here Megatron-Core's, wrapped to count calls."""
-    from megatron_dsv3 import register
-    from megatron_dsv3.pipeline import megatron_1f1b
+def test_a_registered_schedule_drives_training_the_plan_and_the_memory_estimate(tmp_path, capsys):
+    """Registering a schedule is registering its descriptor: one of its own here ("counting", around
+    1F1B's executor, with a rule of even micro-batch counts and no operation lists) trains through
+    dsv3-train in this process, and the plan and the memory estimate read its facts, with no change
+    to their files: its rule refuses an odd count by name, its stage cut is the plan's, and without
+    operation lists the estimate holds every micro-batch in flight (1F1B's holds PP)."""
+    from megatron_dsv3 import registry
+    from megatron_dsv3.pipeline import Schedule, ScheduleRefused, get_schedule, register_schedule
+    from megatron_dsv3.plan import PlanError, make_plan
+    from megatron_dsv3.run_config import load_run_config
 
-    calls = []
+    one_f_one_b = get_schedule("1f1b")
+    calls, ruled, placed = [], [], []
 
-    def counting_schedule():
-        inner = megatron_1f1b()
+    def counting_executor():
+        inner = one_f_one_b.forward_backward_func()
 
         def forward_backward_func(**kwargs):
             calls.append(kwargs["num_microbatches"])
@@ -604,11 +611,44 @@ def test_a_registered_schedule_drives_training(tmp_path, capsys):
 
         return forward_backward_func
 
-    register("schedule", "counting", counting_schedule, overwrite=True)
-    code, out, err = _train(capsys, *_args(tmp_path, "train.steps=3", "checkpoint.save_interval=0",
-                                           "parallel.schedule=counting"))
-    assert code == 0, err[-3000:]
-    assert calls == [2, 2, 2] and "counting over 2 micro-batches" in out
+    def even_micro_batches(pipeline: int, micro_batches: int) -> None:
+        ruled.append((pipeline, micro_batches))
+        if micro_batches % 2:
+            raise ScheduleRefused(f"counting needs an even number of micro-batches per step, got {micro_batches}")
+
+    def rank_stages(pipeline: int, rank: int) -> tuple[int, ...]:
+        placed.append((pipeline, rank))
+        return (rank,)
+
+    counting = Schedule("counting", executor=counting_executor, micro_batch_rule=even_micro_batches,
+                        rank_stages=rank_stages)
+    register_schedule(counting)
+    try:
+        code, out, err = _train(capsys, *_args(tmp_path, "train.steps=3", "checkpoint.save_interval=0",
+                                               "parallel.schedule=counting"))
+        assert code == 0, err[-3000:]
+        assert calls == [2, 2, 2] and "counting over 2 micro-batches" in out
+        assert ruled == [(1, 2)] and placed == [(1, 0)]  # the plan's rule, the trainer's chunks
+
+        code, out, err = _train(capsys, *_args(tmp_path / "odd", "train.global_batch_size=6",
+                                               "parallel.schedule=counting"))
+        assert code == 2 and "counting needs an even number of micro-batches per step, got 3" in err
+
+        def plan(name: str, *extra: str):
+            run = load_run_config(None, (f"parallel.schedule={name}", "parallel.pipeline=2",
+                                         "train.micro_batch_size=2", "train.global_batch_size=16", *extra))
+            return make_plan(run, world=2, ranks_per_node=2, cuda=False)
+
+        ours, theirs = plan("counting"), plan("1f1b")
+        assert ours.schedule is counting and ours.stage_layers == counting.stage_cut(3, 2)
+        assert len(ours.stage_layers) == counting.num_stages(2) == 2
+        assert (ours.memory().micro_batches_in_flight, theirs.memory().micro_batches_in_flight) == (8, 2)
+        assert ours.memory().activations > theirs.memory().activations
+        assert ours.memory().params == theirs.memory().params  # one copy of the model, like 1F1B
+        with pytest.raises(PlanError, match="counting needs an even number of micro-batches per step, got 5"):
+            plan("counting", "train.micro_batch_size=1", "train.global_batch_size=5")
+    finally:
+        registry._REGISTRY["schedule"].pop("counting", None)
 
 
 # ----------------------------------------------------------------------------- 9. ZeRO-1

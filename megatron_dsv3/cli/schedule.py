@@ -1,4 +1,4 @@
-"""dsv3-schedule: simulate 1F1B, ZB1P, DualPipe and DualPipeV for one pipeline and compare them.
+"""dsv3-schedule: simulate every registered pipeline schedule for one pipeline and compare them.
 
     dsv3-schedule --pp 16 --micro-batches 120                 # a table
     dsv3-schedule --pp 8 --micro-batches 16 --png step.png    # and the timelines, one band per schedule
@@ -6,6 +6,8 @@
 
 --pp counts pipeline stages, as the report's table does: DualPipeV runs them on PP/2 ranks.
 Costs are in any time unit; F&B defaults to F + B (the overlap hides communication, not compute).
+Each registered schedule with operation lists (its `pipeline.Schedule` descriptor's `build_ops`)
+is simulated: 1F1B, ZB1P, DualPipe, DualPipeV, and any other registered with them.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import zlib
 from dataclasses import asdict
 from typing import Optional
 
-from megatron_dsv3.pipeline.simulate import SCHEDULES, Costs, Slot, simulate, summarize, table_bubble
+from megatron_dsv3 import registry
+from megatron_dsv3.pipeline.schedule import Schedule, ScheduleRefused, get as get_schedule
+from megatron_dsv3.pipeline.simulate import Costs, OpLists, Slot, simulate, summarize
 
 COLORS = {"F": (86, 140, 214), "B": (96, 178, 104), "W": (236, 168, 64), "BW": (60, 140, 130)}
 SECOND_DIRECTION = 0.62  # DualPipe's micro-batches entering at the last rank are drawn darker
@@ -27,17 +31,28 @@ DIGITS = ("111101101101111", "010110010010111", "111001111100111", "111001111001
 ROW, GAP, MAX_WIDTH = 26, 14, 2400
 
 
+def simulated() -> list[Schedule]:
+    """The registered schedules that have operation lists."""
+    return [s for s in map(get_schedule, registry.names("schedule")) if s.build_ops is not None]
+
+
+def op_lists(schedule: Schedule, stages: int, micro_batches: int) -> OpLists:
+    """`schedule`'s operation lists over `stages` pipeline stages (the table's PP)."""
+    return schedule.op_lists(schedule.pipeline_for_stages(stages), micro_batches)
+
+
 def compare(pp: int, micro_batches: int, costs: Costs) -> list[dict]:
-    """One summary per schedule, with the table's formula; a schedule that refuses this shape
-    (DualPipe needs M >= 2 PP) gets an "error" instead."""
+    """One summary per schedule, with the report's formula where it has one; a schedule that
+    refuses this shape (DualPipe needs M >= 2 PP) gets an "error" instead."""
     rows = []
-    for name, build in SCHEDULES.items():
+    for schedule in simulated():
         try:
-            row = summarize(build(pp, micro_batches), costs)
-        except ValueError as err:
-            rows.append({"schedule": name, "error": str(err)})
+            row = {"schedule": schedule.name, **summarize(op_lists(schedule, pp, micro_batches), costs)}
+        except ScheduleRefused as err:
+            rows.append({"schedule": schedule.name, "error": str(err)})
             continue
-        row["table_bubble"] = table_bubble(name, pp, costs)
+        if schedule.report_bubble is not None:
+            row["table_bubble"] = schedule.report_bubble(pp, costs)
         rows.append(row)
     return rows
 
@@ -50,8 +65,9 @@ def format_table(rows: list[dict], costs: Costs) -> str:
         if "error" in r:
             lines.append(f"{r['schedule']:<10} {r['error']}")
             continue
+        table = f"{r['table_bubble']:>9.4g}" if "table_bubble" in r else f"{'-':>9}"
         lines.append(f"{r['schedule']:<10} {r['ranks']:>5} {r['step_time']:>9.4g} {r['bubble']:>9.4g} "
-                     f"{r['table_bubble']:>9.4g} {100 * r['bubble'] / r['step_time']:>7.1f}% "
+                     f"{table} {100 * r['bubble'] / r['step_time']:>7.1f}% "
                      f"{r['peak_activations']:>8} {r['stages_per_rank']:>10}x {r['model_copies']:>11}x")
     lines.append("bubble: the most idle rank's idle time in the step; peak act: most micro-batch stage "
                  "activations a rank holds; params/rank: in stages of the table's PP")
@@ -105,14 +121,14 @@ def draw_timelines(timelines: list[tuple[int, list[Slot]]], micro_batches: int) 
             x0, x1 = 4 + int(s.start * scale), 4 + max(int(s.end * scale), int(s.start * scale) + 1)
             y0, y1 = top + s.rank * ROW + 1, top + (s.rank + 1) * ROW - 1
             if s.op.kind == "F&B":
-                (mf, _), (mb, _) = s.op.chunks
+                (mf, _), (mb, _) = s.op.micro_stages
                 middle = (y0 + y1) // 2
                 fill(x0, y0, x1, middle, shade("F", mf, dual))
                 fill(x0, middle, x1, y1, shade("BW", mb, dual))
                 number(x0, x1, y0 + 1, mf)
                 number(x0, x1, middle + 1, mb)
             else:
-                mb = s.op.chunks[0][0]
+                mb = s.op.micro_stages[0][0]
                 fill(x0, y0, x1, y1, shade(s.op.kind, mb, dual))
                 number(x0, x1, y0 + (y1 - y0 - 10) // 2, mb)
             fill(x1 - 1, y0, x1, y1, BACKGROUND)
@@ -146,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(format_table(rows, costs))
     if args.png:
-        timelines = [(r["ranks"], simulate(SCHEDULES[r["schedule"]](args.pp, args.micro_batches), costs))
+        timelines = [(r["ranks"], simulate(op_lists(get_schedule(r["schedule"]), args.pp, args.micro_batches), costs))
                      for r in rows if "error" not in r]
         with open(args.png, "wb") as f:
             f.write(draw_timelines(timelines, args.micro_batches))

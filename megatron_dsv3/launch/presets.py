@@ -10,6 +10,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_dsv3.launch.run import LaunchConfigError
+from megatron_dsv3.pipeline.schedule import get as get_schedule
 from megatron_dsv3.run_config import ParallelSection
 
 
@@ -37,12 +38,12 @@ def cuda_device_max_connections(parallel: ParallelSection) -> int:
     """CUDA_DEVICE_MAX_CONNECTIONS from the layout.
 
     1 when tensor parallel: TP communication overlap relies on kernels being issued in order on one
-    hardware queue. 32 when expert parallel or a DualPipe schedule: all-to-all and P2P overlap with
-    compute on many streams. Otherwise CUDA's default of 8.
+    hardware queue. 32 when expert parallel or a schedule with `side_streams` (DualPipe's F&B):
+    all-to-all and P2P overlap with compute on many streams. Otherwise CUDA's default of 8.
     """
     if parallel.tensor > 1:
         return 1
-    if parallel.expert > 1 or parallel.schedule in ("dualpipe", "dualpipev"):
+    if parallel.expert > 1 or get_schedule(parallel.schedule).side_streams:
         return 32
     return 8
 

@@ -38,27 +38,9 @@ def stage_layers(num_layers: int, stages: int, stage: int) -> range:
     return range(start, start + base + (stage < extra))
 
 
-def num_stages(schedule: str, pipeline: int) -> int:
-    """Model stages of a schedule on `pipeline` ranks: DualPipeV cuts the model in 2 x PP stages
-    (the V), 1F1B and DualPipe in PP (DualPipe holds two of them per rank)."""
-    return 2 * pipeline if schedule == "dualpipev" else pipeline
-
-
-def rank_stages(schedule: str, pipeline: int, rank: int) -> tuple[int, ...]:
-    """The model stages pipeline rank `rank` holds, in the order of its model chunks. 1F1B: stage
-    r. DualPipe (report section 3.2.1): stage r and stage PP-1-r (the mirrored direction), so every
-    stage lives on two ranks. DualPipeV: stage r and stage 2PP-1-r of the V, no copies."""
-    if schedule == "dualpipe":
-        return (rank, pipeline - 1 - rank)
-    if schedule == "dualpipev":
-        return (rank, 2 * pipeline - 1 - rank)
-    return (rank,)
-
-
-def stage_cut(schedule: str, num_layers: int, pipeline: int) -> tuple[range, ...]:
-    """Decoder layers of every model stage of `schedule` on `pipeline` ranks: the one cut used by
-    dsv3-train, the plan and the memory estimate. Stage 0 also holds the embedding, the last stage
-    the norm, head and MTP (which reads the embedding: under DualPipe and DualPipeV both ends sit
-    on rank 0, which holds one embedding for both)."""
-    stages = num_stages(schedule, pipeline)
+def stage_cut(num_layers: int, stages: int) -> tuple[range, ...]:
+    """Decoder layers of each of `stages` model stages (a schedule's `Schedule.stage_cut` gives its
+    stage count). Stage 0 also holds the embedding, the last stage the norm, head and MTP (which
+    reads the embedding: under DualPipe and DualPipeV both ends sit on rank 0, which holds one
+    embedding for both)."""
     return tuple(stage_layers(num_layers, stages, s) for s in range(stages))

@@ -1,5 +1,5 @@
-"""DualPipe and DualPipeV (DeepSeek-V3 report section 3.2.1, Figure 5) as Megatron-Core
-forward_backward functions.
+"""DualPipe and DualPipeV (DeepSeek-V3 report section 3.2.1, Figure 5): their `Schedule`
+descriptors (`DUALPIPE`, `DUALPIPEV`) and their executor, a Megatron-Core forward_backward function.
 
 The schedule is not written twice: each rank walks its operation list from `simulate.py` (the
 same lists `dsv3-schedule` times and draws), so the figure and the run cannot disagree. The phases
@@ -12,12 +12,12 @@ with deferred weight gradients) are named in `simulate._dual_rank`.
 - DualPipeV on PP ranks: 2 PP stages in a V, rank r holds stage r and 2PP-1-r; every micro-batch
   goes down and back up. No copies.
 
-`run_ops` drives abstract chunks (`Chunk`: forward, backward with the input gradient only or in
-full, deferred weight gradient), so synthetic chunks of fixed cost run through the same code
-(scripts/bench_pipeline.py). `ModelChunk` adapts a Megatron-style model chunk and
-`forward_step_func`.
+`run_ops` drives abstract stages (`StageRunner`: forward, backward with the input gradient only or
+in full, deferred weight gradient), so synthetic stages of fixed cost run through the same code
+(scripts/bench_pipeline.py). `ModelChunk` runs a Megatron-style model chunk (one model stage's
+module on this rank) through `forward_step_func`.
 
-B and W (zero-bubble): a "B" op computes only the gradient of the chunk's input (piece by piece,
+B and W (zero-bubble): a "B" op computes only the gradient of the stage's input (piece by piece,
 `torch.autograd.grad(..., retain_graph=True)`), which the previous stage waits for; its "W" op
 later runs the backward into the parameters (`torch.autograd.backward(..., inputs=params)`) over
 the retained graphs. This defers every weight gradient, expert GEMMs included, with no change to
@@ -45,19 +45,22 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel.p2p_communication import _batched_p2p_ops
 
+from megatron_dsv3 import registry
 from megatron_dsv3.model.pieces import COMPUTE
-from megatron_dsv3.parallel.layout import num_stages, rank_stages
+from megatron_dsv3.parallel import comm, groups
 from megatron_dsv3.pipeline import simulate
 from megatron_dsv3.pipeline.overlap import Segmented, Step, Streams, run_chain, run_pair
+from megatron_dsv3.pipeline.schedule import ForwardBackward, Schedule, ScheduleRefused, get, register
 
 Arrival = Callable[[], Optional[torch.Tensor]]  # waits for a received tensor and returns it
 
 
-class Chunk(Protocol):
-    """One model stage on this rank, seen by the schedule. A chunk may also offer its forward and
-    backward as steps (`forward_steps`, `backward_steps`, as `ModelChunk` does) and say it is
-    `segmented`; F&B pairs of segmented chunks interleave."""
+class StageRunner(Protocol):
+    """What the schedule asks of one model stage on this rank. A runner may also offer its forward
+    and backward as steps (`forward_steps`, `backward_steps`, as `ModelChunk` does) and say it is
+    `segmented`; F&B pairs of segmented runners interleave."""
 
     def forward(self, mb: int, input_sbh: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Output activation for the next stage (None on the last stage)."""
@@ -69,21 +72,16 @@ class Chunk(Protocol):
         """The deferred weight gradient of micro-batch `mb`."""
 
 
-def build(name: str, pp: int, micro_batches: int) -> simulate.Schedule:
-    """The operation lists of `name` on `pp` ranks (DualPipeV: 2 pp stages)."""
-    return simulate.dualpipe(pp, micro_batches) if name == "dualpipe" else simulate.dualpipev(2 * pp, micro_batches)
-
-
-def owners(schedule: simulate.Schedule) -> dict[simulate.Chunk, int]:
+def owners(op_lists: simulate.OpLists) -> dict[simulate.MicroStage, int]:
     """(micro-batch, stage) -> the pipeline rank that runs it."""
-    return {op.forward: rank for rank, ops in enumerate(schedule.ranks) for op in ops if op.forward is not None}
+    return {op.forward: rank for rank, ops in enumerate(op_lists.ranks) for op in ops if op.forward is not None}
 
 
-def messages(schedule: simulate.Schedule, src: int, dst: int) -> list[tuple[str, simulate.Chunk]]:
+def messages(op_lists: simulate.OpLists, src: int, dst: int) -> list[tuple[str, simulate.MicroStage]]:
     """What pipeline rank `src` sends to `dst`, in its order: ("F", (mb, s)) the output of stage s
     (for stage s+1), ("B", (mb, s)) the input gradient of stage s (for stage s-1)."""
-    owner, last, sent = owners(schedule), schedule.stages - 1, []
-    for op in schedule.ranks[src]:
+    owner, last, sent = owners(op_lists), op_lists.stages - 1, []
+    for op in op_lists.ranks[src]:
         if op.forward is not None and op.forward[1] < last and owner[op.forward[0], op.forward[1] + 1] == dst:
             sent.append(("F", op.forward))
         if op.kind in ("B", "BW", "F&B") and op.backward[1] > 0 and owner[op.backward[0], op.backward[1] - 1] == dst:
@@ -94,32 +92,30 @@ def messages(schedule: simulate.Schedule, src: int, dst: int) -> list[tuple[str,
 class Transport:
     """Sends and receives of one rank over the pipeline group (see the module docstring)."""
 
-    def __init__(self, schedule: simulate.Schedule, rank: int, group: Optional[dist.ProcessGroup],
+    def __init__(self, op_lists: simulate.OpLists, rank: int, group: Optional[dist.ProcessGroup],
                  shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        self.schedule, self.rank, self.group = schedule, rank, group
+        self.op_lists, self.rank, self.group = op_lists, rank, group
         self.global_ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.shape, self.dtype, self.device = shape, dtype, device
-        self.expected = {src: messages(schedule, src, rank) for src in range(len(schedule.ranks)) if src != rank}
-        self.posted: dict[tuple[str, simulate.Chunk], tuple[torch.Tensor, list]] = {}
-        self.local: dict[tuple[str, simulate.Chunk], torch.Tensor] = {}
+        self.expected = {src: messages(op_lists, src, rank) for src in range(len(op_lists.ranks)) if src != rank}
+        self.posted: dict[tuple[str, simulate.MicroStage], tuple[torch.Tensor, list]] = {}
+        self.local: dict[tuple[str, simulate.MicroStage], torch.Tensor] = {}
         self.pending_sends: list = []
 
     def _p2p(self, peer: int, send: Optional[torch.Tensor] = None, recv: Optional[torch.Tensor] = None) -> list:
-        from megatron.core.pipeline_parallel.p2p_communication import _batched_p2p_ops
-
         peer = self.global_ranks[peer]
         return _batched_p2p_ops(tensor_send_prev=None, tensor_recv_prev=None, tensor_send_next=send,
                                 tensor_recv_next=recv, group=self.group, prev_pipeline_rank=peer,
                                 next_pipeline_rank=peer)
 
-    def send(self, key: tuple[str, simulate.Chunk], tensor: torch.Tensor, dst: int) -> None:
+    def send(self, key: tuple[str, simulate.MicroStage], tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.detach().to(self.dtype).contiguous()
         if dst == self.rank:  # DualPipeV's turn of the V: stage PP-1 -> PP on one rank
             self.local[key] = tensor
             return
         self.pending_sends.append((self._p2p(dst, send=tensor), tensor))
 
-    def post(self, key: tuple[str, simulate.Chunk], src: int) -> Arrival:
+    def post(self, key: tuple[str, simulate.MicroStage], src: int) -> Arrival:
         """Post the receive of `key` from `src` (and of what `src` sends before it) without waiting;
         the returned function waits for it (under NCCL: the current stream waits) and returns it."""
         if src == self.rank:
@@ -140,7 +136,7 @@ class Transport:
 
         return arrive
 
-    def recv(self, key: tuple[str, simulate.Chunk], src: int) -> torch.Tensor:
+    def recv(self, key: tuple[str, simulate.MicroStage], src: int) -> torch.Tensor:
         return self.post(key, src)()
 
     def finish(self) -> None:
@@ -150,43 +146,47 @@ class Transport:
         self.pending_sends.clear()
 
 
-def forward_steps(chunk: Chunk, mb: int, arrival: Arrival) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
-    """A chunk's forward as steps, and a function giving its output once they ran."""
-    if hasattr(chunk, "forward_steps"):
-        return chunk.forward_steps(mb, arrival)
-    box = {}
-    return [Step(COMPUTE, lambda: box.update(y=chunk.forward(mb, arrival())), "forward")], lambda: box["y"]
+def forward_steps(runner: StageRunner, mb: int,
+                  arrival: Arrival) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
+    """A stage's forward as steps, and a function giving its output once they ran."""
+    if hasattr(runner, "forward_steps"):
+        return runner.forward_steps(mb, arrival)
+    output = {}
+    return [Step(COMPUTE, lambda: output.update(y=runner.forward(mb, arrival())), "forward")], lambda: output["y"]
 
 
-def backward_steps(chunk: Chunk, mb: int, arrival: Arrival, split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
-    """A chunk's backward as steps, and a function giving its input's gradient once they ran."""
-    if hasattr(chunk, "backward_steps"):
-        return chunk.backward_steps(mb, arrival, split)
-    box = {}
-    return [Step(COMPUTE, lambda: box.update(dx=chunk.backward(mb, arrival(), split)), "backward")], lambda: box["dx"]
+def backward_steps(runner: StageRunner, mb: int, arrival: Arrival,
+                   split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
+    """A stage's backward as steps, and a function giving its input's gradient once they ran."""
+    if hasattr(runner, "backward_steps"):
+        return runner.backward_steps(mb, arrival, split)
+    input_grad = {}
+    return ([Step(COMPUTE, lambda: input_grad.update(dx=runner.backward(mb, arrival(), split)), "backward")],
+            lambda: input_grad["dx"])
 
 
-def run_ops(schedule: simulate.Schedule, rank: int, chunks: dict[int, Chunk], transport: Transport,
+def run_ops(op_lists: simulate.OpLists, rank: int, runners: dict[int, StageRunner], transport: Transport,
             on_op: Optional[Callable[[simulate.Op], None]] = None, streams: Optional[Streams] = None) -> None:
-    """Run pipeline rank `rank`'s operations of `schedule` on its `chunks` (by stage): each
+    """Run pipeline rank `rank`'s operations of `op_lists` on its `runners` (by stage): each
     forward receives its input from the previous stage's rank and sends its output on; each
     backward receives its output's gradient from the next stage's rank and sends the input's back.
-    F&B runs its forward and backward interleaved (`overlap.run_pair`) where both chunks are cut
+    F&B runs its forward and backward interleaved (`overlap.run_pair`) where both runners are cut
     into pieces (`segmented`), else forward (and its send) first."""
-    owner, last = owners(schedule), schedule.stages - 1
+    owner, last = owners(op_lists), op_lists.stages - 1
     streams = streams or Streams(transport.device)
-    none: Arrival = lambda: None
-    for op in schedule.ranks[rank]:
+    no_input: Arrival = lambda: None  # the first stage's forward input, the last stage's output gradient
+    for op in op_lists.ranks[rank]:
         forward = backward = None
         if op.forward is not None:
             mb, stage = op.forward
-            arrival = none if stage == 0 else transport.post(("F", (mb, stage - 1)), owner[mb, stage - 1])
-            forward = forward_steps(chunks[stage], mb, arrival)
+            arrival = no_input if stage == 0 else transport.post(("F", (mb, stage - 1)), owner[mb, stage - 1])
+            forward = forward_steps(runners[stage], mb, arrival)
         if op.kind in ("B", "BW", "F&B"):
             mb, stage = op.backward
-            arrival = none if stage == last else transport.post(("B", (mb, stage + 1)), owner[mb, stage + 1])
-            backward = backward_steps(chunks[stage], mb, arrival, split=op.kind == "B")
-        paired = forward and backward and all(getattr(chunks[c[1]], "segmented", False) for c in op.chunks)
+            arrival = no_input if stage == last else transport.post(("B", (mb, stage + 1)), owner[mb, stage + 1])
+            backward = backward_steps(runners[stage], mb, arrival, split=op.kind == "B")
+        paired = forward and backward and all(getattr(runners[stage], "segmented", False)
+                                              for _, stage in op.micro_stages)
         if paired:
             run_pair(forward[0], backward[0], streams)
         if forward:
@@ -200,7 +200,8 @@ def run_ops(schedule: simulate.Schedule, rank: int, chunks: dict[int, Chunk], tr
             if op.backward[1] > 0:
                 transport.send(("B", op.backward), backward[1](), owner[op.backward[0], op.backward[1] - 1])
         if op.kind == "W":
-            chunks[op.chunks[0][1]].weight_grad(op.chunks[0][0])
+            mb, stage = op.micro_stages[0]
+            runners[stage].weight_grad(mb)
         if on_op is not None:
             on_op(op)
     transport.finish()
@@ -208,7 +209,7 @@ def run_ops(schedule: simulate.Schedule, rank: int, chunks: dict[int, Chunk], tr
 
 class ModelChunk:
     """A Megatron-style model chunk (`set_input_tensor`, called through `forward_step_func(data_iterator,
-    chunk)` -> (output, loss_func)) as a `Chunk` of model stage `stage` of `stages`. The last stage's
+    chunk)` -> (output, loss_func)) as the `StageRunner` of model stage `stage` of `stages`. The last stage's
     loss is divided by the micro-batch count, as Megatron's schedules do; `losses` collects what
     its loss_func reports.
 
@@ -242,42 +243,42 @@ class ModelChunk:
 
     def forward_steps(self, mb: int, arrival: Arrival) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
         """Micro-batch `mb`'s forward as steps; `arrival` gives the stage input when the first runs."""
-        box: dict[str, Any] = {}
+        tensors: dict[str, Any] = {}  # the stage input x and output y, once the steps ran
 
         def receive(segmented: Optional[Segmented] = None) -> None:
             received = arrival()
             x = None if received is None else received.detach().requires_grad_()
             if segmented is not None and x is not None:
                 segmented.external.append(x)
-            box["x"] = x
+            tensors["x"] = x
             self.chunk.set_input_tensor([x])
 
         def finish(output: Any, loss_func: Callable, segmented: Optional[Segmented]) -> None:
             if self.last:  # loss_func gives (loss, report) or, in newer Megatron releases, (loss, tokens, report)
                 result = loss_func(output)
                 self.losses.append(result[-1])
-                self.saved[mb] = (box["x"], result[0] / self.num_microbatches, segmented)
-                box["y"] = None
+                self.saved[mb] = (tensors["x"], result[0] / self.num_microbatches, segmented)
+                tensors["y"] = None
             else:
-                self.saved[mb] = (box["x"], output, segmented)
-                box["y"] = output.detach()
+                self.saved[mb] = (tensors["x"], output, segmented)
+                tensors["y"] = output.detach()
 
         if not self.segmented:
             def run() -> None:
                 receive()
                 finish(*self.forward_step_func(self.data, self.chunk), None)
 
-            return [Step(COMPUTE, run, "forward")], lambda: box["y"]
+            return [Step(COMPUTE, run, "forward")], lambda: tensors["y"]
         plan, loss_func = self.forward_step_func(self.data, self.chunk, return_schedule_plan=True)
         segmented = Segmented(plan, self.streams)
         steps = segmented.forward_steps(lambda: receive(segmented), lambda output: finish(output, loss_func, segmented))
-        return steps, lambda: box["y"]
+        return steps, lambda: tensors["y"]
 
     def backward_steps(self, mb: int, arrival: Arrival, split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
         """Micro-batch `mb`'s backward as steps; `arrival` gives its output's gradient (None on the
         last stage). `split`: the weight gradients wait for `weight_grad`."""
         x, y, segmented = self.saved.pop(mb)
-        box: dict[str, Any] = {}
+        input_grad: dict[str, Any] = {}
 
         def root() -> tuple[torch.Tensor, Optional[torch.Tensor]]:
             grad = arrival()
@@ -285,14 +286,14 @@ class ModelChunk:
 
         if segmented is None:
             def run() -> None:
-                box["dx"] = self._backward_whole(mb, x, *root(), split)
+                input_grad["dx"] = self._backward_whole(mb, x, *root(), split)
 
-            return [Step(COMPUTE, run, "backward")], lambda: box["dx"]
+            return [Step(COMPUTE, run, "backward")], lambda: input_grad["dx"]
         if split:
             self.deferred[mb] = segmented
         steps = segmented.backward_steps(root, self.params, split,
-                                         lambda: box.update(dx=None if x is None else segmented.input_grad(x)))
-        return steps, lambda: box["dx"]
+                                         lambda: input_grad.update(dx=None if x is None else segmented.input_grad(x)))
+        return steps, lambda: input_grad["dx"]
 
     def _backward_whole(self, mb: int, x: Optional[torch.Tensor], y: torch.Tensor, grad: Optional[torch.Tensor],
                         split: bool) -> Optional[torch.Tensor]:
@@ -313,31 +314,38 @@ class ModelChunk:
             torch.autograd.backward(deferred[0], deferred[1], inputs=self.params)
 
 
-def make_forward_backward(name: str) -> Callable:
-    """The forward_backward function of schedule `name` ("dualpipe" or "dualpipev"), with the
-    signature Megatron-Core's `get_forward_backward_func()` result is called with."""
+def make_forward_backward(schedule: Schedule) -> ForwardBackward:
+    """The executor of `schedule` (DUALPIPE or DUALPIPEV): a forward/backward function called as
+    the result of Megatron-Core's `get_forward_backward_func()` is."""
 
     def forward_backward(*, forward_step_func: Callable, data_iterator, model: list, num_microbatches: int,
                          seq_length: int, micro_batch_size: int, decoder_seq_length: Optional[int] = None,
                          forward_only: bool = False, collect_non_loss_data: bool = False,
-                         first_val_step: Optional[bool] = None, adjust_tensor_shapes_fn=None,
-                         p2p_communicator=None, pg_collection=None, **ignored) -> list:
+                         first_val_step: Optional[bool] = None, adjust_tensor_shapes_fn: Optional[Callable] = None,
+                         p2p_communicator=None, pg_collection=None, force_all_reduce: Optional[bool] = False) -> list:
         """One step over `num_microbatches` micro-batches; `model` is this rank's two chunks in
-        `layout.rank_stages` order. Returns what the last stage's loss_func reported per micro-batch.
-        Keyword arguments of other Megatron releases that do not apply here are accepted and ignored."""
-        from megatron_dsv3.parallel import comm, groups
-
-        if forward_only:
-            raise ValueError(f"parallel.schedule={name!r} trains only (forward_only=True is not supported): "
-                             "evaluate with the 1f1b schedule")
+        `schedule.rank_stages` order. Returns what the last stage's loss_func reported per
+        micro-batch. The keywords are those Megatron-Core 0.16-0.19 pass to a schedule; any other
+        is refused by name (TypeError). Not used here: first_val_step (validation only),
+        p2p_communicator and pg_collection (the pipeline group is `groups.pp_group()`), and
+        force_all_reduce (the optimizer reduces the gradients)."""
+        if forward_only and not schedule.forward_only:
+            evaluating = [name for name in registry.names("schedule") if get(name).forward_only]
+            raise ValueError(f"parallel.schedule={schedule.name!r} trains only (forward_only=True is not supported): "
+                             f"evaluate with {' or '.join(evaluating)}")
+        if adjust_tensor_shapes_fn is not None or decoder_seq_length not in (None, seq_length):
+            raise ValueError(f"{schedule.name} sends [seq_length, micro_batch_size, hidden] tensors only: "
+                             f"adjust_tensor_shapes_fn={adjust_tensor_shapes_fn!r} and decoder_seq_length="
+                             f"{decoder_seq_length!r} (seq_length {seq_length}) are not supported")
         group = groups.pp_group()
         pp, rank = groups.size(group), groups.rank(group)
         model = model if isinstance(model, list) else [model]
-        stages = rank_stages(name, pp, rank)
-        if len(model) != 2:
-            raise ValueError(f"{name}: rank {rank} needs its two model chunks (stages {stages}), got {len(model)}")
-        schedule = build(name, pp, num_microbatches)
-        order = {s: [op.forward[0] for op in schedule.ranks[rank] if op.forward is not None and op.forward[1] == s]
+        stages = schedule.rank_stages(pp, rank)
+        if len(model) != len(stages):
+            raise ValueError(f"{schedule.name}: rank {rank} needs its {len(stages)} model chunks (stages {stages}), "
+                             f"got {len(model)}")
+        op_lists = schedule.op_lists(pp, num_microbatches)
+        order = {s: [op.forward[0] for op in op_lists.ranks[rank] if op.forward is not None and op.forward[1] == s]
                  for s in stages}
         if isinstance(data_iterator, list):  # Megatron's virtual pipeline: one iterator per chunk
             data = dict(zip(stages, data_iterator))
@@ -346,17 +354,65 @@ def make_forward_backward(name: str) -> Callable:
             data = {s: iter([batches[mb] for mb in order[s]]) for s in stages}
         device = comm.device_of(group) if group is not None else torch.device("cpu")
         streams = Streams(device)
-        total = num_stages(name, pp)
-        chunks = {s: ModelChunk(c, s, total, forward_step_func, data[s], num_microbatches, streams)
-                  for s, c in zip(stages, model)}
+        total = schedule.num_stages(pp)
+        runners = {s: ModelChunk(c, s, total, forward_step_func, data[s], num_microbatches, streams)
+                   for s, c in zip(stages, model)}
         config = model[0].config
         shape = (seq_length, micro_batch_size, config.hidden_size)
         dtype = getattr(config, "pipeline_dtype", None) or torch.float32
-        run_ops(schedule, rank, chunks, Transport(schedule, rank, group, shape, dtype, device), streams=streams)
-        return [loss for c in chunks.values() for loss in c.losses]
+        run_ops(op_lists, rank, runners, Transport(op_lists, rank, group, shape, dtype, device), streams=streams)
+        return [loss for runner in runners.values() for loss in runner.losses]
 
-    forward_backward.__name__ = f"{name}_forward_backward"
+    forward_backward.__name__ = forward_backward.__qualname__ = f"{schedule.name}_forward_backward"
     return forward_backward
+
+
+def _two_ranks(name: str, pipeline: int) -> None:
+    if pipeline < 2:
+        raise ScheduleRefused(f"{name} needs at least 2 pipeline ranks, got parallel.pipeline={pipeline}")
+
+
+def _two_per_rank(name: str, pipeline: int, micro_batches: int) -> None:
+    if micro_batches < 2 * pipeline:
+        raise ScheduleRefused(f"{name} needs at least 2 x PP = {2 * pipeline} micro-batches per step, got "
+                              f"{micro_batches} (global_batch_size / (micro_batch_size x DP))")
+
+
+def dualpipe_rule(pipeline: int, micro_batches: int) -> None:
+    """DualPipe: an even pipeline of >= 2 ranks; an even number of micro-batches, >= 2 PP (half
+    enter at each end, and each end needs PP of them to fill the pipe)."""
+    _two_ranks("dualpipe", pipeline)
+    if pipeline % 2:
+        raise ScheduleRefused(f"dualpipe needs an even pipeline size, got parallel.pipeline={pipeline}")
+    _two_per_rank("dualpipe", pipeline, micro_batches)
+    if micro_batches % 2:
+        raise ScheduleRefused(f"dualpipe needs an even number of micro-batches per step, got {micro_batches}")
+
+
+def dualpipev_rule(pipeline: int, micro_batches: int) -> None:
+    """DualPipeV: >= 2 pipeline ranks and >= 2 PP micro-batches (one per stage of its V)."""
+    _two_ranks("dualpipev", pipeline)
+    _two_per_rank("dualpipev", pipeline, micro_batches)
+
+
+def dual_bubble(stages: int, c: simulate.Costs) -> float:
+    """The report's bubble of DualPipe and DualPipeV over `stages` stages: (PP/2 - 1)(F&B + B - 3W)."""
+    return (stages // 2 - 1) * (c.fb + c.b - 3 * c.w)
+
+
+# DualPipe on PP ranks: rank r holds stage r (micro-batches entering at rank 0) and stage PP-1-r
+# (those entering at rank PP-1), so every stage lives on two ranks.
+DUALPIPE = register(Schedule(
+    "dualpipe", executor=lambda: make_forward_backward(DUALPIPE), build_ops=simulate.dualpipe,
+    stages_per_rank=2, model_copies=2, rank_stages=lambda pipeline, rank: (rank, pipeline - 1 - rank),
+    micro_batch_rule=dualpipe_rule, side_streams=True, report_bubble=dual_bubble))
+
+# DualPipeV on PP ranks: 2 PP stages in a V, rank r holds stage r and 2PP-1-r; no copies.
+DUALPIPEV = register(Schedule(
+    "dualpipev", executor=lambda: make_forward_backward(DUALPIPEV),
+    build_ops=lambda pipeline, micro_batches: simulate.dualpipev(2 * pipeline, micro_batches),
+    stages_per_rank=2, rank_stages=lambda pipeline, rank: (rank, 2 * pipeline - 1 - rank),
+    micro_batch_rule=dualpipev_rule, side_streams=True, report_bubble=dual_bubble))
 
 
 def mark_mirror_copies(model: torch.nn.Module, copy: int) -> None:

@@ -2,19 +2,20 @@
 
 Megatron-Core picks its pipeline schedule in `get_forward_backward_func()` (an if/else over the
 pipeline and virtual-pipeline sizes), and `megatron.training` imports that name into its own
-module. `install("dualpipev")` rebinds both to return our registered schedule, so a training
-loop that asks Megatron-Core for its schedule (megatron.training's `train_step` among them) runs
-ours without an edit; `install("1f1b")` or `uninstall()`
-puts Megatron-Core's own choice back. The rebinding is the only change, and it is undone
-exactly (the original functions are kept, not re-imported).
+module. `install("dualpipev")` rebinds both to return our registered schedule's executor, so a
+training loop that asks Megatron-Core for its schedule (megatron.training's `train_step` among
+them) runs ours without an edit; `install("1f1b")` (the schedule whose executor is
+`megatron_choice`) or `uninstall()` puts Megatron-Core's own choice back. The rebinding is the
+only change, and it is undone exactly (the original functions are kept, not re-imported).
 
     import megatron_dsv3.pipeline
     megatron_dsv3.pipeline.install("dualpipev")   # before megatron.training's train() runs
 
 What is offered to Megatron-LM: the schedule choice. Our schedules drive whatever chunks the
 training loop passes (`model` as a list, one module per chunk, each with `set_input_tensor`),
-so a loop that builds DualPipeV's V-ordered chunks (rank r: stages r and 2PP-1-r, cut by
-`megatron_dsv3.pipeline` as dsv3-train does) runs DualPipeV through Megatron-Core's own call.
+so a loop that builds DualPipeV's V-ordered chunks (rank r: stages r and 2PP-1-r, its descriptor's
+`rank_stages` and `stage_cut`, as dsv3-train builds them) runs DualPipeV through Megatron-Core's
+own call.
 Megatron-LM's `get_model` cannot build those chunks: its virtual pipeline puts stage v*PP+r on
 rank r (interleaved order, the head on the last rank), and it cannot place one stage on two
 ranks as DualPipe's mirrored copies need. docs/megatron-lm.md says what works with which.
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Callable, Optional
+
+from megatron_dsv3 import registry
 
 # Modules that hold the name `get_forward_backward_func`: Megatron-Core's own, and the ones of
 # megatron.training that import it (present only where Megatron-LM itself is installed).
@@ -36,19 +39,19 @@ def installed() -> Optional[str]:
 
 
 def install(schedule: str) -> None:
-    """Make Megatron-Core's `get_forward_backward_func()` return the registered `schedule`
-    (a name in `megatron_dsv3.registry.names("schedule")`); "1f1b" is Megatron-Core's own choice.
-    Whatever positional or keyword arguments a release passes to `get_forward_backward_func`
-    (0.16: pp_size, vp_size) are accepted and ignored: the schedule is the one asked for.
-    Each rebound name keeps the function it replaced, for `uninstall`."""
-    from megatron_dsv3 import registry
-
+    """Make Megatron-Core's `get_forward_backward_func()` return the executor of the registered
+    `schedule` (a name in `megatron_dsv3.registry.names("schedule")`); a schedule whose executor is
+    `megatron_choice` (1F1B) puts Megatron-Core's own choice back. Whatever positional or keyword
+    arguments a release passes to `get_forward_backward_func` (0.16: pp_size, vp_size) are accepted
+    and ignored: the schedule is the one asked for. Each rebound name keeps the function it
+    replaced, for `uninstall`."""
     if schedule not in registry.names("schedule"):
         raise KeyError(f"schedule {schedule!r} is not registered; registered: {', '.join(registry.names('schedule'))}")
+    descriptor = registry.get("schedule", schedule)  # a `pipeline.schedule.Schedule`
     uninstall()
-    if schedule == "1f1b":  # Megatron-Core's own choice: nothing to rebind
+    if descriptor.executor is megatron_choice:  # Megatron-Core's own choice: nothing to rebind
         return
-    forward_backward = registry.get("schedule", schedule)()
+    forward_backward = descriptor.forward_backward_func()
     for module in _holders():
         def get_forward_backward_func(*args, **kwargs) -> Callable:
             return forward_backward

@@ -1,18 +1,21 @@
 """Pipeline schedules as per-rank operation lists, and a discrete-event simulation of them.
 
-A micro-batch passes through `stages` model chunks in order; a chunk is (micro_batch, stage).
-Each rank runs its list of operations in order:
+A micro-batch passes through `stages` model stages in order; what one operation computes for one
+micro-batch on one stage is a `MicroStage`, (micro_batch, stage). Each rank runs its list of
+operations in order:
 
-- "F"   forward of one chunk (cost F)
+- "F"   forward of one micro-stage (cost F)
 - "B"   input gradient only (cost B - W), its weight gradient deferred to a later "W" (cost W)
 - "BW"  full backward, input and weight gradient together (cost B)
-- "F&B" the forward of one chunk overlapped with the full backward of another (cost F&B)
+- "F&B" the forward of one micro-stage overlapped with the full backward of another (cost F&B)
 
 F, B, W and F&B are the DeepSeek-V3 report's symbols (B is the full backward). The builders
 (`one_f_one_b`, `zb1p`, `dualpipe`, `dualpipev`) write each schedule as the phases of its figure
-and need nothing but Python, so a real forward/backward function can walk the same lists.
-`simulate` times them under the data dependencies; `summarize` reads off the bubble, the peak of
-micro-batches' activations held and the parameter footprint.
+and need nothing but Python, so a real forward/backward function can walk the same lists. They
+assume a shape their schedule can run: each schedule's descriptor (`schedule.Schedule`, whose
+`op_lists` calls them) checks its micro-batch rule first. `simulate` times the lists under the
+data dependencies; `summarize` reads off the bubble, the peak of micro-batches' activations held
+and the parameter footprint.
 """
 from __future__ import annotations
 
@@ -20,29 +23,29 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
 
-Chunk = tuple[int, int]  # (micro_batch, stage)
+MicroStage = tuple[int, int]  # (micro_batch, stage)
 
 
 @dataclass(frozen=True)
 class Op:
-    """One operation of a rank; `chunks` is (chunk,) or, for "F&B", (forward chunk, backward chunk)."""
+    """One operation of a rank; `micro_stages` is (one,) or, for "F&B", (forward's, backward's)."""
 
     kind: str
-    chunks: tuple[Chunk, ...]
+    micro_stages: tuple[MicroStage, ...]
 
     @property
-    def forward(self) -> Chunk | None:
-        return self.chunks[0] if self.kind in ("F", "F&B") else None
+    def forward(self) -> MicroStage | None:
+        return self.micro_stages[0] if self.kind in ("F", "F&B") else None
 
     @property
-    def backward(self) -> Chunk | None:
-        """The chunk whose input gradient this op computes."""
-        return {"B": self.chunks[0], "BW": self.chunks[0], "F&B": self.chunks[-1]}.get(self.kind)
+    def backward(self) -> MicroStage | None:
+        """The micro-stage whose input gradient this op computes."""
+        return {"B": self.micro_stages[0], "BW": self.micro_stages[0], "F&B": self.micro_stages[-1]}.get(self.kind)
 
     @property
-    def weight_grad(self) -> Chunk | None:
-        """The chunk whose weight gradient this op computes."""
-        return {"W": self.chunks[0], "BW": self.chunks[0], "F&B": self.chunks[-1]}.get(self.kind)
+    def weight_grad(self) -> MicroStage | None:
+        """The micro-stage whose weight gradient this op computes."""
+        return {"W": self.micro_stages[0], "BW": self.micro_stages[0], "F&B": self.micro_stages[-1]}.get(self.kind)
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,23 @@ class Costs:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Per-rank operation lists of one training step; `stages_per_rank` model chunks on each rank,
-    and `model_copies` times the whole model's parameters stored across the ranks."""
+class OpLists:
+    """Per-rank operation lists of one training step over `stages` model stages."""
 
-    name: str
     micro_batches: int
     stages: int
     ranks: tuple[tuple[Op, ...], ...]
-    stages_per_rank: int
-    model_copies: int
+
+    @property
+    def stages_per_rank(self) -> int:
+        """The most model stages one rank works on."""
+        return max(len({stage for op in ops for _, stage in op.micro_stages}) for ops in self.ranks)
+
+    @property
+    def model_copies(self) -> int:
+        """How many times the ranks together hold the whole model (DualPipe: each stage on two ranks)."""
+        held = sum(len({stage for op in ops for _, stage in op.micro_stages}) for ops in self.ranks)
+        return held // self.stages
 
 
 class _RankProgram:
@@ -84,24 +94,24 @@ class _RankProgram:
     def __init__(self, phases: dict[str, tuple[list[int], int]]):
         self.next_forward = {p: deque((mb, stage) for mb in mbs) for p, (mbs, stage) in phases.items()}
         self.next_backward = {p: deque(q) for p, q in self.next_forward.items()}
-        self.deferred_w: deque[Chunk] = deque()
+        self.deferred_w: deque[MicroStage] = deque()
         self.ops: list[Op] = []
 
     def f(self, phase: str) -> None:
         self.ops.append(Op("F", (self.next_forward[phase].popleft(),)))
 
     def b(self, phase: str, split: bool) -> None:
-        chunk = self.next_backward[phase].popleft()
-        self.ops.append(Op("B" if split else "BW", (chunk,)))
+        micro_stage = self.next_backward[phase].popleft()
+        self.ops.append(Op("B" if split else "BW", (micro_stage,)))
         if split:
-            self.deferred_w.append(chunk)
+            self.deferred_w.append(micro_stage)
 
     def w(self) -> None:
         self.ops.append(Op("W", (self.deferred_w.popleft(),)))
 
     def f_and_b(self, forward_phase: str, backward_phase: str) -> None:
-        chunks = (self.next_forward[forward_phase].popleft(), self.next_backward[backward_phase].popleft())
-        self.ops.append(Op("F&B", chunks))
+        pair = (self.next_forward[forward_phase].popleft(), self.next_backward[backward_phase].popleft())
+        self.ops.append(Op("F&B", pair))
 
     def finish(self) -> tuple[Op, ...]:
         left = [q for q in (*self.next_forward.values(), *self.next_backward.values(), self.deferred_w) if q]
@@ -109,7 +119,7 @@ class _RankProgram:
         return tuple(self.ops)
 
 
-def one_f_one_b(pp: int, micro_batches: int) -> Schedule:
+def one_f_one_b(pp: int, micro_batches: int) -> OpLists:
     """1F1B: rank r runs PP-1-r warm-up forwards, then alternates forward and full backward, then
     drains the remaining backwards."""
     ranks = []
@@ -124,10 +134,10 @@ def one_f_one_b(pp: int, micro_batches: int) -> Schedule:
         for _ in range(warmup):
             prog.b("down", split=False)
         ranks.append(prog.finish())
-    return Schedule("1F1B", micro_batches, pp, tuple(ranks), stages_per_rank=1, model_copies=1)
+    return OpLists(micro_batches, pp, tuple(ranks))
 
 
-def zb1p(pp: int, micro_batches: int) -> Schedule:
+def zb1p(pp: int, micro_batches: int) -> OpLists:
     """ZB1P (zero-bubble ZB-H1): 1F1B's order and memory with the backward split in B and W; rank r
     holds back r weight gradients in the steady state, which fill the cool-down's waits."""
     ranks = []
@@ -147,7 +157,7 @@ def zb1p(pp: int, micro_batches: int) -> Schedule:
         while prog.deferred_w:
             prog.w()
         ranks.append(prog.finish())
-    return Schedule("ZB1P", micro_batches, pp, tuple(ranks), stages_per_rank=1, model_copies=1)
+    return OpLists(micro_batches, pp, tuple(ranks))
 
 
 def _dual_rank(h: int, half: int, near: list[int], far: list[int]) -> tuple[Op, ...]:
@@ -187,57 +197,39 @@ def _dual_rank(h: int, half: int, near: list[int], far: list[int]) -> tuple[Op, 
     return prog.finish()
 
 
-def _check_dual(pp_ranks: int, per_direction: int, name: str) -> None:
-    if pp_ranks < 2 or pp_ranks % 2:
-        raise ValueError(f"{name} needs an even number of ranks >= 2, got {pp_ranks}")
-    if per_direction < pp_ranks:
-        raise ValueError(f"{name} on {pp_ranks} ranks needs >= {pp_ranks} micro-batches per direction, "
-                         f"got {per_direction}")
-
-
-def dualpipe(pp: int, micro_batches: int) -> Schedule:
+def dualpipe(pp: int, micro_batches: int) -> OpLists:
     """DualPipe on PP ranks: micro-batches 0..M/2-1 enter at rank 0, M/2..M-1 at rank PP-1; rank r
     holds stage r of the first direction and stage PP-1-r of the second (two copies of the model).
     Needs PP even and M even, M >= 2 PP."""
-    if micro_batches % 2:
-        raise ValueError(f"DualPipe needs an even number of micro-batches, got {micro_batches}")
-    _check_dual(pp, micro_batches // 2, "DualPipe")
     half = pp // 2
     down, up = list(range(micro_batches // 2)), list(range(micro_batches // 2, micro_batches))
     ranks = tuple(_dual_rank(r, half, down, up) if r < half else _dual_rank(pp - 1 - r, half, up, down)
                   for r in range(pp))
-    return Schedule("DualPipe", micro_batches, pp, ranks, stages_per_rank=2, model_copies=2)
+    return OpLists(micro_batches, pp, ranks)
 
 
-def dualpipev(stages: int, micro_batches: int) -> Schedule:
+def dualpipev(stages: int, micro_batches: int) -> OpLists:
     """DualPipeV: DualPipe cut in half, `stages` (the table's PP) on stages/2 ranks; rank r holds
     stage r and stage stages-1-r, and every micro-batch goes down the V and back up.
-    Needs M >= stages."""
-    if stages % 2:
-        raise ValueError(f"DualPipeV needs an even number of stages, got {stages}")
-    _check_dual(stages, micro_batches, "DualPipeV")
+    Needs stages even and M >= stages."""
     half = stages // 2
     every = list(range(micro_batches))
     ranks = tuple(_dual_rank(r, half, every, every) for r in range(half))
-    return Schedule("DualPipeV", micro_batches, stages, ranks, stages_per_rank=2, model_copies=1)
+    return OpLists(micro_batches, stages, ranks)
 
 
-def without_overlap(schedule: Schedule) -> Schedule:
-    """`schedule` as the runtime runs it on CPU: each F&B pair as its forward, then its full
+def without_overlap(op_lists: OpLists) -> OpLists:
+    """`op_lists` as the runtime runs it on CPU: each F&B pair as its forward, then its full
     backward, each starting when its own input has arrived."""
     def split(op: Op) -> tuple[Op, ...]:
-        return (Op("F", op.chunks[:1]), Op("BW", op.chunks[1:])) if op.kind == "F&B" else (op,)
+        return (Op("F", op.micro_stages[:1]), Op("BW", op.micro_stages[1:])) if op.kind == "F&B" else (op,)
 
-    ranks = tuple(tuple(part for op in ops for part in split(op)) for ops in schedule.ranks)
-    return Schedule(schedule.name, schedule.micro_batches, schedule.stages, ranks, schedule.stages_per_rank,
-                    schedule.model_copies)
-
-
-SCHEDULES = {"1F1B": one_f_one_b, "ZB1P": zb1p, "DualPipe": dualpipe, "DualPipeV": dualpipev}
+    ranks = tuple(tuple(part for op in ops for part in split(op)) for ops in op_lists.ranks)
+    return OpLists(op_lists.micro_batches, op_lists.stages, ranks)
 
 
-def requirements(op: Op, stages: int) -> list[tuple[str, Chunk]]:
-    """The results ("F" or "B" of a chunk, or "B" for a W) this op waits for."""
+def requirements(op: Op, stages: int) -> list[tuple[str, MicroStage]]:
+    """The results ("F" or "B" of a micro-stage, or "B" for a W) this op waits for."""
     needs = []
     if op.forward is not None and op.forward[1] > 0:
         needs.append(("F", (op.forward[0], op.forward[1] - 1)))
@@ -247,35 +239,35 @@ def requirements(op: Op, stages: int) -> list[tuple[str, Chunk]]:
         if stage < stages - 1:
             needs.append(("B", (mb, stage + 1)))
     if op.kind == "W":
-        needs.append(("B", op.chunks[0]))
+        needs.append(("B", op.micro_stages[0]))
     return needs
 
 
-def results(op: Op) -> Iterable[tuple[str, Chunk]]:
-    """What the op computes: ("F" | "B" | "W", chunk) for forward, input and weight gradient."""
-    for key, chunk in (("F", op.forward), ("B", op.backward), ("W", op.weight_grad)):
-        if chunk is not None:
-            yield key, chunk
+def results(op: Op) -> Iterable[tuple[str, MicroStage]]:
+    """What the op computes: ("F" | "B" | "W", micro-stage) for forward, input and weight gradient."""
+    for key, micro_stage in (("F", op.forward), ("B", op.backward), ("W", op.weight_grad)):
+        if micro_stage is not None:
+            yield key, micro_stage
 
 
 class ScheduleError(ValueError):
-    """A schedule that cannot run: an op repeated, missing, or waiting on one that never comes."""
+    """Operation lists that cannot run: an op repeated, missing, or waiting on one that never comes."""
 
 
-def validate(schedule: Schedule) -> None:
-    """Every chunk gets exactly one forward, input gradient and weight gradient, all on one rank."""
-    where: dict[tuple[str, Chunk], int] = {}
-    for rank, ops in enumerate(schedule.ranks):
+def validate(op_lists: OpLists) -> None:
+    """Every micro-stage gets exactly one forward, input gradient and weight gradient, all on one rank."""
+    where: dict[tuple[str, MicroStage], int] = {}
+    for rank, ops in enumerate(op_lists.ranks):
         for op in ops:
-            for key, chunk in results(op):
-                if (key, chunk) in where:
-                    raise ScheduleError(f"{schedule.name}: {key} of chunk {chunk} scheduled twice")
-                where[key, chunk] = rank
-    for mb in range(schedule.micro_batches):
-        for stage in range(schedule.stages):
+            for key, (mb, stage) in results(op):
+                if (key, (mb, stage)) in where:
+                    raise ScheduleError(f"{key} of micro-batch {mb} on stage {stage} scheduled twice")
+                where[key, (mb, stage)] = rank
+    for mb in range(op_lists.micro_batches):
+        for stage in range(op_lists.stages):
             ranks = {where.get((key, (mb, stage))) for key in "FBW"}
             if None in ranks or len(ranks) != 1:
-                raise ScheduleError(f"{schedule.name}: chunk {(mb, stage)} has F/B/W on ranks {ranks}")
+                raise ScheduleError(f"micro-batch {mb} on stage {stage} has F/B/W on ranks {ranks}")
 
 
 @dataclass(frozen=True)
@@ -286,21 +278,21 @@ class Slot:
     op: Op
 
 
-def simulate(schedule: Schedule, costs: Costs) -> list[Slot]:
+def simulate(op_lists: OpLists, costs: Costs) -> list[Slot]:
     """Times every op: it starts when its rank is free and the results it needs have arrived (a
     result from another rank arrives p2p after it was computed). Raises ScheduleError on deadlock."""
-    validate(schedule)
-    finished: dict[tuple[str, Chunk], tuple[float, int]] = {}
-    position = [0] * len(schedule.ranks)
-    clock = [0.0] * len(schedule.ranks)
+    validate(op_lists)
+    finished: dict[tuple[str, MicroStage], tuple[float, int]] = {}
+    position = [0] * len(op_lists.ranks)
+    clock = [0.0] * len(op_lists.ranks)
     slots: list[Slot] = []
     progressed = True
     while progressed:
         progressed = False
-        for rank, ops in enumerate(schedule.ranks):
+        for rank, ops in enumerate(op_lists.ranks):
             while position[rank] < len(ops):
                 op = ops[position[rank]]
-                needs = requirements(op, schedule.stages)
+                needs = requirements(op, op_lists.stages)
                 if any(need not in finished for need in needs):
                     break
                 start = max([clock[rank]] + [finished[n][0] + (costs.p2p if finished[n][1] != rank else 0.0)
@@ -311,14 +303,14 @@ def simulate(schedule: Schedule, costs: Costs) -> list[Slot]:
                     finished[key] = (clock[rank], rank)
                 position[rank] += 1
                 progressed = True
-    stuck = {r: ops[position[r]] for r, ops in enumerate(schedule.ranks) if position[r] < len(ops)}
+    stuck = {r: ops[position[r]] for r, ops in enumerate(op_lists.ranks) if position[r] < len(ops)}
     if stuck:
-        raise ScheduleError(f"{schedule.name} deadlocks; waiting ops by rank: {stuck}")
+        raise ScheduleError(f"the schedule deadlocks; waiting ops by rank: {stuck}")
     return slots
 
 
 def peak_activations(ops: Iterable[Op]) -> int:
-    """Most chunks whose forward ran and whose input gradient has not. An F&B pair holds its
+    """Most micro-stages whose forward ran and whose input gradient has not. An F&B pair holds its
     forward's activations while its backward runs (both are live in the overlapped step, and the
     runtime runs the forward first), so it counts before the backward frees one."""
     held = peak = 0
@@ -329,35 +321,26 @@ def peak_activations(ops: Iterable[Op]) -> int:
     return peak
 
 
-def summarize(schedule: Schedule, costs: Costs) -> dict:
+def summarize(op_lists: OpLists, costs: Costs) -> dict:
     """The step time, each rank's bubble (step time minus its busy time; the largest is the
     schedule's), the peak activations per rank and the parameter footprint."""
-    slots = simulate(schedule, costs)
+    slots = simulate(op_lists, costs)
     step_time = max(s.end for s in slots)
-    busy = [0.0] * len(schedule.ranks)
+    busy = [0.0] * len(op_lists.ranks)
     for s in slots:
         busy[s.rank] += s.end - s.start
     bubbles = [step_time - b for b in busy]
-    peaks = [peak_activations(ops) for ops in schedule.ranks]
+    peaks = [peak_activations(ops) for ops in op_lists.ranks]
     return {
-        "schedule": schedule.name,
-        "ranks": len(schedule.ranks),
-        "stages": schedule.stages,
-        "micro_batches": schedule.micro_batches,
+        "ranks": len(op_lists.ranks),
+        "stages": op_lists.stages,
+        "micro_batches": op_lists.micro_batches,
         "step_time": step_time,
         "bubble": max(bubbles),
         "bubble_per_rank": bubbles,
         "peak_activations": max(peaks),
         "peak_activations_per_rank": peaks,
-        "stages_per_rank": schedule.stages_per_rank,
-        "model_copies": schedule.model_copies,
+        "stages_per_rank": op_lists.stages_per_rank,
+        "model_copies": op_lists.model_copies,
     }
 
-
-def table_bubble(name: str, stages: int, costs: Costs) -> float:
-    """The report's bubble formula for a schedule over `stages` pipeline stages (its table's PP).
-    The simulation reproduces it when B - W = F (F and the input gradient take equally long, as
-    in the figures), W <= F and F&B <= F + B; 1F1B's holds for any costs."""
-    f, b, w, fb = costs.f, costs.b, costs.w, costs.fb
-    return {"1F1B": (stages - 1) * (f + b), "ZB1P": (stages - 1) * (f + b - 2 * w),
-            "DualPipe": (stages // 2 - 1) * (fb + b - 3 * w), "DualPipeV": (stages // 2 - 1) * (fb + b - 3 * w)}[name]
