@@ -153,7 +153,7 @@ class DSV3Config:
     # ------------------------------------------------------------ Hugging Face
     def to_hf(self):
         """A transformers DeepseekV3Config with the same architecture."""
-        from transformers import DeepseekV3Config
+        from transformers import DeepseekV3Config  # optional dependency (a test extra), needed here only
 
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.yarn is not None:

@@ -98,14 +98,14 @@ class RunPlan:
                                distributed_optimizer=self.optimizer == "zero1")
 
     def describe(self) -> str:
-        lay, train = self.layout, self.run.train
-        optimizer = (f"Megatron DistributedOptimizer (ZeRO-1 over DP{lay.data}"
+        layout, train = self.layout, self.run.train
+        optimizer = (f"Megatron DistributedOptimizer (ZeRO-1 over DP{layout.data}"
                      + (", BF16 weights with FP32 master slices)" if train.param_dtype == "bfloat16" else ")")
                      if self.optimizer == "zero1" else "AdamW, state on every data-parallel rank")
         cut = ", ".join(f"{len(r)}" for r in self.stage_layers)
-        return (f"world {lay.world_size} = TP{lay.tensor} x PP{lay.pipeline} x DP{lay.data} (EP{lay.expert}); "
-                f"{self.schedule.name} over {self.micro_batches} micro-batches of {train.micro_batch_size}x"
-                f"{train.seq_length} per rank; decoder layers per stage [{cut}]; a token's experts on <= "
+        return (f"world {layout.world_size} = TP{layout.tensor} x PP{layout.pipeline} x DP{layout.data} "
+                f"(EP{layout.expert}); {self.schedule.name} over {self.micro_batches} micro-batches of "
+                f"{train.micro_batch_size}x{train.seq_length} per rank; decoder layers per stage [{cut}]; a token's experts on <= "
                 f"{self.nodes_per_token} node(s); device {self.device}; {optimizer}")
 
 

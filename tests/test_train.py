@@ -440,6 +440,9 @@ REFUSALS = {
     "pipeline-vs-world": (lambda *_: ["parallel.pipeline=2"], r"tensor=1 x pipeline=2 does not divide the world size 1"),
     "schedule": (lambda *_: ["parallel.schedule=dualpipe"], r"dualpipe needs at least 2 pipeline ranks, got "
                  r"parallel\.pipeline=1"),
+    "simulated-only-schedule": (lambda *_: ["parallel.schedule=zb1p"], r"parallel\.schedule='zb1p' is simulated only"),
+    "fp8-as-a-model-override": (lambda *_: ["model.overrides.fp8=tile"], r"model\.overrides\.fp8 is not a model "
+                                r"override: train\.fp8 is the one FP8 switch \(set train\.fp8='tile' instead\)"),
     "tensor-vs-world": (lambda *_: ["parallel.tensor=2"], r"tensor=2 x pipeline=1 does not divide the world size 1"),
     "batch": (lambda *_: ["train.global_batch_size=5"], r"global_batch_size=5 is not a multiple"),
     "recompute": (lambda *_: ["train.recompute=some"], r"train\.recompute='some' is not one of none, selective"),

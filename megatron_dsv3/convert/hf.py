@@ -39,7 +39,7 @@ most one shard besides the model.
 
 Single process only (tensor- and expert-parallel size 1); a sharded model is refused. At 671B
 scale, `dsv3-convert` (megatron_dsv3.convert) writes a distributed checkpoint without ever holding
-the model, using `plan_load` here for the name and shape checks.
+the model, using `place_weights` here for the name and shape checks.
 """
 from __future__ import annotations
 
@@ -53,9 +53,12 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from megatron_dsv3.fp8.quantize import TILE as FP8_BLOCK, dequantize_blocks
+from megatron_dsv3.parallel import groups
 
 _SCALE_SUFFIX = "_scale_inv"  # "X.weight" + "_scale_inv" = "X.weight_scale_inv"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # old checkpoints carry the rope buffer
@@ -152,13 +155,12 @@ def _expert_parts(slot: _Slot) -> None:
 
 
 def _check_unsharded(model: nn.Module) -> None:
-    from megatron_dsv3.parallel import groups
-
-    lay = groups.layout()
-    if lay.tensor > 1 or lay.expert > 1 or lay.pipeline > 1:
+    layout = groups.layout()
+    if layout.tensor > 1 or layout.expert > 1 or layout.pipeline > 1:
         raise NotImplementedError(
             "Hugging Face conversion needs an unsharded model (tensor, expert and pipeline parallel size 1); "
-            f"this process holds a shard (tensor={lay.tensor}, expert={lay.expert}, pipeline={lay.pipeline}). "
+            f"this process holds a shard (tensor={layout.tensor}, expert={layout.expert}, "
+            f"pipeline={layout.pipeline}). "
             "Convert in a single process and save a distributed checkpoint from there.")
 
 
@@ -217,8 +219,6 @@ def save_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], fused_ex
                        max_shard_bytes: int = 4 * 2**30, write_config: bool = True) -> list[Path]:
     """Write safetensors shards + model.safetensors.index.json (+ config.json from `to_hf()`).
     Returns the shard paths. RAM beyond the model: one shard."""
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -284,8 +284,6 @@ class _SafetensorsSource(_Source):
     """Shards opened lazily (memory-mapped); one tensor materialised at a time."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self._open = safe_open
         self.file_of: dict[str, Path] = {}
         self.shapes, self.fp8 = {}, set()
@@ -328,7 +326,7 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 
 @dataclass
-class LoadPlan:
+class WeightPlacement:
     """Where each Hugging Face tensor of a checkpoint goes in our model, checked against its shapes."""
 
     slots: dict[str, _Slot]
@@ -338,7 +336,8 @@ class LoadPlan:
     result: LoadResult
 
 
-def plan_load(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], fp8: set[str], strict: bool) -> LoadPlan:
+def place_weights(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], fp8: set[str],
+                  strict: bool) -> WeightPlacement:
     """Check a checkpoint's names and shapes (`shapes`: HF name -> shape, `fp8`: names stored as
     float8) against `model` (any device, `meta` included) before anything is read. Mis-shaped
     tensors and scale grids always raise HFWeightError naming them; missing or unexpected names
@@ -354,7 +353,7 @@ def plan_load(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], fp8: set[
     result = LoadResult()
     misshaped: list[str] = []
     scales = {name[:-len(_SCALE_SUFFIX)]: name for name in shapes if name.endswith(".weight" + _SCALE_SUFFIX)}
-    plan: dict[str, tuple[_Slot, Optional[tuple[int, slice]]]] = {}
+    targets: dict[str, tuple[_Slot, Optional[tuple[int, slice]]]] = {}
     copies: dict[str, str] = {}
     for name, shape in shapes.items():
         if name.endswith(_SCALE_SUFFIX) and name[:-len(_SCALE_SUFFIX)] in shapes:
@@ -386,17 +385,17 @@ def plan_load(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], fp8: set[
         if shape != expected:
             misshaped.append(f"{name}: checkpoint {shape}, model {expected} (our {slot.key})")
             continue
-        plan[name] = (slot, part)
+        targets[name] = (slot, part)
 
     for slot in slots.values():
-        have_fused = slot.fused in plan
-        have_parts = [n for n in slot.parts if n in plan]
+        have_fused = slot.fused in targets
+        have_parts = [n for n in slot.parts if n in targets]
         if have_fused and have_parts:
             misshaped.append(f"{slot.fused}: given both fused and per-expert ({have_parts[0]}, ...)")
         elif have_fused or (slot.parts and len(have_parts) == len(slot.parts)):
             continue
         elif have_parts:
-            result.missing += [n for n in slot.parts if n not in plan]
+            result.missing += [n for n in slot.parts if n not in targets]
         else:
             result.missing.append(slot.fused + (" (or per-expert experts.{e}.*_proj.weight)" if slot.parts else ""))
 
@@ -404,20 +403,20 @@ def plan_load(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], fp8: set[
         raise HFWeightError(f"{len(misshaped)} mis-shaped checkpoint tensor(s): " + "; ".join(misshaped))
     if strict and (result.missing or result.unexpected):
         raise HFWeightError(_strict_message(model, result))
-    return LoadPlan(slots, plan, copies, scales, result)
+    return WeightPlacement(slots, targets, copies, scales, result)
 
 
 def _load(model: nn.Module, source: _Source, strict: bool) -> LoadResult:
-    checked = plan_load(model, source.shapes, source.fp8, strict)
-    slots, plan, scales, result = checked.slots, checked.targets, checked.scales, checked.result
+    placement = place_weights(model, source.shapes, source.fp8, strict)
+    slots, targets, scales, result = placement.slots, placement.targets, placement.scales, placement.result
     with torch.no_grad():
         for group in source.groups():
             for name in group:
-                if name not in plan:
+                if name not in targets:
                     continue
-                slot, part = plan[name]
+                slot, part = targets[name]
                 slot.view(part).copy_(_read(source, name, scales, result))
-        for name, key in checked.copies.items():
+        for name, key in placement.copies.items():
             main = slots[key].target
             copy = _read(source, name, scales, result).to(main.dtype)
             result.mtp_copies_checked.append(name)
@@ -490,6 +489,6 @@ def load_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: 
         source.close()
 
 
-__all__ = ["HFWeightError", "LoadPlan", "LoadResult", "MTPCopyMismatchWarning", "dequantize_fp8_blockwise", "export_hf_weights",
-           "hf_name", "iter_hf_weights", "load_hf_checkpoint", "load_hf_weights",
-           "plan_load", "save_hf_checkpoint"]
+__all__ = ["HFWeightError", "LoadResult", "MTPCopyMismatchWarning", "WeightPlacement", "dequantize_fp8_blockwise",
+           "export_hf_weights", "hf_name", "iter_hf_weights", "load_hf_checkpoint", "load_hf_weights",
+           "place_weights", "save_hf_checkpoint"]

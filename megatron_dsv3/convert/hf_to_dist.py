@@ -5,7 +5,7 @@
 
 1. `config.json` -> DSV3Config (`DSV3Config.from_hf`); the model is built on the `meta` device,
    which gives every tensor's name and global shape and allocates nothing.
-2. The shards' headers give every Hugging Face name, shape and dtype; `hf.plan_load` checks them
+2. The shards' headers give every Hugging Face name, shape and dtype; `hf.place_weights` checks them
    against the model (missing, unexpected and mis-shaped tensors and FP8 scale grids are refused
    by name) before a byte of weights is read. A target layout, when given, is checked the same
    way (`DSV3Config.validate`), not baked in: the checkpoint is layout-free.
@@ -81,28 +81,29 @@ def hf_to_dist(hf_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], dt
     check_layout(config, **(layout or {}))
     model = meta_model(config)
     entries = read_headers(hf_dir)
-    plan = hf.plan_load(model, {n: e.shape for n, e in entries.items()},
-                        {n for n, e in entries.items() if e.dtype == torch.float8_e4m3fn}, strict=True)
+    placement = hf.place_weights(model, {n: e.shape for n, e in entries.items()},
+                                 {n for n, e in entries.items() if e.dtype == torch.float8_e4m3fn}, strict=True)
     log(f"{len(entries)} tensors in {len({e.path for e in entries.values()})} shards match the model "
         f"({config.num_layers} layers, {config.num_routed_experts} routed experts, MTP {config.mtp_num_modules})")
 
     done = Converted(Path(out), config)
     writer = DistWriter(out, max_file_bytes)
     try:
-        for key, slot in plan.slots.items():
+        for key, slot in placement.slots.items():
             writer.declare(f"model.{key}", slot.target.shape, dtype)
-        order = sorted(plan.targets, key=lambda n: (str(entries[n].path), entries[n].begin))
+        order = sorted(placement.targets, key=lambda n: (str(entries[n].path), entries[n].begin))
         for number, name in enumerate(order, 1):
-            slot, part = plan.targets[name]
+            slot, part = placement.targets[name]
             offsets, unsqueeze = _offsets(slot, part)
-            tensor = _read(entries, plan, name, done)
+            tensor = _read(entries, placement, name, done)
             writer.write(f"model.{slot.key}", offsets, tensor.unsqueeze(0) if unsqueeze else tensor)
             del tensor
             if number % 500 == 0:
                 log(f"{number}/{len(order)} tensors written")
-        for name, key in plan.copies.items():
+        for name, key in placement.copies.items():
             main_name = hf.hf_name(key, config.num_layers)
-            hf.check_mtp_copy(name, _read(entries, plan, name, done), _read(entries, plan, main_name, done), main_name)
+            hf.check_mtp_copy(name, _read(entries, placement, name, done), _read(entries, placement, main_name, done),
+                              main_name)
             done.mtp_copies_checked.append(name)
         done.tensors = len(order)
         writer.close({"step": 0, "optimizer_steps": 0, "consumed_samples": 0, "model_config": config.to_dict(),
@@ -113,9 +114,9 @@ def hf_to_dist(hf_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], dt
     return done
 
 
-def _read(entries, plan: hf.LoadPlan, name: str, done: Converted) -> torch.Tensor:
+def _read(entries, placement: hf.WeightPlacement, name: str, done: Converted) -> torch.Tensor:
     tensor = read_tensor(entries[name])
-    if name in plan.scales:
-        tensor = hf.dequantize_fp8_blockwise(tensor, read_tensor(entries[plan.scales[name]]))
+    if name in placement.scales:
+        tensor = hf.dequantize_fp8_blockwise(tensor, read_tensor(entries[placement.scales[name]]))
         done.dequantized.append(name)
     return tensor

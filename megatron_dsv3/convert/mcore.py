@@ -23,6 +23,7 @@ from typing import Union
 
 import torch
 
+from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.convert.distcp import DistCheckpointError, DistReader, DistWriter
 from megatron_dsv3.convert.hf_to_dist import meta_model
@@ -88,8 +89,6 @@ def mcore_to_dist(native: Union[str, os.PathLike], out: Union[str, os.PathLike],
 
 def dist_to_mcore(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike], te: bool = False,
                   dtype: torch.dtype = torch.float32, log=lambda message: None) -> Path:
-    from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
-
     reader = DistReader(checkpoint)
     if "model_config" not in reader.common:
         raise DistCheckpointError(f"{reader.path / 'common.pt'} holds no model_config: not a dsv3 checkpoint")

@@ -13,6 +13,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_dsv3.data.corpus import ensure_default_dataset
+from megatron_dsv3.data.dali import dali_batches
 from megatron_dsv3.parallel import comm
 from megatron_dsv3.data.indexed import DataError, validate_prefix
 from megatron_dsv3.data.tokenizer import load_tokenizer
@@ -182,7 +183,5 @@ def build_train_iterator(
         )
 
     if data.backend == "dali":
-        from megatron_dsv3.data.dali import dali_batches
-
         return dali_batches(train, index_fn, micro_batch_size)
     return _megatron_batches(train, index_fn)

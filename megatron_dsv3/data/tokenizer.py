@@ -100,7 +100,7 @@ class HFTokenizer(_MegatronAdapter):
     """A Hugging Face `tokenizers` JSON file read from disk."""
 
     def __init__(self, path: str) -> None:
-        try:
+        try:  # optional dependency, needed for tokenizer.json files only
             from tokenizers import Tokenizer
         except ImportError as err:
             raise TokenizerError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .gemm import fp8_gemm
-from .quantize import TILE
+from .quantize import TILE, quantize_blocks, quantize_tiles
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def blockwise_scaled_mm_api(functional=torch.nn.functional, torch_module=torch) 
 
 def _te_version():
     """TE version tuple if transformer_engine.pytorch >= 2.3 imports, else None."""
-    try:
+    try:  # optional dependency (megatron-dsv3[te])
         import transformer_engine
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # ImportError, or a broken CUDA install raising at import
@@ -124,8 +124,6 @@ def _probe_scaled_mm() -> tuple[bool, str]:
     apis = blockwise_scaled_mm_apis()
     if not apis:
         return False, "this torch has no scaled matmul"
-    from .quantize import quantize_blocks, quantize_tiles
-
     g = torch.Generator(device="cuda").manual_seed(0)
     a_fp8, sa = quantize_tiles(torch.randn(256, 512, device="cuda", generator=g))
     w = torch.randn(384, 512, device="cuda", generator=g)
@@ -211,7 +209,7 @@ def te_fp8_autocast():
     """Context for TE layers: fp8_autocast with the Float8BlockScaling (1x128 / 128x128, E4M3) recipe."""
     if _te_version() is None:
         raise RuntimeError("te_fp8_autocast needs transformer-engine >= 2.3 (pip install 'megatron-dsv3[te]')")
-    import transformer_engine.pytorch as te
+    import transformer_engine.pytorch as te  # optional dependency (megatron-dsv3[te]): imported where used
     from transformer_engine.common.recipe import Float8BlockScaling, Format
 
     return te.fp8_autocast(enabled=True, fp8_recipe=Float8BlockScaling(fp8_format=Format.E4M3))
@@ -219,7 +217,7 @@ def te_fp8_autocast():
 
 def te_linear_sharing(weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> torch.nn.Module:
     """A `transformer_engine.pytorch.Linear` whose weight and bias are these Parameter objects."""
-    import transformer_engine.pytorch as te
+    import transformer_engine.pytorch as te  # optional dependency (megatron-dsv3[te]): imported where used
 
     out_features, in_features = weight.shape
     layer = te.Linear(in_features, out_features, bias=bias is not None, params_dtype=weight.dtype, device="meta")

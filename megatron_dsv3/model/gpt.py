@@ -220,9 +220,9 @@ def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec
     """The DeepSeek-V3 model for `config`, sharded over the current tensor/expert groups, holding
     `stages` of `num_stages` pipeline stages (default: this pipeline rank's one). With
     `config.fp8 == "tile"` (the one switch for FP8) its linears and expert GEMMs are FP8."""
-    lay = groups.layout()
-    config.validate(tensor_parallel_size=lay.tensor, expert_parallel_size=lay.expert,
-                    pipeline_parallel_size=num_stages or lay.pipeline)
+    layout = groups.layout()
+    config.validate(tensor_parallel_size=layout.tensor, expert_parallel_size=layout.expert,
+                    pipeline_parallel_size=num_stages or layout.pipeline)
     model = DSV3Model(config, layer_spec, seed, stages, num_stages)
     if config.fp8 == "tile":
         from megatron_dsv3.fp8 import apply_fp8

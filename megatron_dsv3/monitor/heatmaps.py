@@ -17,6 +17,7 @@ DPI = 80
 
 
 def _figure(height_in: float):
+    # matplotlib (about 0.7 s to import) when a heatmap is drawn, not in every run that imports the monitor
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -32,7 +33,7 @@ def _rgb(fig) -> np.ndarray:
 
 def _load_scale(values: np.ndarray) -> dict:
     """Load relative to balanced: white at 1 (balanced), blue down to 0 (starved), red above."""
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import TwoSlopeNorm  # imported when drawing, as in _figure
 
     return {"cmap": "RdBu_r", "norm": TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, float(values.max())))}
 

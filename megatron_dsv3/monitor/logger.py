@@ -9,6 +9,9 @@ import os
 from typing import Any, Optional
 
 import numpy as np
+import torch.distributed as dist
+
+from megatron_dsv3.run_config import RunConfigError
 
 from . import heatmaps
 from .expert_load import ExpertLoadTracker
@@ -22,8 +25,6 @@ def is_logging_rank(rank: int = 0) -> bool:
 
     Without an initialised ``torch.distributed`` every process is the logging rank.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return True
     return dist.get_rank() == rank % dist.get_world_size()
@@ -139,8 +140,6 @@ def build_logger(logging, run_dir: str | os.PathLike, run_config: Optional[dict]
     """MetricsLogger from the ``logging:`` section; files go under ``run_dir``; ``run_config``
     (a plain dict) is recorded by wandb. ``moe_layers`` (the MoE layers' decoder indices) checks
     ``logging.heatmap_layer``."""
-    from megatron_dsv3.run_config import RunConfigError
-
     if logging.heatmap_layer is not None and moe_layers is not None and logging.heatmap_layer not in moe_layers:
         raise RunConfigError(f"logging.heatmap_layer={logging.heatmap_layer} is not a MoE layer of this model "
                              f"(MoE layers: {', '.join(map(str, moe_layers))})")

@@ -16,7 +16,7 @@ LEGEND_LAYERS = 8  # line plots name each layer up to this many; beyond, layers 
 
 
 def _pyplot():
-    try:
+    try:  # imported when the report draws, not by the runs that import the monitor
         import matplotlib
     except ImportError as err:
         raise ImportError("the HTML report draws its plots with matplotlib: pip install matplotlib") from err

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, BinaryIO, Optional, TextIO
 
+import numpy as np
+
 from . import wandb_log
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<layer>layer_\d+)/(?P<stat>load|tokens|bias)$")
@@ -105,7 +107,7 @@ class WandbSink:
     def __init__(self, project: str, run_name: Optional[str] = None, config: Optional[dict] = None,
                  mode: Optional[str] = None, dir: Optional[str | os.PathLike] = None,
                  bar_charts: bool = False, **init_kwargs: Any):
-        import wandb
+        import wandb  # imported when logging.wandb asks for it: its import takes about a second
 
         self._wandb = wandb
         self.bar_charts = bar_charts
@@ -176,7 +178,7 @@ class TensorBoardSink:
     ``flush_secs`` (not the training step); ``close`` flushes the rest."""
 
     def __init__(self, logdir: str | os.PathLike, flush_secs: float = 30):
-        try:
+        try:  # optional dependency (tensorboard), needed only with logging.tensorboard
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ImportError("TensorBoard logging needs the `tensorboard` package "
@@ -184,8 +186,6 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=os.fspath(logdir), flush_secs=flush_secs)
 
     def write(self, step: int, scalars: dict[str, Any], arrays: Optional[dict[str, list]] = None) -> None:
-        import numpy as np
-
         for key, value in scalars.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(dashboard_key(key), value, int(step))

@@ -27,7 +27,7 @@ def read_records(path: str | os.PathLike, first_block: int = 0) -> list:
     A record begun before that block is skipped; a chunk still being written ends the list.
     Checksums are not verified (crc32c is not in the standard library).
     """
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # wandb's import is slow; only readers of its files pay it
 
     with open(path, "rb") as f:
         if f.read(len(HEADER_MAGIC)) != HEADER_MAGIC:

@@ -50,7 +50,7 @@ def mark_for_megatron(model: nn.Module) -> None:
 
 
 def _transformer_engine_available() -> bool:
-    try:
+    try:  # optional dependency (megatron-dsv3[te])
         import transformer_engine.pytorch  # noqa: F401
     except Exception:
         return False

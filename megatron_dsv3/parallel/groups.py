@@ -12,6 +12,7 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_dsv3.parallel import comm
 from megatron_dsv3.parallel.layout import ParallelLayout
 
 
@@ -53,8 +54,6 @@ def initialize_mirror_groups(pipeline: int, timeout: datetime.timedelta) -> None
     _mirror = _dp_mirror = None
     if pipeline < 2 or pipeline % 2:
         return
-    from megatron_dsv3.parallel import comm
-
     me = (dist.get_process_group_ranks(pp_group()), dist.get_process_group_ranks(dp_group()))
     every = comm.all_gather_object(me)
     mirror_of = {ranks[p]: ranks[pipeline - 1 - p] for ranks, _ in every for p in range(pipeline)}
