@@ -66,7 +66,9 @@ def check_schedule(schedule: Schedule, pipeline: int, micro_batches: int, num_la
     try:
         schedule.check(pipeline, micro_batches)
     except ScheduleRefused as error:
-        raise PlanError(str(error)) from None
+        numbers = (f" (parallel.pipeline={pipeline}; {micro_batches} micro-batches per step = train.global_batch_size"
+                   " / (train.micro_batch_size x data-parallel size))" if schedule.executor is not None else "")
+        raise PlanError(f"{error}{numbers}") from None
     if num_layers is not None:
         check_stages_hold_layers(schedule, pipeline, num_layers)
 

@@ -190,7 +190,7 @@ def test_preflight_refuses_layouts_that_do_not_fit(overrides, message):
 
 
 @pytest.mark.parametrize("schedule, pipeline, micro_batches, message", [
-    ("dualpipe", 15, 64, "even pipeline"), ("dualpipe", 16, 30, "at least 2 x PP = 32"),
+    ("dualpipe", 15, 64, "even number of pipeline ranks, got 15"), ("dualpipe", 16, 30, "at least 2 x PP = 32"),
     ("dualpipe", 16, 33, "even number of micro-batches"), ("dualpipe", 1, 8, "at least 2 pipeline ranks"),
     ("dualpipev", 4, 7, "at least 2 x PP = 8")])
 def test_dualpipe_constraints_are_refused(schedule, pipeline, micro_batches, message):

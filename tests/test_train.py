@@ -438,8 +438,8 @@ REFUSALS = {
     "unknown-key": (lambda *_: ["train.stepz=3"], r"unknown config key 'train\.stepz'"),
     "unknown-section-key": (lambda *_: ["checkpoint.every=3"], r"unknown config key 'checkpoint\.every'"),
     "pipeline-vs-world": (lambda *_: ["parallel.pipeline=2"], r"tensor=1 x pipeline=2 does not divide the world size 1"),
-    "schedule": (lambda *_: ["parallel.schedule=dualpipe"], r"dualpipe needs at least 2 pipeline ranks, got "
-                 r"parallel\.pipeline=1"),
+    "schedule": (lambda *_: ["parallel.schedule=dualpipe"], r"dualpipe needs at least 2 pipeline ranks, got 1 "
+                 r"\(parallel\.pipeline=1;"),
     "simulated-only-schedule": (lambda *_: ["parallel.schedule=zb1p"], r"parallel\.schedule='zb1p' is simulated only"),
     "fp8-as-a-model-override": (lambda *_: ["model.overrides.fp8=tile"], r"model\.overrides\.fp8 is not a model "
                                 r"override: train\.fp8 is the one FP8 switch \(set train\.fp8='tile' instead\)"),

@@ -369,13 +369,13 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
 
 def _two_ranks(name: str, pipeline: int) -> None:
     if pipeline < 2:
-        raise ScheduleRefused(f"{name} needs at least 2 pipeline ranks, got parallel.pipeline={pipeline}")
+        raise ScheduleRefused(f"{name} needs at least 2 pipeline ranks, got {pipeline}")
 
 
 def _two_per_rank(name: str, pipeline: int, micro_batches: int) -> None:
     if micro_batches < 2 * pipeline:
         raise ScheduleRefused(f"{name} needs at least 2 x PP = {2 * pipeline} micro-batches per step, got "
-                              f"{micro_batches} (global_batch_size / (micro_batch_size x DP))")
+                              f"{micro_batches}")
 
 
 def dualpipe_rule(pipeline: int, micro_batches: int) -> None:
@@ -383,7 +383,7 @@ def dualpipe_rule(pipeline: int, micro_batches: int) -> None:
     enter at each end, and each end needs PP of them to fill the pipe)."""
     _two_ranks("dualpipe", pipeline)
     if pipeline % 2:
-        raise ScheduleRefused(f"dualpipe needs an even pipeline size, got parallel.pipeline={pipeline}")
+        raise ScheduleRefused(f"dualpipe needs an even number of pipeline ranks, got {pipeline}")
     _two_per_rank("dualpipe", pipeline, micro_batches)
     if micro_batches % 2:
         raise ScheduleRefused(f"dualpipe needs an even number of micro-batches per step, got {micro_batches}")

@@ -7,8 +7,6 @@ activations held), the launcher (`launch/presets.py`) and dsv3-schedule (the ope
 the report's bubble formula). A descriptor is registered as registry kind "schedule" under its
 name, which `parallel.schedule` chooses:
 
-    import megatron_dsv3
-    from megatron_dsv3.pipeline import Schedule
     from megatron_dsv3.pipeline import Schedule, register_schedule
     register_schedule(Schedule("mine", executor=make_my_forward_backward, build_ops=my_op_lists))
 
@@ -25,8 +23,10 @@ from megatron_dsv3.parallel.layout import stage_cut
 from megatron_dsv3.pipeline import simulate
 from megatron_dsv3.pipeline.megatron_hook import megatron_choice
 
-# Megatron-Core's forward_backward_func: called with forward_step_func, data_iterator, model,
-# num_microbatches, seq_length, micro_batch_size and the keywords of `dualpipe.MEGATRON_KEYWORDS`.
+# Megatron-Core's forward_backward_func: called with keywords only (forward_step_func,
+# data_iterator, model, num_microbatches, seq_length, micro_batch_size, decoder_seq_length,
+# forward_only, collect_non_loss_data, first_val_step, adjust_tensor_shapes_fn, p2p_communicator,
+# pg_collection, force_all_reduce in 0.16-0.19); returns what the last stage's loss_func reported.
 ForwardBackward = Callable[..., list]
 
 
@@ -57,7 +57,8 @@ class Schedule:
     - model_copies: how many times the ranks together hold the model. 2 (DualPipe): pipeline ranks
       r and PP-1-r hold the same stages, and their gradients are summed over `groups.mirror_group()`.
     - rank_stages: (pipeline, rank) -> the model stages that rank holds, in its chunk order.
-    - micro_batch_rule: (pipeline, micro_batches) -> None, or ScheduleRefused naming the rule.
+    - micro_batch_rule: (pipeline ranks, micro-batches per step) -> None, or ScheduleRefused
+      naming the rule and the numbers.
     - forward_only: its executor runs `forward_only=True` (evaluation).
     - side_streams: it overlaps communication with compute on CUDA streams of its own, which
       needs more hardware queues (the launcher's CUDA_DEVICE_MAX_CONNECTIONS).
