@@ -145,3 +145,62 @@ def test_no_import_circle_among_the_package_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+
+# The forwards read as the report's equations: each calls its steps directly, in a few statements.
+# DualPipe's overlapped step cuts the same steps into pieces outside the model (pipeline/pieces.py).
+PLAIN_FORWARDS = {  # (file, class, function; class None for a module function): the steps it calls
+    ("model/moe/layer.py", "DeepSeekMoE", "forward"): {"route", "dispatch", "shared", "routed", "combine", "merge"},
+    ("model/spec.py", "DecoderLayer", "forward"): {"attention", "post_attention_layernorm", "mlp"},
+    ("model/gpt.py", "DSV3Model", "forward"): {"stage_input", "run_layer", "head_loss", "mtp_losses", "total_loss"},
+    ("model/mtp.py", None, "mtp_loss"): {"depth_input", "depth_loss"},
+}
+MAX_FORWARD_STATEMENTS = 15
+
+
+def _function(tree: ast.Module, owner, name: str) -> ast.FunctionDef:
+    scope = tree.body if owner is None else next(
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == owner).body
+    return next(n for n in scope if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _called_name(func: ast.expr):
+    """`step` for a call of `step`, `self.step` or `a.b.step`; None for a call of anything else
+    (an item of a container, the result of another call)."""
+    if isinstance(func, ast.Name):
+        return func.id
+    root = func
+    while isinstance(root, ast.Attribute):
+        root = root.value
+    return func.attr if isinstance(func, ast.Attribute) and isinstance(root, ast.Name) else None
+
+
+def plain_forward_problems(function: ast.FunctionDef, steps: set[str]) -> list[str]:
+    """What keeps `function` from reading as plain code that calls `steps` directly."""
+    body = function.body[1:] if ast.get_docstring(function) is not None else function.body
+    nodes = [n for statement in body for n in ast.walk(statement)]
+    problems = []
+    statements = sum(isinstance(n, ast.stmt) for n in nodes)
+    if statements > MAX_FORWARD_STATEMENTS:
+        problems.append(f"{statements} statements (at most {MAX_FORWARD_STATEMENTS})")
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            problems.append(f"line {node.lineno}: a nested function or lambda")
+        if isinstance(node, (ast.Dict, ast.DictComp)):
+            problems.append(f"line {node.lineno}: a dictionary")
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            problems.append(f"line {node.lineno}: a value looked up by the name {node.slice.value!r}")
+        if isinstance(node, ast.Call) and _called_name(node.func) is None:
+            problems.append(f"line {node.lineno}: a call of a computed value, not of a named step")
+    called = {_called_name(n.func) for n in nodes if isinstance(n, ast.Call)}
+    if steps - called:
+        problems.append(f"does not call its steps {sorted(steps - called)}")
+    return problems
+
+
+@pytest.mark.parametrize("where", PLAIN_FORWARDS, ids=lambda w: f"{w[1] or w[0]}.{w[2]}")
+def test_the_model_forwards_are_plain_code_calling_their_steps(where):
+    path, owner, name = where
+    problems = plain_forward_problems(_function(_tree(PACKAGE / path), owner, name), PLAIN_FORWARDS[where])
+    assert not problems, f"{path} {owner or ''}.{name}: " + "; ".join(problems)
