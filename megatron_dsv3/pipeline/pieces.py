@@ -58,7 +58,7 @@ class StagePieces:
     context: Callable[[], ContextManager] = field(default=contextlib.nullcontext)  # around every piece (autocast)
 
 
-def step(name: str, kind: str, fn: Callable, reads: tuple[str, ...], writes: tuple[str, ...]) -> Piece:
+def calling(name: str, kind: str, fn: Callable, reads: tuple[str, ...], writes: tuple[str, ...]) -> Piece:
     """The piece that calls `fn` with the values under `reads` and writes its result under `writes`
     (one name: the result; several: its items; none: nothing)."""
     return Piece(name, kind, functools.partial(_call, fn, reads, writes))
@@ -81,26 +81,26 @@ def stage_pieces(model: DSV3Model, tokens: torch.Tensor, labels: torch.Tensor, m
     """`model(tokens, labels=labels, ...)` (training, no inference cache) as pieces."""
     stage = model.held_stage(stage)
     cos, sin = model.rope(tokens)
-    pieces = [step("stage input", COMPUTE, functools.partial(model.stage_input, tokens, stage, balance_loss_scale),
-                   (), ("hidden",))]
+    stage_input = functools.partial(model.stage_input, tokens, stage, balance_loss_scale)
+    pieces = [calling("stage input", COMPUTE, stage_input, (), ("hidden",))]
     for layer in model.layers_of(stage):
         pieces += stage_layer_pieces(model, layer, cos, sin)
     if stage != model.num_stages - 1:
-        pieces.append(step("stage end", COMPUTE, model.collect_balance_loss, (), ()))
+        pieces.append(calling("stage end", COMPUTE, model.collect_balance_loss, (), ()))
         return StagePieces(pieces, operator.itemgetter("hidden"))
     # The head writes the final-normed hidden state, MTP depth 1's input, as "hidden".
-    pieces.append(step("head", COMPUTE, functools.partial(model.head_loss, labels=labels), ("hidden",),
-                       ("lm_loss", "hidden")))
+    head = functools.partial(model.head_loss, labels=labels)
+    pieces.append(calling("head", COMPUTE, head, ("hidden",), ("lm_loss", "hidden")))
     depth = len(model.mtp) if model.mtp_weight(mtp_loss_weight) > 0 else 0
-    for k, module in enumerate(model.mtp[:depth], start=1):
+    for k, module in enumerate(model.mtp[:depth], start=1):  # mtp.mtp_loss's loop
         merge = functools.partial(depth_input, module, labels=labels, embed=model.embed_tokens, k=k)
         loss = functools.partial(depth_loss, module, model.lm_head, labels=labels, k=k)
-        pieces += [step(f"mtp {k} merge", COMPUTE, merge, ("hidden",), ("hidden",)),
+        pieces += [calling(f"mtp {k} merge", COMPUTE, merge, ("hidden",), ("hidden",)),
                    *layer_pieces(module.layer, cos, sin),
-                   step(f"mtp {k} loss", COMPUTE, loss, ("hidden",), (f"mtp_loss_{k}",))]
+                   calling(f"mtp {k} loss", COMPUTE, loss, ("hidden",), (f"mtp_loss_{k}",))]
     mtp_keys = tuple(f"mtp_loss_{k}" for k in range(1, depth + 1))
-    pieces.append(step("loss", COMPUTE, functools.partial(_total_loss, model, mtp_loss_weight),
-                       ("lm_loss", *mtp_keys), ("loss",)))
+    total = functools.partial(_total_loss, model, mtp_loss_weight)
+    pieces.append(calling("loss", COMPUTE, total, ("lm_loss", *mtp_keys), ("loss",)))
     return StagePieces(pieces, functools.partial(_lm_output, model, mtp_keys))
 
 
@@ -109,7 +109,7 @@ def stage_layer_pieces(model: DSV3Model, layer: nn.Module, cos: torch.Tensor, si
     the layer's input), else `layer_pieces`."""
     if model.recomputes_layers():
         run = functools.partial(model.run_layer, layer, cos=cos, sin=sin)
-        return [step("recomputed layer", COMPUTE, run, ("hidden",), ("hidden",))]
+        return [calling("recomputed layer", COMPUTE, run, ("hidden",), ("hidden",))]
     return layer_pieces(layer, cos, sin)
 
 
@@ -117,28 +117,30 @@ def layer_pieces(layer: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> list
     """A decoder layer from "hidden" to "hidden": `DecoderLayer.forward`'s steps, or one piece for
     a layer of another kind."""
     if not _runs_own_forward(layer, DecoderLayer):
-        return [step("layer", COMPUTE, functools.partial(_call_layer, layer, cos, sin), ("hidden",), ("hidden",))]
-    return [step("attention", COMPUTE, functools.partial(layer.attention, cos=cos, sin=sin), ("hidden",), ("residual",)),
-            step("mlp norm", COMPUTE, layer.post_attention_layernorm, ("residual",), ("mlp_input",)),
+        run = functools.partial(_call_layer, layer, cos, sin)
+        return [calling("layer", COMPUTE, run, ("hidden",), ("hidden",))]
+    attention = functools.partial(layer.attention, cos=cos, sin=sin)
+    return [calling("attention", COMPUTE, attention, ("hidden",), ("residual",)),
+            calling("mlp norm", COMPUTE, layer.post_attention_layernorm, ("residual",), ("mlp_input",)),
             *mlp_pieces(layer.mlp),
-            step("residual", COMPUTE, operator.add, ("residual", "mlp_output"), ("hidden",))]
+            calling("residual", COMPUTE, operator.add, ("residual", "mlp_output"), ("hidden",))]
 
 
 def mlp_pieces(mlp: nn.Module) -> list[Piece]:
     """The feed-forward from "mlp_input" to "mlp_output": `DeepSeekMoE.forward`'s steps, or one
     piece for a feed-forward of another kind (the dense SwiGLU)."""
     if not _runs_own_forward(mlp, DeepSeekMoE):
-        return [step("mlp", COMPUTE, mlp, ("mlp_input",), ("mlp_output",))]
+        return [calling("mlp", COMPUTE, mlp, ("mlp_input",), ("mlp_output",))]
     exchange = COMM if mlp.dispatcher.ep_size > 1 else COMPUTE
-    return [step("route", COMPUTE, mlp.route, ("mlp_input",),
-                 ("moe_sorted", "moe_permutation", "moe_gates", "moe_balance_loss")),
-            step("dispatch", exchange, mlp.dispatch, ("moe_sorted", "moe_permutation"), ("moe_received", "moe_exchange")),
-            step("shared experts", COMPUTE, mlp.shared, ("mlp_input",), ("moe_shared",)),
-            step("experts", COMPUTE, mlp.routed, ("moe_received", "moe_exchange"), ("moe_expert_out",)),
-            step("combine", exchange, mlp.combine, ("moe_expert_out", "moe_exchange"), ("moe_combined",)),
-            step("merge", COMPUTE, mlp.merge,
-                 ("mlp_input", "moe_combined", "moe_permutation", "moe_gates", "moe_shared", "moe_balance_loss"),
-                 ("mlp_output",))]
+    routing = ("moe_permutation", "moe_gates", "moe_balance_loss")
+    return [calling("route", COMPUTE, mlp.route, ("mlp_input",), ("moe_sorted", *routing)),
+            calling("dispatch", exchange, mlp.dispatch, ("moe_sorted", "moe_permutation"),
+                    ("moe_received", "moe_exchange")),
+            calling("shared experts", COMPUTE, mlp.shared, ("mlp_input",), ("moe_shared",)),
+            calling("experts", COMPUTE, mlp.routed, ("moe_received", "moe_exchange"), ("moe_expert_out",)),
+            calling("combine", exchange, mlp.combine, ("moe_expert_out", "moe_exchange"), ("moe_combined",)),
+            calling("merge", COMPUTE, mlp.merge, ("mlp_input", "moe_combined", "moe_shared", *routing),
+                    ("mlp_output",))]
 
 
 def _runs_own_forward(module: nn.Module, cls: type) -> bool:

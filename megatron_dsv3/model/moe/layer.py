@@ -62,12 +62,12 @@ class DeepSeekMoE(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         """Eq. 12 less its residual: sum_s FFN_s(u) + sum_{i in top-k} g_i FFN_i(u). x [batch, seq, hidden]."""
-        x_sorted, permutation, gates_TK, balance_loss = self.route(x_BSH)
+        x_sorted, permutation, gates_TK, balance_loss = self.route(x_BSH)  # eq. 13-16
         received, exchange = self.dispatch(x_sorted, permutation)
         shared_BSH = self.shared(x_BSH)
         out = self.routed(received, exchange)
         out_sorted = self.combine(out, exchange)
-        return self.merge(x_BSH, out_sorted, permutation, gates_TK, shared_BSH, balance_loss)
+        return self.merge(x_BSH, out_sorted, shared_BSH, permutation, gates_TK, balance_loss)
 
     def route(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, Permutation, torch.Tensor, Optional[torch.Tensor]]:
         """Eq. 13-16 (and the balance loss of eq. 17-20): this rank's (token, slot) pairs' inputs
@@ -92,8 +92,8 @@ class DeepSeekMoE(nn.Module):
         """The all-to-all back: the expert outputs of this rank's pairs, in `route`'s sorted order."""
         return self.dispatcher.combine(out, exchange)
 
-    def merge(self, x_BSH: torch.Tensor, out_sorted: torch.Tensor, permutation: Permutation, gates_TK: torch.Tensor,
-              shared_BSH: Optional[torch.Tensor], balance_loss: Optional[torch.Tensor]) -> torch.Tensor:
+    def merge(self, x_BSH: torch.Tensor, out_sorted: torch.Tensor, shared_BSH: Optional[torch.Tensor],
+              permutation: Permutation, gates_TK: torch.Tensor, balance_loss: Optional[torch.Tensor]) -> torch.Tensor:
         """Unsort, weight by the gates and sum over the top-k, add the shared experts (eq. 12);
         attach the balance loss's gradient."""
         per_slot_TKH = self.dispatcher.unpermute(out_sorted, permutation)
