@@ -9,6 +9,8 @@
 - Every collective goes through `megatron_dsv3.parallel.comm`, which puts its tensor on the device
   its group's backend serves (NCCL would refuse a CPU tensor): on a CPU-only machine every tensor
   is on the CPU, so the structure, not a run, is what can catch a collective that bypasses it.
+- The model's forwards (DeepSeekMoE, DecoderLayer, DSV3Model, MTP's loss) are a few statements
+  that call their steps by name: no nested function, no dictionary of named values.
 """
 from __future__ import annotations
 
@@ -145,7 +147,6 @@ def test_no_import_circle_among_the_package_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-
 
 
 # The forwards read as the report's equations: each calls its steps directly, in a few statements.

@@ -2,8 +2,9 @@
 Figure 4; run by `overlap.py`).
 
 The model's forwards are plain code. This adapter calls the same steps they call, one piece at a
-time: a piece calls one step on values it reads from a state and writes what the step returns, so
-the pieces run in order compute what the forward computes. A DeepSeek-V3 MoE layer becomes
+time (as Megatron-Core builds its overlapped 1F1B's callables beside a plain layer forward): a
+piece calls one step on values it reads from a state and writes what the step returns, so the
+pieces run in order compute what the forward computes. A DeepSeek-V3 MoE layer becomes
 
   attention, mlp norm   compute   `DecoderLayer.attention` (with its residual), the second RMSNorm
   route                 compute   `DeepSeekMoE.route`: router, sort by expert
