@@ -29,6 +29,7 @@ def rank_main(args) -> None:
     from megatron_dsv3 import DSV3Config, build_model
     from megatron_dsv3.parallel import initialize_parallel
     from megatron_dsv3.pipeline.overlap import Segmented, Streams, run_chain, run_pair
+    from megatron_dsv3.pipeline.pieces import stage_pieces
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     initialize_parallel(1, 1, 2)
@@ -45,7 +46,7 @@ def rank_main(args) -> None:
         sum(model(t, labels=l).loss for t, l in data).backward()
 
     def cut_passes():
-        passes, outputs = [Segmented(model.stage_plan(t, labels=l), cpu) for t, l in data], {}
+        passes, outputs = [Segmented(stage_pieces(model, t, labels=l), cpu) for t, l in data], {}
 
         def forward(i):
             return passes[i].forward_steps(lambda: None, lambda out: outputs.__setitem__(i, out))
@@ -84,7 +85,7 @@ def rank_main(args) -> None:
         return sum((bytes_of(saved) | bytes_of(held)).values())
 
     def cut_forward() -> list:
-        segmented = Segmented(model.stage_plan(data[0][0], labels=data[0][1]), cpu)
+        segmented = Segmented(stage_pieces(model, data[0][0], labels=data[0][1]), cpu)
         run_chain(segmented.forward_steps(lambda: None, lambda out: None), cpu)
         return [segmented.output.loss, *(v for v in segmented.state.values() if isinstance(v, torch.Tensor))]
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_dsv3 import DSV3Config, build_model
-from megatron_dsv3.model.pieces import COMM, COMPUTE, fuse
 from megatron_dsv3.pipeline.overlap import Segmented, Step, Streams, interleave, run_chain, run_pair
+from megatron_dsv3.pipeline.pieces import COMM, COMPUTE, fuse, stage_pieces
 
 MODEL = dict(mtp_num_modules=1, mtp_loss_weight=0.3, seq_aux_loss_coeff=0.01)
 
@@ -36,19 +36,19 @@ def plain_step(model, data, device) -> tuple[list[float], dict[str, torch.Tensor
     return [float(o.loss) for o in outs], grads(model)
 
 
-def uncut_kinds(plan):
-    """The plan with its pieces' kinds alternated, so that none fuse and every boundary is a cut
+def uncut_kinds(cut):
+    """The stage's pieces with their kinds alternated, so that none fuse and every boundary is a cut
     (one process has no all-to-all, so its dispatch and combine would fuse with their neighbours)."""
-    pieces = [dataclasses.replace(p, kind=COMM if i % 2 else COMPUTE) for i, p in enumerate(plan.pieces)]
-    return dataclasses.replace(plan, pieces=pieces)
+    pieces = [dataclasses.replace(p, kind=COMM if i % 2 else COMPUTE) for i, p in enumerate(cut.pieces)]
+    return dataclasses.replace(cut, pieces=pieces)
 
 
 class Pass:
     """One micro-batch through `Segmented`, as ModelChunk drives it, with its output kept."""
 
     def __init__(self, model, tokens, labels, streams, cut_everywhere: bool):
-        plan = model.stage_plan(tokens, labels=labels)
-        self.segmented = Segmented(uncut_kinds(plan) if cut_everywhere else plan, streams)
+        cut = stage_pieces(model, tokens, labels=labels)
+        self.segmented = Segmented(uncut_kinds(cut) if cut_everywhere else cut, streams)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def forward_steps(self) -> list[Step]:
@@ -96,7 +96,7 @@ def test_a_stage_cut_at_every_piece_computes_the_plain_gradients(recompute, spli
         m.recompute = recompute
     ref = plain_step(ref_model, [(tokens, labels)], torch.device("cpu"))
     run = Pass(model, tokens, labels, Streams(torch.device("cpu")), cut_everywhere=True)
-    assert len(fuse(run.segmented.plan.pieces)) > 10  # really cut: attention, route, dispatch, ... each alone
+    assert len(fuse(run.segmented.stage_pieces.pieces)) > 10  # really cut: attention, route, dispatch, ... each alone
     run_chain(run.forward_steps(), run.segmented.streams)
     run_chain(run.backward_steps(split), run.segmented.streams)
     if split:  # B gave no weight gradient yet

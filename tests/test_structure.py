@@ -9,6 +9,8 @@
 - Every collective goes through `megatron_dsv3.parallel.comm`, which puts its tensor on the device
   its group's backend serves (NCCL would refuse a CPU tensor): on a CPU-only machine every tensor
   is on the CPU, so the structure, not a run, is what can catch a collective that bypasses it.
+- The model's forwards (DeepSeekMoE, DecoderLayer, DSV3Model, MTP's loss) are a few statements
+  that call their steps by name: no nested function, no dictionary of named values.
 """
 from __future__ import annotations
 
@@ -109,6 +111,17 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _absolute(node: ast.ImportFrom, path: Path) -> str:
+    """The module a `from ... import` names, relative imports (`from .quantize import`) resolved."""
+    if not node.level:
+        return node.module or ""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[:len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def import_graph() -> dict[str, set[str]]:
     """Every package module -> the package modules it imports, at the top of the file or inside a
     function alike (a function-local import only hides a circle). `from a.b import c` counts as
@@ -122,9 +135,12 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(_tree(path)):
             if isinstance(node, ast.Import):
                 edges.update(a.name for a in node.names if a.name in modules)
-            elif isinstance(node, ast.ImportFrom) and node.module in modules:
+            elif isinstance(node, ast.ImportFrom):
+                source = _absolute(node, path)
                 for alias in node.names:
-                    edges.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
+                    target = f"{source}.{alias.name}"
+                    if target in modules or source in modules:
+                        edges.add(target if target in modules else source)
     return graph
 
 
@@ -183,3 +199,61 @@ def test_a_schedule_name_is_written_only_in_its_descriptors_module():
                     and path not in homes[node.value]):
                 misplaced.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
     assert not misplaced, "schedule names outside their descriptor's module: " + ", ".join(misplaced)
+
+
+# The forwards read as the report's equations: each calls its steps directly, in a few statements.
+# DualPipe's overlapped step cuts the same steps into pieces outside the model (pipeline/pieces.py).
+PLAIN_FORWARDS = {  # (file, class, function; class None for a module function): the steps it calls
+    ("model/moe/layer.py", "DeepSeekMoE", "forward"): {"route", "dispatch", "shared", "routed", "combine", "merge"},
+    ("model/spec.py", "DecoderLayer", "forward"): {"attention", "post_attention_layernorm", "mlp"},
+    ("model/gpt.py", "DSV3Model", "forward"): {"stage_input", "run_layer", "head_loss", "mtp_losses", "total_loss"},
+    ("model/mtp.py", None, "mtp_loss"): {"depth_input", "depth_loss"},
+}
+MAX_FORWARD_STATEMENTS = 15
+
+
+def _function(tree: ast.Module, owner, name: str) -> ast.FunctionDef:
+    scope = tree.body if owner is None else next(
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == owner).body
+    return next(n for n in scope if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _called_name(func: ast.expr):
+    """`step` for a call of `step`, `self.step` or `a.b.step`; None for a call of anything else
+    (an item of a container, the result of another call)."""
+    if isinstance(func, ast.Name):
+        return func.id
+    root = func
+    while isinstance(root, ast.Attribute):
+        root = root.value
+    return func.attr if isinstance(func, ast.Attribute) and isinstance(root, ast.Name) else None
+
+
+def plain_forward_problems(function: ast.FunctionDef, steps: set[str]) -> list[str]:
+    """What keeps `function` from reading as plain code that calls `steps` directly."""
+    body = function.body[1:] if ast.get_docstring(function) is not None else function.body
+    nodes = [n for statement in body for n in ast.walk(statement)]
+    problems = []
+    statements = sum(isinstance(n, ast.stmt) for n in nodes)
+    if statements > MAX_FORWARD_STATEMENTS:
+        problems.append(f"{statements} statements (at most {MAX_FORWARD_STATEMENTS})")
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            problems.append(f"line {node.lineno}: a nested function or lambda")
+        if isinstance(node, (ast.Dict, ast.DictComp)):
+            problems.append(f"line {node.lineno}: a dictionary")
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            problems.append(f"line {node.lineno}: a value looked up by the name {node.slice.value!r}")
+        if isinstance(node, ast.Call) and _called_name(node.func) is None:
+            problems.append(f"line {node.lineno}: a call of a computed value, not of a named step")
+    called = {_called_name(n.func) for n in nodes if isinstance(n, ast.Call)}
+    if steps - called:
+        problems.append(f"does not call its steps {sorted(steps - called)}")
+    return problems
+
+
+@pytest.mark.parametrize("where", PLAIN_FORWARDS, ids=lambda w: f"{w[1] or w[0]}.{w[2]}")
+def test_the_model_forwards_are_plain_code_calling_their_steps(where):
+    path, owner, name = where
+    problems = plain_forward_problems(_function(_tree(PACKAGE / path), owner, name), PLAIN_FORWARDS[where])
+    assert not problems, f"{path} {owner or ''}.{name}: " + "; ".join(problems)

@@ -2,11 +2,15 @@
 
 Layers are built from ModuleSpecs (`spec.py`), so each can be swapped without touching this file.
 Called with tokens [batch, seq] it returns logits [batch, seq, vocab]; with labels it returns
-an `LMOutput` whose `loss` is LM loss + lambda/D * sum of MTP losses + balance losses.
+an `LMOutput` whose `loss` is LM loss + lambda/D * sum of MTP losses + balance losses (eq. 25).
+`DSV3Model.forward` reads as its steps: the stage's input (the embedding on the first stage), its
+decoder layers, then on the last stage the head and its loss, MTP (`mtp.py`) and the total loss.
+DualPipe's overlapped step calls the same steps one at a time (`pipeline/pieces.py`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,12 +22,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv3.config import RECOMPUTE_MODES, DSV3Config
+from megatron_dsv3.fp8 import apply_fp8
 from megatron_dsv3.model.common import RMSNorm
 from megatron_dsv3.model.mla import InferenceCache
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router
-from megatron_dsv3.model.mtp import MTPModule, mtp_pieces
-from megatron_dsv3.model.pieces import COMPUTE, Piece, StagePlan, run_in_order
+from megatron_dsv3.model.mtp import MTPModule, mtp_loss
 from megatron_dsv3.model.rope import RotaryEmbedding
 from megatron_dsv3.model.spec import decoder_layer_spec
 from megatron_dsv3.parallel import groups
@@ -38,6 +42,12 @@ class LMOutput:
     lm_loss: torch.Tensor
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
     balance_loss: Optional[torch.Tensor] = None  # sum over MoE layers (its gradient is attached in-layer)
+
+    @classmethod
+    def of(cls, loss: torch.Tensor, lm_loss: torch.Tensor, mtp_losses: list[torch.Tensor],
+           balance_loss: Optional[torch.Tensor]) -> "LMOutput":
+        """The training forward's output: `loss` with its graph, the parts detached for reporting."""
+        return cls(loss, lm_loss.detach(), [m.detach() for m in mtp_losses], balance_loss)
 
     @property
     def mtp_loss(self) -> Optional[torch.Tensor]:
@@ -60,12 +70,18 @@ class _ReplayingForward:
             router.count_load = True
 
 
+def _replaying_contexts(layer: nn.Module) -> tuple[contextlib.AbstractContextManager, _ReplayingForward]:
+    """checkpoint's `context_fn` for a recomputed layer: nothing around its forward, routing load
+    not counted around its replay."""
+    return contextlib.nullcontext(), _ReplayingForward(layer)
+
+
 class DSV3Model(nn.Module):
     def __init__(self, config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec, seed: int = 0,
                  stages: Optional[tuple[int, ...]] = None, num_stages: Optional[int] = None):
         """`stages` of `num_stages` model stages are built on this rank (default: the pipeline
         rank's one stage of the pipeline size; DualPipe/DualPipeV pass two, see
-        `parallel.layout.rank_stages`). Parameters of all held stages live in this one module, keyed
+        `pipeline.schedule.Schedule.rank_stages`). Parameters of all held stages live in this one module, keyed
         by global layer index; `forward(stage=...)` runs one of them."""
         super().__init__()
         self.config = config
@@ -131,77 +147,94 @@ class DSV3Model(nn.Module):
         passes this step's MTP weight lambda (default: the config's) and the factor the schedule
         applies to the loss (1 / micro-batches), which the balance losses' gradients take.
         `stage`: which held stage to run (needed when the rank holds two)."""
-        plan = self.stage_plan(tokens, labels, cache, mtp_loss_weight, balance_loss_scale, stage)
-        return plan.output(run_in_order(plan.pieces, {}))
+        stage = self.held_stage(stage)
+        cos, sin = self.rope(tokens, cache)
+        hidden = self.stage_input(tokens, stage, balance_loss_scale)
+        for layer in self.layers_of(stage):
+            hidden = self.run_layer(layer, hidden, cos, sin, cache)
+        if cache is not None:
+            cache.offset += tokens.shape[1]
+        if stage != self.num_stages - 1:
+            return self.stage_output(hidden)
+        if labels is None:
+            return self.lm_head(self.norm(hidden))
+        lm_loss, normed = self.head_loss(hidden, labels)
+        mtp_losses = self.mtp_losses(normed, tokens, labels, cos, sin, mtp_loss_weight)  # eq. 21-24
+        loss = self.total_loss(lm_loss, mtp_losses, mtp_loss_weight)  # eq. 25
+        return LMOutput.of(loss, lm_loss, mtp_losses, self.last_balance_loss)
 
-    def stage_plan(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                   cache: Optional[InferenceCache] = None, mtp_loss_weight: Optional[float] = None,
-                   balance_loss_scale: float = 1.0, stage: Optional[int] = None) -> StagePlan:
-        """`forward` as pieces (`model/pieces.py`), which the DualPipe schedule runs interleaved
-        with another micro-batch's backward: embedding (first stage), each decoder layer's pieces
-        (one piece per layer under full recomputation), the head and loss, MTP (last stage)."""
+    def held_stage(self, stage: Optional[int]) -> int:
+        """`stage`, or this rank's only stage when None."""
         if stage is None:
             if len(self.stages) != 1:
                 raise ValueError(f"this rank holds stages {self.stages}: pass stage=")
             stage = self.stages[0]
-        first, last = stage == 0, stage == self.num_stages - 1
-        mtp_loss_weight = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+        return stage
+
+    def rope(self, tokens: torch.Tensor, cache: Optional[InferenceCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the positions of `tokens` (after the cache's, when generating)."""
         offset = cache.offset if cache is not None else 0
-        cos, sin = self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
-        recompute = self.recompute == "full" and self.training and torch.is_grad_enabled() and cache is None
+        return self.rotary(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
 
-        def start(state):
-            for moe in self.moe_layers():
-                moe.balance_loss_scale = balance_loss_scale
-            return {"hidden": self.embed_tokens(tokens) if first else self.input_hidden}
+    def stage_input(self, tokens: torch.Tensor, stage: int, balance_loss_scale: float) -> torch.Tensor:
+        """The embedded tokens on the first stage, the previous stage's hidden state elsewhere; and
+        the factor the schedule applies to the loss, handed to this stage's balance losses."""
+        for moe in self.moe_layers():
+            moe.balance_loss_scale = balance_loss_scale
+        return self.embed_tokens(tokens) if stage == 0 else self.input_hidden
 
-        pieces = [Piece("stage input", COMPUTE, start)]
-        for layer in (self.layers[str(i)] for i in self.stage_layer_ids[stage]):
-            if recompute:  # keep only each layer's input; rerun the layer in backward
-                pieces.append(Piece("recomputed layer", COMPUTE, lambda state, layer=layer: {"hidden": checkpoint(
-                    layer, state["hidden"], cos, sin, use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), _ReplayingForward(layer)))}))
-            elif hasattr(layer, "pieces"):
-                pieces += layer.pieces(cos, sin, cache)
-            else:
-                pieces.append(Piece("layer", COMPUTE, lambda state, layer=layer: {"hidden": layer(state["hidden"], cos, sin, cache)}))
-        if cache is not None:
-            pieces.append(Piece("cache", COMPUTE, lambda state: setattr(cache, "offset", offset + tokens.shape[1]) or {}))
-        if not last:
-            pieces.append(Piece("stage end", COMPUTE, lambda state: self._collect_balance_loss() or {}))
-            return StagePlan(pieces, lambda state: state["hidden"])
+    def layers_of(self, stage: int) -> list[nn.Module]:
+        """The decoder layers of held stage `stage`, in order."""
+        return [self.layers[str(i)] for i in self.stage_layer_ids[stage]]
 
-        def head(state):
-            hidden = self.norm(state["hidden"])  # MTP depth 1 starts from this normalised state, as Megatron-Core and vLLM do
-            logits = self.lm_head(hidden)
-            if labels is None:
-                return {"logits": logits}
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-            return {"lm_loss": lm_loss, "mtp_hidden": hidden}
+    def recomputes_layers(self, cache: Optional[InferenceCache] = None) -> bool:
+        """Whether full recomputation applies to this forward (training with gradients)."""
+        return self.recompute == "full" and self.training and torch.is_grad_enabled() and cache is None
 
-        pieces.append(Piece("head", COMPUTE, head))
-        if labels is None:
-            return StagePlan(pieces, lambda state: state["logits"])
-        depth = len(self.mtp) if mtp_loss_weight > 0 else 0
-        if depth:
-            pieces += mtp_pieces(self.mtp, labels, self.embed_tokens, self.lm_head, cos, sin)
-        mtp_keys = [f"mtp_loss_{k}" for k in range(1, depth + 1)]
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: Optional[InferenceCache] = None) -> torch.Tensor:
+        """One decoder layer; under full recomputation only its input is kept and it reruns in backward."""
+        if self.recomputes_layers(cache):
+            return checkpoint(layer, hidden, cos, sin, use_reentrant=False,
+                              context_fn=functools.partial(_replaying_contexts, layer))
+        return layer(hidden, cos, sin, cache)
 
-        def total_loss(state):
-            loss = state["lm_loss"]
-            if depth:
-                loss = loss + mtp_loss_weight / depth * sum(state[key] for key in mtp_keys)
-            self._collect_balance_loss()
-            if self.last_balance_loss is not None:
-                loss = loss + self.last_balance_loss  # value only: the gradient was attached inside each MoE layer
-            return {"loss": loss}
+    def stage_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A stage before the last: its hidden state, once its balance losses are collected."""
+        self.collect_balance_loss()
+        return hidden
 
-        pieces.append(Piece("loss", COMPUTE, total_loss))
-        return StagePlan(pieces, lambda state: LMOutput(state["loss"], state["lm_loss"].detach(),
-                                                        [state[key].detach() for key in mtp_keys],
-                                                        self.last_balance_loss))
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language-model cross-entropy, and the final-normed hidden state it read, which MTP
+        depth 1 starts from (as Megatron-Core and vLLM do)."""
+        normed = self.norm(hidden)
+        logits = self.lm_head(normed)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100), normed
 
-    def _collect_balance_loss(self) -> None:
+    def mtp_weight(self, mtp_loss_weight: Optional[float]) -> float:
+        """This step's lambda (eq. 25): the argument, else the config's."""
+        return self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+
+    def mtp_losses(self, normed: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, mtp_loss_weight: Optional[float] = None) -> list[torch.Tensor]:
+        """L^1 .. L^D of MTP (eq. 21-24) from the final-normed hidden state; none when lambda is 0."""
+        if self.mtp_weight(mtp_loss_weight) <= 0:
+            return []
+        return mtp_loss(self.mtp, normed, tokens, labels, self.embed_tokens, self.lm_head, cos, sin)
+
+    def total_loss(self, lm_loss: torch.Tensor, mtp_losses: list[torch.Tensor],
+                   mtp_loss_weight: Optional[float] = None) -> torch.Tensor:
+        """L_Main + lambda / D * sum_k L^k (eq. 25) + the stage's balance losses (their value only:
+        each MoE layer attached its gradient)."""
+        loss = lm_loss
+        if mtp_losses:
+            loss = loss + self.mtp_weight(mtp_loss_weight) / len(mtp_losses) * sum(mtp_losses)
+        self.collect_balance_loss()
+        if self.last_balance_loss is not None:
+            loss = loss + self.last_balance_loss
+        return loss
+
+    def collect_balance_loss(self) -> None:
         """Sum this stage's sequence-wise balance losses of the forward just run into `last_balance_loss`."""
         balance = [m.last_balance_loss for m in self.moe_layers() if m.last_balance_loss is not None]
         self.last_balance_loss = torch.stack(balance).sum() if balance and self.training else None
@@ -225,7 +258,5 @@ def build_model(config: DSV3Config, layer_spec: LayerSpecFn = decoder_layer_spec
                     pipeline_parallel_size=num_stages or layout.pipeline)
     model = DSV3Model(config, layer_spec, seed, stages, num_stages)
     if config.fp8 == "tile":
-        from megatron_dsv3.fp8 import apply_fp8
-
         apply_fp8(model)
     return model

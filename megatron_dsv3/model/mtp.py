@@ -22,7 +22,6 @@ from torch import nn
 
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.common import RMSNorm
-from megatron_dsv3.model.pieces import COMPUTE, Piece, run_in_order
 
 
 class MTPModule(nn.Module):
@@ -54,32 +53,20 @@ def shift_left(tokens_BS: torch.Tensor, k: int, fill: int) -> torch.Tensor:
 
 def mtp_loss(modules: nn.ModuleList, hidden: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
              embed: nn.Module, head, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
-    """Per-depth mean cross-entropies [L^1, ..., L^D] (unweighted).
+    """Per-depth mean cross-entropies [L^1, ..., L^D] (unweighted), from h^0 = `hidden`.
 
     tokens [b, s] are the inputs t_1..t_s, labels [b, s] = t_2..t_{s+1}; depth k at position i
     embeds t_{i+k+1} = labels[i + k - 1] and predicts labels[i + k]."""
-    state = run_in_order(mtp_pieces(modules, labels, embed, head, cos, sin), {"mtp_hidden": hidden})
-    return [state[f"mtp_loss_{k}"] for k in range(1, len(modules) + 1)]
-
-
-def mtp_pieces(modules: nn.ModuleList, labels: torch.Tensor, embed: nn.Module, head,
-               cos: torch.Tensor, sin: torch.Tensor) -> list[Piece]:
-    """`mtp_loss` as pieces (`model/pieces.py`) from the state's "mtp_hidden" (h^0, the main
-    model's normalised last hidden state) to its "mtp_loss_1" .. "mtp_loss_D": per depth, the merge
-    of eq. 21, the transformer block's own pieces (eq. 22), the head and loss (eq. 23-24)."""
-    pieces = []
+    losses = []
     for k, module in enumerate(modules, start=1):
-        def merge(state, k=k, module=module):
-            return {"hidden": module.merge_inputs(state["mtp_hidden"], embed(shift_left(labels, k - 1, fill=0)))}
+        hidden = module.layer(depth_input(module, hidden, labels, embed, k), cos, sin)  # eq. 21-22
+        losses.append(depth_loss(module, head, hidden, labels, k))  # eq. 23-24
+    return losses
 
-        def loss(state, k=k, module=module):
-            h = state["hidden"]
-            return {"mtp_hidden": h, f"mtp_loss_{k}": depth_loss(module, head, h, labels, k)}
 
-        block = module.layer.pieces(cos, sin) if hasattr(module.layer, "pieces") else [
-            Piece(f"mtp {k} block", COMPUTE, lambda state, module=module: {"hidden": module.layer(state["hidden"], cos, sin)})]
-        pieces += [Piece(f"mtp {k} merge", COMPUTE, merge), *block, Piece(f"mtp {k} loss", COMPUTE, loss)]
-    return pieces
+def depth_input(module: MTPModule, hidden: torch.Tensor, labels: torch.Tensor, embed: nn.Module, k: int) -> torch.Tensor:
+    """Eq. 21 at depth k: h^{k-1} merged with the embedding of the tokens k ahead."""
+    return module.merge_inputs(hidden, embed(shift_left(labels, k - 1, fill=0)))
 
 
 def depth_loss(module: MTPModule, head, h: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ by editing a ModuleSpec, not the model:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -21,7 +22,6 @@ from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.model.common import RMSNorm, SwiGLU, recomputed
 from megatron_dsv3.model.mla import InferenceCache, MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
-from megatron_dsv3.model.pieces import COMPUTE, Piece, own_pieces, run_in_order
 
 
 @dataclass
@@ -42,27 +42,24 @@ class DecoderLayer(nn.Module):
         # compressions, norms and up-projections rerun in backward; only the layer input is kept.
         self.selective_recompute = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[InferenceCache] = None) -> torch.Tensor:
-        return run_in_order(self.pieces(cos, sin, cache), {"hidden": x})["hidden"]
+        """Pre-norm residual blocks: u = x + Attention(RMSNorm(x)), then u + FFN(RMSNorm(u))."""
+        u_BSH = self.attention(x_BSH, cos, sin, cache)
+        return u_BSH + self.mlp(self.post_attention_layernorm(u_BSH))
 
-    def pieces(self, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[InferenceCache] = None) -> list[Piece]:
-        """The layer from the state's "hidden" to its next "hidden" as pieces (`model/pieces.py`):
-        attention, then the feed-forward's own pieces where it has them (DeepSeekMoE: route,
-        dispatch, experts, combine, merge), then the residual sum."""
+    def attention(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: Optional[InferenceCache] = None) -> torch.Tensor:
+        """x + Attention(RMSNorm(x)); under selective recomputation (training) the norm and MLA's
+        projections rerun in backward."""
+        if self.selective_recompute and cache is None:
+            q, k, v = recomputed(True, functools.partial(self.normed_projection, cos=cos, sin=sin), x_BSH)
+            return x_BSH + self.self_attn.attend(q, k, v)
+        return x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, cache)
 
-        def attention(state):
-            x = state["hidden"]
-            if self.selective_recompute and cache is None:
-                q, k, v = recomputed(True, lambda x_: self.self_attn.project(self.input_layernorm(x_), cos, sin), x)
-                x = x + self.self_attn.attend(q, k, v)
-            else:
-                x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-            return {"residual": x, "mlp_input": self.post_attention_layernorm(x)}
-
-        mlp = own_pieces(self.mlp) or [Piece("mlp", COMPUTE, lambda state: {"mlp_output": self.mlp(state["mlp_input"])})]
-        residual = Piece("residual", COMPUTE, lambda state: {"hidden": state["residual"] + state["mlp_output"]})
-        return [Piece("attention", COMPUTE, attention), *mlp, residual]
+    def normed_projection(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """MLA's queries, keys and values of RMSNorm(x) (what selective recomputation reruns)."""
+        return self.self_attn.project(self.input_layernorm(x_BSH), cos, sin)
 
 
 def attention_spec(config: DSV3Config, layer_number: int) -> ModuleSpec:

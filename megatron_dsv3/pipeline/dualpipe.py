@@ -26,9 +26,9 @@ does with its linear layers, would not).
 
 F&B: the forward of one micro-batch paired with the backward of another, interleaved piece by
 piece (attention, dispatch, experts, combine) so that each one's communication runs behind the
-other's computation: `overlap.py` says which piece overlaps which. Chunks whose model has no
-`stage_plan`, or whose forward_step_func takes no `return_schedule_plan`, run the pair in order,
-forward first.
+other's computation: `overlap.py` says which piece overlaps which. Chunks whose model
+`pieces.stage_pieces` cannot cut, or whose forward_step_func takes no `return_schedule_plan`, run
+the pair in order, forward first.
 
 Point-to-point: Megatron-Core's `_batched_p2p_ops` (torch.distributed's batch_isend_irecv over
 Megatron's pipeline group). Its public p2p helpers are shaped for 1F1B's neighbour buffers (one
@@ -48,10 +48,10 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel.p2p_communication import _batched_p2p_ops
 
 from megatron_dsv3 import registry
-from megatron_dsv3.model.pieces import COMPUTE
 from megatron_dsv3.parallel import comm, groups
 from megatron_dsv3.pipeline import simulate
 from megatron_dsv3.pipeline.overlap import Segmented, Step, Streams, run_chain, run_pair
+from megatron_dsv3.pipeline.pieces import COMPUTE, cuttable
 from megatron_dsv3.pipeline.schedule import ForwardBackward, Schedule, ScheduleRefused, get, register
 
 Arrival = Callable[[], Optional[torch.Tensor]]  # waits for a received tensor and returns it
@@ -213,9 +213,9 @@ class ModelChunk:
     loss is divided by the micro-batch count, as Megatron's schedules do; `losses` collects what
     its loss_func reports.
 
-    `segmented`: the chunk's model has a `stage_plan` and `forward_step_func` takes
+    `segmented`: `pieces.stage_pieces` can cut the chunk's model and `forward_step_func` takes
     `return_schedule_plan=True` (Megatron-Core's keyword for its own overlapped 1F1B), returning
-    a `StagePlan` in place of the output: then forward and backward run piece by piece
+    `StagePieces` in place of the output: then forward and backward run piece by piece
     (`overlap.Segmented`) and F&B pairs interleave."""
 
     def __init__(self, chunk: Any, stage: int, stages: int, forward_step_func: Callable, data: Iterator,
@@ -225,7 +225,7 @@ class ModelChunk:
         module = getattr(chunk, "module", chunk)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.streams = streams or Streams(torch.device("cpu"))
-        self.segmented = (hasattr(module, "stage_plan")
+        self.segmented = (cuttable(module)
                           and "return_schedule_plan" in inspect.signature(forward_step_func).parameters)
         self.saved: dict[int, tuple[Optional[torch.Tensor], torch.Tensor, Optional[Segmented]]] = {}
         self.deferred: dict[int, Any] = {}
@@ -269,8 +269,8 @@ class ModelChunk:
                 finish(*self.forward_step_func(self.data, self.chunk), None)
 
             return [Step(COMPUTE, run, "forward")], lambda: tensors["y"]
-        plan, loss_func = self.forward_step_func(self.data, self.chunk, return_schedule_plan=True)
-        segmented = Segmented(plan, self.streams)
+        stage_pieces, loss_func = self.forward_step_func(self.data, self.chunk, return_schedule_plan=True)
+        segmented = Segmented(stage_pieces, self.streams)
         steps = segmented.forward_steps(lambda: receive(segmented), lambda output: finish(output, loss_func, segmented))
         return steps, lambda: tensors["y"]
 

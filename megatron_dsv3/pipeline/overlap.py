@@ -1,15 +1,16 @@
 """The overlapped forward-and-backward step of DualPipe (report section 3.2.1, Figure 4).
 
 In DualPipe's steady phase each rank runs the forward of one micro-batch beside the backward of
-another (an "F&B" operation). Both are cut into their pieces (`model/pieces.py`), and the two
-chains of pieces are issued alternately so that one's communication runs behind the other's
-computation. For a pair of DeepSeek-V3 MoE layers, forward of layer i and backward of layer j:
+another (an "F&B" operation). Both are cut into their pieces (`pieces.py`, an adapter that calls
+the model's plain forward steps one at a time), and the two chains of pieces are issued
+alternately so that one's communication runs behind the other's computation. For a pair of
+DeepSeek-V3 MoE layers, forward of layer i and backward of layer j:
 
     compute stream                        communication stream
-    attention F (i)                       combine B (j)      all-to-all of output gradients
+    attention+route F (i)                 combine B (j)      all-to-all of output gradients
     experts B + W (j)                     dispatch F (i)     all-to-all of tokens
     experts F (i)                         dispatch B (j)     all-to-all of input gradients
-    merge+attention B + W (j)             combine F (i)      all-to-all of expert outputs
+    merge+attention+route B + W (j)       combine F (i)      all-to-all of expert outputs
 
 The head, the loss and MTP's pieces join the last stage's chains the same way (MTP's block is a
 MoE layer of its own). Pipeline p2p: both receives are posted before the pair starts and each
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from megatron_dsv3.model.pieces import COMM, COMPUTE, Piece, StagePlan, fuse
+from megatron_dsv3.pipeline.pieces import COMM, COMPUTE, Piece, StagePieces, fuse
 
 
 @dataclass
@@ -147,9 +148,9 @@ class Segmented:
     them (as in the plain forward). A piece's B runs its graph down to its cuts, which pass the
     gradients to the pieces that wrote those values; its W runs the same graph into the weights."""
 
-    def __init__(self, plan: StagePlan, streams: Streams):
-        self.plan, self.streams = plan, streams
-        self.pieces = fuse(plan.pieces)
+    def __init__(self, stage_pieces: StagePieces, streams: Streams):
+        self.stage_pieces, self.streams = stage_pieces, streams
+        self.pieces = fuse(stage_pieces.pieces)
         self.state: dict[str, Any] = {}
         self.serials: dict[str, int] = {}  # key -> serial of the value the state holds under it
         self.numbering = itertools.count()
@@ -169,7 +170,7 @@ class Segmented:
 
     def _forward(self, piece: Piece) -> None:
         inputs = _Inputs(self, self.streams.stream(piece.kind))
-        with self.plan.context():
+        with self.stage_pieces.context():
             written = piece.run(inputs)
         outputs = []
         for key, value in written.items():
@@ -184,7 +185,7 @@ class Segmented:
         self.records.append(_Record(piece, outputs))
         if piece is self.pieces[-1]:  # the output reads the state through cuts of its own, as a piece would
             output_inputs = _Inputs(self, None)
-            self.output = self.plan.output(output_inputs)
+            self.output = self.stage_pieces.output(output_inputs)
             self.output_read = bool(output_inputs.cuts)
             self.state.clear()  # from here on only autograd's saved tensors hold the activations
 

@@ -25,6 +25,8 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from megatron_dsv3.parallel import comm, groups
+from megatron_dsv3.pipeline.pieces import stage_pieces
+
 
 class ScheduledModel:
     """What Megatron-Core's forward_backward_func asks of a model chunk: a `config` (a
@@ -72,8 +74,9 @@ def forward_backward(schedule, chunks: list[ScheduledModel], batches: Iterator[d
         return out.loss, {}  # Megatron divides the loss by num_micro before backward
 
     def forward_step(data_iterator, chunk: ScheduledModel, return_schedule_plan: bool = False):
-        """Megatron's forward_step_func; with `return_schedule_plan` (DualPipe's overlapped F&B,
-        `dualpipe.ModelChunk`) the stage's forward as pieces (`model.stage_plan`) instead of its output."""
+        """Megatron's forward_step_func. `return_schedule_plan` (Megatron-Core's keyword; here asked by
+        DualPipe's overlapped F&B, `dualpipe.ModelChunk`): the stage's forward as pieces
+        (`pieces.stage_pieces`) instead of its output."""
         batch = next(data_iterator)
         tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -85,10 +88,10 @@ def forward_backward(schedule, chunks: list[ScheduledModel], batches: Iterator[d
 
         if return_schedule_plan:
             with autocast():
-                plan = chunk.module.stage_plan(tokens, labels=labels, stage=chunk.stage, mtp_loss_weight=mtp_loss_weight,
-                                               balance_loss_scale=1.0 / num_micro)
-            model_output = plan.output
-            return dataclasses.replace(plan, output=lambda state: stage_output(model_output(state)),
+                cut = stage_pieces(chunk.module, tokens, labels, stage=chunk.stage, mtp_loss_weight=mtp_loss_weight,
+                                   balance_loss_scale=1.0 / num_micro)
+            model_output = cut.output
+            return dataclasses.replace(cut, output=lambda state: stage_output(model_output(state)),
                                        context=autocast), loss_func
         with autocast():
             out = chunk.module(tokens, labels=labels, stage=chunk.stage, mtp_loss_weight=mtp_loss_weight,

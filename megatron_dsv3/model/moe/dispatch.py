@@ -4,8 +4,8 @@ With tensor parallelism every TP rank holds the same tokens; each TP rank dispat
 share of them and the per-slot expert outputs are gathered back, so each (token, expert) pair is
 computed exactly once. Expert e lives on expert-parallel rank e // experts_per_rank.
 
-`run(x, expert_ids, experts)` is four phases, which the overlapped DualPipe step also calls one
-at a time (`DeepSeekMoE.pieces`):
+`run(x, expert_ids, experts)` is four phases, which `DeepSeekMoE` calls as steps of its own (so
+that DualPipe's overlapped step can run them one at a time):
   permute   take this TP rank's tokens, sort (token, slot) pairs by expert     (compute)
   dispatch  all-to-all counts, then tokens; regroup by local expert            (communication)
   (experts)

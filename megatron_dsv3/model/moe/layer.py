@@ -1,19 +1,25 @@
-"""The DeepSeekMoE layer: shared experts + routed experts (report section 2.1.2, eq. 12).
+"""The DeepSeekMoE layer: shared experts + routed experts (report section 2.1.2, eq. 12-16).
 
-  h' = u + sum_shared FFN_s(u) + sum_{i in top-k} g_i FFN_i(u)
-(the residual `u +` is added by the decoder layer).
+  h' = u + sum_shared FFN_s(u) + sum_{i in top-k} g_i FFN_i(u)          eq. 12
+(the residual `u +` is added by the decoder layer). `forward` runs its steps in order: `route`
+(affinities, top-k and gates, eq. 13-16, then the sort by expert), `dispatch` (all-to-all to the
+experts' ranks), the `shared` and `routed` experts, `combine` (all-to-all back) and `merge`
+(unsort, gate, sum). DualPipe's overlapped step calls the same steps one at a time
+(`pipeline/pieces.py`).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.fp8 import fp8_batched_matmul
 from megatron_dsv3.model.common import SwiGLU
-from megatron_dsv3.model.moe.dispatch import TokenDispatcher
+from megatron_dsv3.model.moe.dispatch import Exchange, Permutation, TokenDispatcher
 from megatron_dsv3.model.moe.experts import RoutedExperts, bf16_batched_matmul
 from megatron_dsv3.model.moe.router import Router
-from megatron_dsv3.model.pieces import COMM, COMPUTE, Piece, run_in_order
 from megatron_dsv3.parallel import groups
 
 
@@ -44,9 +50,7 @@ class DeepSeekMoE(nn.Module):
         ep_group = groups.ep_group()
         ep = groups.size(ep_group)
         self.router = Router(config)
-        matmul = bf16_batched_matmul
-        if config.fp8 == "tile":
-            from megatron_dsv3.fp8 import fp8_batched_matmul as matmul
+        matmul = fp8_batched_matmul if config.fp8 == "tile" else bf16_batched_matmul
         self.experts = RoutedExperts(config.num_routed_experts // ep, config.hidden_size,
                                      config.moe_ffn_hidden_size, matmul)
         self.shared_experts = (SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_ffn_hidden_size)
@@ -55,45 +59,47 @@ class DeepSeekMoE(nn.Module):
         self.last_balance_loss = None  # detached, for logging
         self.balance_loss_scale = 1.0  # set by the model's forward from its argument
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [batch, seq, hidden] -> [batch, seq, hidden]."""
-        return run_in_order(self.pieces(), {"mlp_input": x})["mlp_output"]
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        """Eq. 12 less its residual: sum_s FFN_s(u) + sum_{i in top-k} g_i FFN_i(u). x [batch, seq, hidden]."""
+        x_sorted, permutation, gates_TK, balance_loss = self.route(x_BSH)  # eq. 13-16
+        received, exchange = self.dispatch(x_sorted, permutation)
+        shared_BSH = self.shared(x_BSH)
+        out = self.routed(received, exchange)
+        out_sorted = self.combine(out, exchange)
+        return self.merge(x_BSH, out_sorted, shared_BSH, permutation, gates_TK, balance_loss)
 
-    def pieces(self) -> list[Piece]:
-        """The layer as route / dispatch / experts / combine / merge (`model/pieces.py`), from the
-        state's "mlp_input" [batch, seq, hidden] to its "mlp_output"; its other keys start "moe_"."""
-        exchanging = COMM if self.dispatcher.ep_size > 1 else COMPUTE
+    def route(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, Permutation, torch.Tensor, Optional[torch.Tensor]]:
+        """Eq. 13-16 (and the balance loss of eq. 17-20): this rank's (token, slot) pairs' inputs
+        sorted by expert [pairs, hidden], where they came from, the gates [tokens, top_k] and the loss."""
+        routing = self.router(x_BSH)
+        x_sorted, permutation = self.dispatcher.permute(x_BSH.flatten(0, 1), routing.expert_ids)
+        return x_sorted, permutation, routing.gates, routing.balance_loss
 
-        def route(state):
-            x = state["mlp_input"]
-            routing = self.router(x)
-            x_sorted, permutation = self.dispatcher.permute(x.flatten(0, 1), routing.expert_ids)
-            return {"moe_sorted": x_sorted, "moe_permutation": permutation, "moe_gates": routing.gates,
-                    "moe_balance_loss": routing.balance_loss}
+    def dispatch(self, x_sorted: torch.Tensor, permutation: Permutation) -> tuple[torch.Tensor, Exchange]:
+        """The all-to-all to the experts' ranks: the rows of this rank's experts, grouped by expert."""
+        return self.dispatcher.dispatch(x_sorted, permutation)
 
-        def dispatch(state):
-            received, exchange = self.dispatcher.dispatch(state["moe_sorted"], state["moe_permutation"])
-            return {"moe_received": received, "moe_exchange": exchange}
+    def shared(self, x_BSH: torch.Tensor) -> Optional[torch.Tensor]:
+        """sum_s FFN_s(u) [batch, seq, hidden] (None without shared experts)."""
+        return self.shared_experts(x_BSH) if self.shared_experts is not None else None
 
-        def experts(state):
-            shared = self.shared_experts(state["mlp_input"]) if self.shared_experts is not None else None
-            return {"moe_expert_out": self.experts(state["moe_received"], state["moe_exchange"].tokens_per_expert),
-                    "moe_shared": shared}
+    def routed(self, received: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        """FFN_i of every received row, by its expert i (unweighted)."""
+        return self.experts(received, exchange.tokens_per_expert)
 
-        def combine(state):
-            return {"moe_combined": self.dispatcher.combine(state["moe_expert_out"], state["moe_exchange"])}
+    def combine(self, out: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        """The all-to-all back: the expert outputs of this rank's pairs, in `route`'s sorted order."""
+        return self.dispatcher.combine(out, exchange)
 
-        def merge(state):
-            x, gates, balance_loss = state["mlp_input"], state["moe_gates"], state["moe_balance_loss"]
-            per_slot_TKH = self.dispatcher.unpermute(state["moe_combined"], state["moe_permutation"])
-            out = (per_slot_TKH * gates.unsqueeze(-1).to(x.dtype)).sum(dim=1).view_as(x)
-            if state["moe_shared"] is not None:
-                out = out + state["moe_shared"]
-            if balance_loss is not None:
-                self.last_balance_loss = balance_loss.detach()
-                out = BalanceLossAttach.apply(out, balance_loss, self.balance_loss_scale)
-            return {"mlp_output": out}
-
-        return [Piece("route", COMPUTE, route), Piece("dispatch", exchanging, dispatch),
-                Piece("experts", COMPUTE, experts), Piece("combine", exchanging, combine),
-                Piece("merge", COMPUTE, merge)]
+    def merge(self, x_BSH: torch.Tensor, out_sorted: torch.Tensor, shared_BSH: Optional[torch.Tensor],
+              permutation: Permutation, gates_TK: torch.Tensor, balance_loss: Optional[torch.Tensor]) -> torch.Tensor:
+        """Unsort, weight by the gates and sum over the top-k, add the shared experts (eq. 12);
+        attach the balance loss's gradient."""
+        per_slot_TKH = self.dispatcher.unpermute(out_sorted, permutation)
+        out = (per_slot_TKH * gates_TK.unsqueeze(-1).to(x_BSH.dtype)).sum(dim=1).view_as(x_BSH)
+        if shared_BSH is not None:
+            out = out + shared_BSH
+        if balance_loss is not None:
+            self.last_balance_loss = balance_loss.detach()
+            out = BalanceLossAttach.apply(out, balance_loss, self.balance_loss_scale)
+        return out
