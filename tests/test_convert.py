@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from distributed import run_ranks  # noqa: E402
+from helpers.distributed import run_ranks  # noqa: E402
 
 # tiny: hidden 128 and the dense FFN's 320 rows give whole and partial (padded) 128x128 blocks.
 CONFIG = DSV3Config.preset("tiny", seq_aux_loss_coeff=0.0, mtp_num_modules=0)

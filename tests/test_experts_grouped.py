@@ -247,7 +247,7 @@ def _ep2_rank(out_dir: str) -> None:
 
 
 def test_ep2_all_to_all_with_segments_equals_the_padded_reference(tmp_path):
-    from distributed import run_ranks
+    from helpers.distributed import run_ranks
 
     run_ranks(2, [__file__, "ep2", str(tmp_path)], timeout=120)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]

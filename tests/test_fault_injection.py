@@ -34,7 +34,6 @@ import pickle
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,9 +41,7 @@ from typing import Optional
 import psutil
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from test_train import RankServer  # noqa: E402  (the job server's client, shared with tests/test_train.py)
+from helpers.rank_server import RankServer
 
 STEPS, SAVE_INTERVAL = 20, 2
 SEED = int(os.environ.get("DSV3_FAULT_SEED", "1103"))

@@ -22,9 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 
-WORKER = "tests/parallel_worker.py"
+WORKER = "tests/helpers/parallel_worker.py"
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1  # the worker's AdamW (ours and Megatron's)
 
 

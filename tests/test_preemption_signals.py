@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from distributed import ROOT
+from helpers.distributed import ROOT
 
 
 @pytest.mark.timeout(240)

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distributed import ROOT, free_port
+from helpers.distributed import ROOT, free_port
 from megatron_dsv3 import exit_status
 from megatron_dsv3.cli.torchrun import exit_code
 
