@@ -209,6 +209,7 @@ def server(tmp_path_factory):
     rank_server.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_kill_9_a_random_rank_at_random_times_every_resume_is_complete_and_losses_match(tmp_path, server):
     journal = [f"fault injection: seed {SEED}, {KILLS} kills; replay with DSV3_FAULT_SEED={SEED} "

@@ -24,6 +24,7 @@ def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_smoke_mode_runs_every_section_and_writes_sane_json(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "--smoke"], capture_output=True, text=True,

@@ -17,6 +17,7 @@ import pytest
 from helpers.distributed import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("save_interval", [2, 0], ids=["writer-running", "first-save-is-the-preemption-save"])
 def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path, save_interval):
