@@ -23,11 +23,10 @@ from megatron_dsv3.fp8 import quantize_blocks
 from megatron_dsv3.fp8.quantize import expand_block_scales
 from megatron_dsv3.convert.hf import dequantize_fp8_blockwise, iter_hf_weights
 
-transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3ForCausalLM  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import DeepseekV3ForCausalLM
+from safetensors.torch import load_file, save_file
 
-from helpers.distributed import run_ranks  # noqa: E402
+from helpers.distributed import run_ranks
 
 # tiny: hidden 128 and the dense FFN's 320 rows give whole and partial (padded) 128x128 blocks.
 CONFIG = DSV3Config.preset("tiny", seq_aux_loss_coeff=0.0, mtp_num_modules=0)

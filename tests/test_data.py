@@ -59,7 +59,7 @@ def test_byte_tokenizer_round_trips_utf8():
 
 
 def test_hf_tokenizer_json_is_used_when_given(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # transformers' dependency (the test extra); optional for dsv3-train itself
     from tokenizers import models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<pad>": 1, "<|endoftext|>": 2, "hello": 3, "world": 4}
