@@ -577,7 +577,7 @@ def test_zero1_trains_like_the_local_optimizer_and_its_checkpoints_resume_anywhe
     assert "AdamW, state on every data-parallel rank" in local_log
     assert 0.45 < moments_mib(zero1_log) / moments_mib(local_log) < 0.55
     reference = {r["step"]: r for r in _records(zero1)}
-    assert sorted(reference) == [1, 2, 3, 4]
+    assert sorted(reference) == [1, 2, 3, 4] and sorted(r["step"] for r in _records(local)) == [1, 2, 3, 4]
     for step, record in {r["step"]: r for r in _records(local)}.items():
         assert reference[step]["loss"] == pytest.approx(record["loss"], rel=1e-6), step
         assert reference[step]["grad_norm"] == pytest.approx(record["grad_norm"], rel=1e-5), step
@@ -587,6 +587,7 @@ def test_zero1_trains_like_the_local_optimizer_and_its_checkpoints_resume_anywhe
     from_step_2(zero1, "local_one_rank")
     one, out = run("local_one_rank", 1, "parallel.distributed_optimizer=false")
     assert "resumed from step 2" in log and "resumed from step 2" in out
+    assert sorted(r["step"] for r in _records(again)) == [3, 4]
     for step, record in {r["step"]: r for r in _records(again)}.items():
         assert (record["loss"], record["grad_norm"]) == (reference[step]["loss"], reference[step]["grad_norm"])
     for step, record in {r["step"]: r for r in _records(one)}.items():
@@ -628,6 +629,7 @@ def test_zero1_bf16_weights_keep_fp32_masters_through_a_resume(tmp_path, capsys,
 
     reference = {r["step"]: r for r in _records(straight)}
     assert sorted(reference) == [1, 2, 3, 4]
+    assert sorted(r["step"] for r in _records(resumed)) == [3, 4] and sorted(r["step"] for r in _records(fp32)) == [1, 2, 3, 4]
     for step, record in {r["step"]: r for r in _records(resumed)}.items():
         assert (record["loss"], record["grad_norm"]) == (reference[step]["loss"], reference[step]["grad_norm"]), step
     for step, record in {r["step"]: r for r in _records(fp32)}.items():
@@ -836,7 +838,10 @@ def test_after_divergence_latest_names_a_checkpoint_whose_weights_gave_a_good_lo
         assert good + 1 < bad and losses[good + 1] < 1e3 and _latest(ckpt_dir) == good
     else:
         assert "no checkpoint holds weights that gave a good loss" in err and not (ckpt_dir / "latest").exists()
-    assert [int(p.name.split("_")[1]) for p in (ckpt_dir / "abandoned").iterdir()] == [bad - 1] if bad % 2 else True
+    # a save at step bad - 1 (saves fall on even steps) holds the weights that gave the diverged loss
+    abandoned = ckpt_dir / "abandoned"
+    set_aside = sorted(int(p.name.split("_")[1]) for p in abandoned.iterdir()) if abandoned.exists() else []
+    assert set_aside == ([bad - 1] if bad % 2 else []), (bad, set_aside)
     assert all(int(name.split("_")[1]) + 1 < bad for name in _iter_dirs(ckpt_dir))
     code, out, err = _train(capsys, *_args(run, "train.steps=4", "checkpoint.save_interval=2"))
     assert code == 0, err[-2000:]  # a rerun with a sane lr starts from good weights, not the poisoned save
@@ -866,16 +871,12 @@ def test_a_stalled_rank_fails_the_job_within_the_collective_timeout(tmp_path, ra
 
     run = tmp_path / "run"
     argv = _args(run, "train.steps=100000", "checkpoint.save_interval=0", "parallel.timeout_s=5")
-    waited = {}
 
     def stall_rank_1(pids: list[int], logs: list[Path]) -> None:
         _wait_for(r"^step 2/", logs[0])
         os.kill(pids[1], signal.SIGSTOP)
-        start = time.monotonic()
-        _wait_for(r"outlasted parallel\.timeout_s=5 s", logs[0], timeout=120)
-        waited["s"] = time.monotonic() - start
+        _wait_for(r"outlasted parallel\.timeout_s=5 s", logs[0], timeout=120)  # fails the test past 120 s
         os.kill(pids[1], signal.SIGKILL)
 
     codes, logs = ranks.run(2, argv, run / "logs", timeout=150, on_start=stall_rank_1)
     assert codes[0] == 4, logs[0][-3000:]
-    assert waited["s"] < 120
