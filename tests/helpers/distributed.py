@@ -44,6 +44,11 @@ def run_ranks(world: int, argv: list[str], timeout: float = 180, collective_time
         partial = [p.communicate()[0] for p in procs]
         raise AssertionError(f"{world} ranks did not finish in {timeout:.0f} s:\n" + "\n".join(
             f"--- rank {r}\n{o[-3000:]}" for r, o in enumerate(partial)))
+    except BaseException:  # e.g. pytest-timeout or Ctrl-C while waiting: no rank outlives the test
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
         raise AssertionError(f"ranks {failed} failed:\n" + "\n".join(
