@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from multiprocessing import resource_tracker
 
 import psutil
@@ -58,6 +59,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _started_here() -> list[psutil.Process]:
     """Live processes started by this session: pytest's descendants, and any process that carries
     this session's marker in its environment (a daemon or an orphan that left the tree)."""
@@ -74,14 +82,16 @@ def _started_here() -> list[psutil.Process]:
                 found[process.pid] = process
         except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
             continue
-    alive = []
-    for process in found.values():
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.Error:
-            continue
-    return alive
+    return [p for p in found.values() if _running(p)]
+
+
+def _still_running(processes: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + seconds
+    processes = [p for p in processes if _running(p)]
+    while processes and time.monotonic() < deadline:
+        time.sleep(0.1)
+        processes = [p for p in processes if _running(p)]
+    return processes
 
 
 def _describe(process: psutil.Process) -> str:
@@ -95,7 +105,8 @@ def _describe(process: psutil.Process) -> str:
 def pytest_sessionfinish(session, exitstatus):
     if "wandb" in sys.modules:  # its service process lives as long as this one unless torn down
         sys.modules["wandb"].teardown()
-    leftovers = _started_here()
+    # A helper that ends with its parent (a browser's crash handler) may take a moment to go.
+    leftovers = _still_running(_started_here(), seconds=5)
     if leftovers:
         listing = "\n".join(f"  {_describe(p)}" for p in leftovers)
         for process in leftovers:
@@ -103,7 +114,7 @@ def pytest_sessionfinish(session, exitstatus):
                 process.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(leftovers, timeout=10)
+        _still_running(leftovers, seconds=10)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = f"processes started by the tests were still running at the end (killed now):\n{listing}"
         if reporter is not None:
