@@ -8,8 +8,10 @@ machine as it found it.
   temporary folders, or start daemons) run only when DSV3_SYSTEM_TESTS=1; .ci/run sets it.
 - A process the tests started that is still running when the session ends is listed, killed,
   and fails the session: it is found as a child of pytest or, if it left the tree, by a marker
-  in its environment that every process started from here inherits.
+  in its environment that every process started from here inherits. Helpers that end with pytest
+  itself (multiprocessing's resource tracker and Manager servers, wandb's service) are not counted.
 """
+import multiprocessing
 import os
 import shutil
 import sys
@@ -70,8 +72,11 @@ def _started_here() -> list[psutil.Process]:
     """Live processes started by this session: pytest's descendants, and any process that carries
     this session's marker in its environment (a daemon or an orphan that left the tree)."""
     me = psutil.Process()
-    # This process's own multiprocessing resource tracker reads a pipe from it and exits with it.
-    exempt = {me.pid, getattr(resource_tracker._resource_tracker, "_pid", None)}
+    # What multiprocessing ends when this process exits: its resource tracker (it reads a pipe from
+    # here) and the children it started here (Manager servers, such as the one Megatron-Core's
+    # checkpoint writer keeps for the life of the process, are shut down by their finalizers).
+    exempt = {me.pid, getattr(resource_tracker._resource_tracker, "_pid", None),
+              *(child.pid for child in multiprocessing.active_children())}
     found = {p.pid: p for p in me.children(recursive=True) if p.pid not in exempt}
     marker = os.environ[SESSION_MARKER]
     for process in psutil.process_iter():
