@@ -8,8 +8,9 @@ machine as it found it.
   temporary folders, or start daemons) run only when DSV3_SYSTEM_TESTS=1; .ci/run sets it.
 - A process the tests started that is still running when the session ends is listed, killed,
   and fails the session: it is found as a child of pytest or, if it left the tree, by a marker
-  in its environment that every process started from here inherits. Helpers that end with pytest
-  itself (multiprocessing's resource tracker and Manager servers, wandb's service) are not counted.
+  in its environment that every process started from here inherits. wandb's service is torn down
+  first; helpers that end with pytest itself (multiprocessing's resource tracker and Manager
+  servers) are not counted.
 """
 import multiprocessing
 import os
