@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,10 @@ from megatron_dsv3.fp8 import quantize_blocks
 from megatron_dsv3.fp8.quantize import expand_block_scales
 from megatron_dsv3.convert.hf import dequantize_fp8_blockwise, iter_hf_weights
 
-transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3ForCausalLM  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import DeepseekV3ForCausalLM
+from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from distributed import run_ranks  # noqa: E402
+from helpers.distributed import run_ranks
 
 # tiny: hidden 128 and the dense FFN's 320 rows give whole and partial (padded) 128x128 blocks.
 CONFIG = DSV3Config.preset("tiny", seq_aux_loss_coeff=0.0, mtp_num_modules=0)
@@ -286,8 +283,8 @@ def _first_batch_loss(reference, dataset: str, cache: Path) -> float:
     return torch.stack(losses).mean().item()
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.expert=2"], ["parallel.pipeline=2"]],
-                         ids=["tp2xep2", "pp2"])
+@pytest.mark.parametrize("layout", [pytest.param(["parallel.tensor=2", "parallel.expert=2"], marks=pytest.mark.slow),
+                                    ["parallel.pipeline=2"]], ids=["tp2xep2", "pp2"])
 def test_dsv3_train_starts_from_the_converted_weights(layout, hf_bf16, dist_bf16, reference, dataset, tmp_path):
     run_dir = tmp_path / "run"
     argv = [*SMALL, *layout, f"data.paths=[{dataset}]", f"data.cache_dir={tmp_path / 'cache'}",

@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import os
-import socket
 import sys
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from helpers.distributed import free_port
 from megatron_dsv3.cli.prepare import main as prepare_main
 from megatron_dsv3.run_config import DataSection
 from megatron_dsv3.data import (
@@ -59,7 +59,7 @@ def test_byte_tokenizer_round_trips_utf8():
 
 
 def test_hf_tokenizer_json_is_used_when_given(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # transformers' dependency (the test extra); optional for dsv3-train itself
     from tokenizers import models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<pad>": 1, "<|endoftext|>": 2, "hello": 3, "world": 4}
@@ -283,9 +283,7 @@ def _rank_batches(rank, port, cache, out):
 
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_build_the_shared_cache_and_split_batches(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cache = str(tmp_path / "cache")
     torch.multiprocessing.start_processes(
         _rank_batches, args=(port, cache, str(tmp_path)), nprocs=2, start_method="fork"

@@ -241,13 +241,14 @@ def _ep2_rank(out_dir: str) -> None:
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(local.down_weight.grad, full.down_weight.grad[3 * rank:3 * rank + 3],
                                rtol=1e-5, atol=1e-6)
-    assert torch.bincount(torch.cat(ids).flatten(), minlength=EXPERTS)[4] == 0  # an empty expert crossed too
+    if rank == 1:  # expert 4 (this rank's second) got no token from either rank: an exactly zero gradient
+        assert torch.count_nonzero(local.gate_up_weight.grad[1]) == 0 and torch.count_nonzero(local.down_weight.grad[1]) == 0
     Path(out_dir, f"rank{rank}.ok").write_text("ok")
     dist.destroy_process_group()
 
 
 def test_ep2_all_to_all_with_segments_equals_the_padded_reference(tmp_path):
-    from distributed import run_ranks
+    from helpers.distributed import run_ranks
 
     run_ranks(2, [__file__, "ep2", str(tmp_path)], timeout=120)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]

@@ -34,7 +34,6 @@ import pickle
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,9 +41,7 @@ from typing import Optional
 import psutil
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from test_train import RankServer  # noqa: E402  (the job server's client, shared with tests/test_train.py)
+from helpers.rank_server import RankServer
 
 STEPS, SAVE_INTERVAL = 20, 2
 SEED = int(os.environ.get("DSV3_FAULT_SEED", "1103"))
@@ -212,6 +209,7 @@ def server(tmp_path_factory):
     rank_server.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_kill_9_a_random_rank_at_random_times_every_resume_is_complete_and_losses_match(tmp_path, server):
     journal = [f"fault injection: seed {SEED}, {KILLS} kills; replay with DSV3_FAULT_SEED={SEED} "

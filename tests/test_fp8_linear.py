@@ -5,6 +5,7 @@ from torch import nn
 
 from megatron_dsv3.fp8 import (Fp8Linear, apply_fp8, dequantize_tiles, fp8_batched_matmul, fp8_gemm,
                                quantize_blocks, quantize_tiles)
+from megatron_dsv3.model.moe.experts import RoutedExperts
 
 # Each GEMM multiplies two E4M3-rounded operands (RMS relative rounding error ~2.5% each), so
 # outputs and gradients land at ~3.6% relative Frobenius error (measured 3.5-3.7%); bound 5%.
@@ -105,10 +106,9 @@ def test_fp8_grouped_expert_gemms_match_per_expert_mm_forward_and_backward():
 
 
 def test_fp8_batched_matmul_plugs_into_routed_experts():
-    experts_mod = pytest.importorskip("megatron_dsv3.model.moe.experts")
     torch.manual_seed(3)
-    ref = experts_mod.RoutedExperts(4, 128, 64)
-    fp8 = experts_mod.RoutedExperts(4, 128, 64, batched_matmul=fp8_batched_matmul)
+    ref = RoutedExperts(4, 128, 64)
+    fp8 = RoutedExperts(4, 128, 64, batched_matmul=fp8_batched_matmul)
     for p in ref.parameters():
         nn.init.normal_(p, std=0.05)
     fp8.load_state_dict(ref.state_dict())

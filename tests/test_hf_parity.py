@@ -14,9 +14,8 @@ from megatron_dsv3.convert.hf import (HFWeightError, MTPCopyMismatchWarning, deq
 from megatron_dsv3.fp8 import quantize_blocks
 from megatron_dsv3.model.moe.router import Router
 
-transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3ForCausalLM  # noqa: E402
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_modeling  # noqa: E402
+from transformers import DeepseekV3ForCausalLM
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_modeling
 
 TOL = 1e-4
 SEQ = 40  # longer than YaRN's original_max_position_embeddings=16 below

@@ -21,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_non_editable_install_launches_and_trains_from_outside_the_repository(tmp_path):
     env_dir, outside = tmp_path / "venv", tmp_path / "elsewhere"

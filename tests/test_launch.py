@@ -11,8 +11,8 @@ import pytest
 
 from megatron_dsv3.cli import launch as cli
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.launch import (LaunchConfigError, PreflightError, cuda_device_max_connections, load_run,
-                                  preflight, render_sbatch)
+from megatron_dsv3.launch import (LaunchConfigError, PreflightError, cuda_device_max_connections, load_preset,
+                                  load_run, preflight, render_sbatch)
 from megatron_dsv3.memory import GIB, count_params, estimate_memory
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.pipeline import get_schedule
@@ -118,8 +118,14 @@ def test_fabric_settings_are_explicit_in_gpu_presets():
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=32  # layout TP1 EP64 dualpipe" in render(V3)
 
 
-def test_h100_preset_renders():
-    assert "# preset h100" in render(LITE, "launch.env_preset=h100")
+def test_h100_preset_exports_its_own_values():
+    script = render(LITE, "launch.env_preset=h100")
+    exports = dict(line.removeprefix("export ").removesuffix("  # preset h100").split("=", 1)
+                   for line in script.splitlines() if line.startswith("export ") and line.endswith("  # preset h100"))
+    assert {var: value.strip("'") for var, value in exports.items()} == {
+        var: str(value) for var, value in load_preset("h100")["env"].items()}
+    assert exports["NVTE_FWD_LAYERNORM_SM_MARGIN"] == "16"  # H800's preset keeps 20 SMs free
+    assert "h800" not in script
 
 
 @pytest.mark.parametrize("tensor, expert, schedule, expected", [

@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,6 @@ def test_summary_has_every_key_per_layer_and_overall():
 
 
 def test_percentiles_match_numpy_linear_interpolation():
-    np = pytest.importorskip("numpy")
     counts = torch.arange(1, 101)  # fractions i / 5050
     t = ExpertLoadTracker(1, 100)
     t.update(0, counts)
@@ -171,7 +171,6 @@ def test_build_logger_from_logging_section(tmp_path):
 
 
 def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")  # the test extra installs it
     with monkeypatch.context() as hidden:
         hidden.setitem(sys.modules, "torch.utils.tensorboard", None)
         with pytest.raises(ImportError, match="pip install tensorboard"):
@@ -182,8 +181,13 @@ def test_tensorboard_sink_writes_events_or_explains_the_missing_package(tmp_path
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
 
 
-def test_is_logging_rank_without_distributed():
+def test_is_logging_rank_is_the_rank_asked_for_and_every_process_without_distributed(monkeypatch):
     assert is_logging_rank() and is_logging_rank(-1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    for rank, first, last in ((0, True, False), (1, False, False), (3, False, True)):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        assert (is_logging_rank(), is_logging_rank(-1)) == (first, last), rank
 
 
 def _wandb_log(records) -> bytes:
@@ -218,7 +222,7 @@ def _history(step, size):
 
 
 def test_wandb_log_reader_finds_an_exit_record_split_over_blocks_and_waits_for_it(tmp_path):
-    pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+    from wandb.proto import wandb_internal_pb2 as pb  # wandb is heavy: imported by the tests that use it
     block = wandb_log.BLOCK_BYTES
     exit_record = pb.Record(exit=pb.RunExitRecord(exit_code=0, runtime=7))
     # the 7-byte header, then a history record in chunks over blocks 0-3 that leaves 10 bytes of
@@ -245,7 +249,7 @@ def test_wandb_log_reader_finds_an_exit_record_split_over_blocks_and_waits_for_i
 
 
 def test_wandb_offline_run_holds_scalars_and_expert_table(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    import wandb  # heavy: imported by the tests that use it
     for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -549,7 +553,6 @@ def test_a_tiny_run_logs_to_wandb_and_tensorboard_what_the_routers_chose(tmp_pat
     """4 steps, logged every 2 with heatmaps: both dashboards' files hold the grouped keys and the
     heatmap images, and the per-expert token counts equal those recomputed from each router's input
     and bias; MTP acceptance equals the depth-1 head's top-1 hits counted here."""
-    pytest.importorskip("tensorboard")
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -204,7 +204,7 @@ def _ep2_rank(out_dir: str) -> None:
 
 @pytest.mark.timeout(180)
 def test_ep2_pair_issues_the_tables_order_and_equals_the_plain_step(tmp_path):
-    from distributed import run_ranks
+    from helpers.distributed import run_ranks
 
     run_ranks(2, [__file__, "ep2", str(tmp_path)], timeout=150)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]

@@ -22,9 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 
-WORKER = "tests/parallel_worker.py"
+WORKER = "tests/helpers/parallel_worker.py"
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1  # the worker's AdamW (ours and Megatron's)
 
 
@@ -85,9 +85,13 @@ def assert_step_matches(ref: dict, ranks: list[dict], initial: dict, optimizer: 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tensor,pipeline,expert,world,optimizer", [
-    (2, 1, 1, 2, "local"), (1, 1, 2, 2, "local"), (1, 1, 1, 2, "local"), (2, 1, 2, 4, "local"),
-    (1, 2, 1, 2, "local"), (1, 3, 1, 3, "local"), (1, 2, 2, 4, "local"),
-    (1, 1, 1, 2, "distributed"), (2, 1, 2, 4, "distributed"), (1, 2, 2, 4, "distributed")],
+    (2, 1, 1, 2, "local"), (1, 1, 2, 2, "local"), (1, 1, 1, 2, "local"),
+    pytest.param(2, 1, 2, 4, "local", marks=pytest.mark.slow),
+    (1, 2, 1, 2, "local"), (1, 3, 1, 3, "local"),
+    pytest.param(1, 2, 2, 4, "local", marks=pytest.mark.slow),
+    (1, 1, 1, 2, "distributed"),
+    pytest.param(2, 1, 2, 4, "distributed", marks=pytest.mark.slow),
+    pytest.param(1, 2, 2, 4, "distributed", marks=pytest.mark.slow)],
     ids=["TP2", "EP2", "DP2", "TP2xEP2xDP2", "PP2", "PP3", "PP2xEP2xDP2",
          "ZeRO1-DP2", "ZeRO1-TP2xEP2xDP2", "ZeRO1-PP2xEP2xDP2"])
 def test_one_step_matches_single_process(reference, tensor, pipeline, expert, world, optimizer):
@@ -106,6 +110,7 @@ def test_one_step_matches_single_process(reference, tensor, pipeline, expert, wo
         assert all(len(r["grads"]) < len(ref["grads"]) for r in ranks)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_node_limited_routing_bounds_destination_nodes(tmp_path):
     """EP4 with one emulated node per rank: 4 routing groups of 2 experts = one group per node.

@@ -14,9 +14,10 @@ import time
 import psutil
 import pytest
 
-from distributed import ROOT
+from helpers.distributed import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("save_interval", [2, 0], ids=["writer-running", "first-save-is-the-preemption-save"])
 def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path, save_interval):

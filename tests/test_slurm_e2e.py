@@ -1,5 +1,9 @@
 """dsv3-launch against a real one-node Slurm (slurmctld + slurmd + munge, started here as root by
-launch/slurm/setup_local_slurm.sh): the real dsv3-train runs as 2 gloo tasks under srun."""
+launch/slurm/setup_local_slurm.sh): the real dsv3-train runs as 2 gloo tasks under srun.
+
+The setup installs Debian packages, writes /etc/slurm and a munge key and starts daemons, so these
+tests run only with DSV3_SYSTEM_TESTS=1 (`system` marker). At the end they cancel the jobs they
+submitted and stop the daemons that were not running before they started."""
 from __future__ import annotations
 
 import os
@@ -10,28 +14,72 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "launch" / "slurm" / "setup_local_slurm.sh"
 EXAMPLE = ROOT / "examples" / "tiny-cpu.yaml"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# Where setup_local_slurm.sh's daemons write their pids (its slurm.conf; munged's default), in stop order.
+DAEMON_PIDFILES = {"slurmd": Path("/run/slurmd.pid"), "slurmctld": Path("/run/slurmctld.pid"),
+                   "munged": Path("/run/munge/munged.pid")}
+SUBMITTED: list[int] = []
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
+
+
+def _running_daemons() -> dict[str, psutil.Process]:
+    """The Slurm daemons whose pid file names a live process of that name."""
+    running = {}
+    for name, pidfile in DAEMON_PIDFILES.items():
+        try:
+            process = psutil.Process(int(pidfile.read_text().split()[0]))
+            if process.name() == name and process.status() != psutil.STATUS_ZOMBIE:
+                running[name] = process
+        except (OSError, ValueError, IndexError, psutil.Error):
+            continue
+    return running
+
+
+def _cancel_submitted() -> None:
+    """Cancel what this module submitted and wait (bounded) until Slurm has ended it."""
+    if not SUBMITTED or shutil.which("scancel") is None:
+        return
+    subprocess.run(["scancel", *map(str, SUBMITTED)], capture_output=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_job(j).get("JobState", "COMPLETED") not in TERMINAL for j in SUBMITTED):
+        time.sleep(1)
+
+
+def _stop(daemons: dict[str, psutil.Process]) -> None:
+    for name in DAEMON_PIDFILES:  # slurmd first, munged last
+        if name in daemons:
+            daemons[name].terminate()
+            try:
+                daemons[name].wait(30)
+            except psutil.TimeoutExpired:
+                daemons[name].kill()
 
 
 @pytest.fixture(scope="module")
-def slurm() -> None:
+def slurm():
     if os.geteuid() != 0:
         pytest.skip("the one-node Slurm needs root to start slurmctld, slurmd and munged")
     if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
         pytest.skip("no Slurm installed and no apt-get to install it")
+    before = _running_daemons()
     try:
-        done = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("launch/slurm/setup_local_slurm.sh did not finish in 300 s")
-    if done.returncode != 0:
-        pytest.fail(f"Slurm could not be started: {done.stderr.strip() or done.stdout.strip()}")
+        try:
+            done = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip("launch/slurm/setup_local_slurm.sh did not finish in 300 s")
+        if done.returncode != 0:
+            pytest.fail(f"Slurm could not be started: {done.stderr.strip() or done.stdout.strip()}")
+        yield
+    finally:
+        _cancel_submitted()
+        _stop({name: p for name, p in _running_daemons().items() if before.get(name) != p})  # started here
 
 
 def _submit(tmp_path: Path, *overrides: str, command: str | None = None) -> int:
@@ -41,7 +89,9 @@ def _submit(tmp_path: Path, *overrides: str, command: str | None = None) -> int:
     done = subprocess.run([sys.executable, "-m", "megatron_dsv3.cli.launch", str(EXAMPLE), *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return int(re.search(r"submitted job (\d+)", done.stdout).group(1))
+    job_id = int(re.search(r"submitted job (\d+)", done.stdout).group(1))
+    SUBMITTED.append(job_id)
+    return job_id
 
 
 def _job(job_id: int) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distributed import ROOT, free_port
+from helpers.distributed import ROOT, free_port
 from megatron_dsv3 import exit_status
 from megatron_dsv3.cli.torchrun import exit_code
 
@@ -91,6 +91,7 @@ def _alive(processes: list[psutil.Process], grace: float = 15) -> list[str]:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig, to_every_process", [(signal.SIGUSR1, False), (signal.SIGTERM, False),
                                                    (signal.SIGUSR1, True)],
@@ -122,6 +123,7 @@ def test_preemption_saves_exits_75_and_leaves_no_process(tmp_path, sig, to_every
     assert left_behind == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_rank_killed_leaves_no_orphaned_writer_or_resource_tracker(tmp_path):
     job = Job(tmp_path)

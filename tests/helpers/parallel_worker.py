@@ -1,4 +1,4 @@
-"""One rank of a parallel-correctness run (driven by tests/test_parallel.py through tests/distributed.py).
+"""One rank of a parallel-correctness run (driven by tests/test_parallel.py through tests/helpers/distributed.py).
 
 `step`: one training step of the tiny model on a fixed global batch under TP x PP x EP x DP,
 through Megatron-Core's schedule and the optimizer dsv3-train uses (`--optimizer local`, or

@@ -1,6 +1,6 @@
 """A job server for tests/test_train.py: dsv3-train on N local gloo ranks, imported once.
 
-    python tests/train_ranks.py        # then one JSON job per line on stdin
+    python tests/helpers/train_ranks.py        # then one JSON job per line on stdin
 
 Importing Megatron-Core costs several seconds of CPU. This process pays it once, never runs a
 tensor op itself, and forks every rank of every job from that state (forking after OpenMP has run
