@@ -162,6 +162,11 @@ def problem_with(path: str | Path) -> Optional[str]:
         return f"{Path(error.filename).name} is missing"
     except Exception as error:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
         return f"unreadable ({type(error).__name__}: {str(error)[:200]})"
+    return storage_problem(path, layout) or (manifest.check_sizes(path, entries) if entries is not None else None)
+
+
+def storage_problem(path: Path, layout: Any) -> Optional[str]:
+    """A storage file of the (checked) metadata `layout` that is missing or ends before its items."""
     needed: dict[str, int] = {}
     for info in layout.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -171,7 +176,7 @@ def problem_with(path: str | Path) -> Optional[str]:
             return f"{name} is missing"
         if file.stat().st_size < size:
             return f"{name} is truncated ({file.stat().st_size} of at least {size} bytes)"
-    return manifest.check_sizes(path, entries) if entries is not None else None
+    return None
 
 
 def _world() -> tuple[int, int]:
@@ -240,6 +245,11 @@ def agree_on_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
                 notes.append(f"{path} is not verified: {problem}")
             return step, notes
         notes.append(f"skipped damaged checkpoint {path}: {problem}")
+
+
+def choose_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
+    """`agree_on_resume` in a process of its own (tools and tests): the step to resume and the notes."""
+    return agree_on_resume(directory)
 
 
 def set_aside(directory: str | Path, steps: list[int]) -> list[Path]:

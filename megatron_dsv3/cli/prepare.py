@@ -2,7 +2,9 @@
 
     dsv3-prepare --input docs/ more.jsonl --output-prefix data/mix --tokenizer byte
 
-A text file is one document; a .jsonl line is one document (its `--json-key` field).
+A text file is one document; a .jsonl line is one document (its `--json-key` field). Bounds:
+a document of at most 1 GiB (`data.indexed.MAX_DOCUMENT_BYTES`), at most a million input files.
+Exit codes: 0 done, 2 an unusable input or output (one line), 1 a bug.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import argparse
 import os
 import sys
 from typing import Optional, Sequence
+
+from megatron_dsv3.cli.guard import entry_point
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +48,7 @@ def output_prefix_problem(prefix: str) -> Optional[str]:
     return None
 
 
+@entry_point("dsv3-prepare")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     problem = output_prefix_problem(args.output_prefix)
