@@ -28,6 +28,7 @@ TRAIN_KEYS = ("loss", "mtp_loss", "mtp/acceptance", "balance_loss", "grad_norm",
 SPARK = " .:-=+*#%@"  # 0 .. 2x the balanced load, one character per expert
 MAX_LINE_BYTES = 16 * 2**20  # a record of 61 MoE layers x 256 experts is about 1 MB
 MAX_RECORDS = 1_000_000  # logged steps
+PER_EXPERT = ("/load", "/tokens", "/starved_steps", "/bias")  # lists of numbers, one per expert (ExpertLoadTracker)
 
 
 class ReportError(ValueError):
@@ -61,7 +62,8 @@ def _parse(line: bytes) -> tuple[Optional[dict[str, Any]], int]:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
         return None, 0
     dropped = [key for key, value in rec.items() if isinstance(value, dict) or (
-        isinstance(value, list) and not all(_number(v) for v in value))]
+        (isinstance(value, list) or key.endswith(PER_EXPERT)) and not (
+            isinstance(value, list) and all(_number(v) for v in value)))]
     for key in dropped:
         del rec[key]
     return rec, len(dropped)

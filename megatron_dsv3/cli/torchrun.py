@@ -3,7 +3,8 @@
 torchrun itself cannot take Slurm's preemption signals: SIGUSR1 kills it at once while its ranks
 train on as orphans, and on SIGTERM it stops the ranks (SIGKILL after its 30 s shutdown timeout)
 and exits 1 whatever they returned, never dsv3-train's 75. Its exit code cannot be changed, so
-this wrapper runs `python -m torch.distributed.run ARGS` as a child and
+this wrapper runs `python -m torch.distributed.run ARGS` as a child (without the traceback torchrun
+prints when a worker failed: the ranks have said why) and
 
 - starts it in a session of its own with SIGUSR1 ignored, a disposition the ranks inherit until
   dsv3-train installs its handler: a signal to the wrapper's process group, or srun's to every
@@ -41,6 +42,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 REPEAT_SECONDS = 5.0
 POLL_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+# `python -m torch.distributed.run`, but a failed worker ends it with exit 1 and no traceback of
+# its own: the ranks have said why (one line each), and the wrapper says which code it relays.
+TORCHRUN = ("import sys\nfrom torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
+            "from torch.distributed.run import main\ntry:\n    main()\nexcept ChildFailedError:\n    sys.exit(1)\n")
 
 
 def _log(message: str) -> None:
@@ -71,7 +76,7 @@ class Relay:
             signal.signal(sig, self.stop)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, (*PREEMPTION_SIGNALS, *STOP_SIGNALS))
         try:
-            self.torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args],
+            self.torchrun = subprocess.Popen([sys.executable, "-c", TORCHRUN, *args],
                                              env={**os.environ, exit_status.ENV: status_dir},
                                              start_new_session=True, preexec_fn=_torchrun_signals)
         finally:
