@@ -39,7 +39,8 @@ SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_
 # ----------------------------------------------------------------------------- checkpoints to damage
 def crafted_copy(source: Path, target: Path, marker: Path, key: str = "model.embed_tokens.weight") -> Path:
     """A copy of checkpoint `source` whose `.metadata` uses only allow-listed classes but declares
-    `key` as a byte item stored in a pickle appended to a shard: unpickling it touches `marker`."""
+    `key` as a byte item (with the tensor's `size` attribute, which Megatron-Core's shape check
+    reads) stored in a pickle appended to a shard: unpickling it touches `marker`."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
@@ -56,7 +57,9 @@ def crafted_copy(source: Path, target: Path, marker: Path, key: str = "model.emb
     offset = shard.stat().st_size
     with open(shard, "ab") as f:
         f.write(payload)
-    meta.state_dict_metadata[key] = BytesStorageMetadata()
+    declared = BytesStorageMetadata()
+    declared.size = meta.state_dict_metadata[key].size  # passes Megatron-Core's shape check on the way
+    meta.state_dict_metadata[key] = declared
     meta.storage_data = {i: v for i, v in meta.storage_data.items() if i.fqn != key}
     meta.storage_data[MetadataIndex(key)] = _StorageInfo(shard.name, offset, len(payload))
     (target / ".metadata").write_bytes(pickle.dumps(meta))

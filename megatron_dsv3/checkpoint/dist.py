@@ -341,8 +341,9 @@ def _is_timeout(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def _why(error: BaseException) -> str:
-    """The cause of a failed write in a few words: the OSError inside a wrapped failure when there is one."""
+def os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind a failure, if any: torch.save turns ENOSPC into a RuntimeError whose context
+    is the OSError, and PyTorch's CheckpointException holds every rank's (exception, traceback)."""
     seen, todo = set(), [error]
     while todo:
         current = todo.pop()
@@ -350,11 +351,24 @@ def _why(error: BaseException) -> str:
             continue
         seen.add(id(current))
         if isinstance(current, OSError) and current.strerror:
-            return current.strerror
+            return current
         todo += [c for c in (current.__cause__, current.__context__) if c is not None]
-        todo += [f for f in getattr(current, "failures", {}).values() if isinstance(f, BaseException)]
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+        for failure in getattr(current, "failures", {}).values():
+            todo += [f for f in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(f, BaseException)]
+    return None
+
+
+def _why(error: BaseException) -> str:
+    """The cause of a failed write in a few words: the OSError inside a wrapped failure when there is
+    one, else the first rank's failure (Megatron-Core's forked writer sends back only the message of
+    torch.save's RuntimeError, whose "unexpected pos" means a short write)."""
+    cause = os_error_in(error)
+    if cause is not None:
+        return cause.strerror
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    first = next((f for f in failures if isinstance(f, BaseException)), error)
+    text = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
+    return text + (" (a short write: is the disk full?)" if "unexpected pos" in text else "")
 
 
 def _free_space(directory: Path) -> str:

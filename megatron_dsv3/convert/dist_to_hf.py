@@ -114,15 +114,9 @@ def dist_to_hf(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike]
 
     out = Path(out)
     tmp = output.begin(out, replace)
-    try:
+    with output.writing(out, tmp):
         names = _write_shards(tmp, shards, config, fp8, log)
         reader.verified()
-    except OSError as error:
-        output.abort(tmp)
-        raise output.failed(out, error, tmp) from None
-    except BaseException:
-        output.abort(tmp)
-        raise
     output.finish(tmp, out)
     return [out / name for name in names]
 

@@ -76,12 +76,10 @@ class DistWriter:
         self._writing(self._next_file)
 
     def _writing(self, action, *args):
-        """Run `action`; a failed write aborts the conversion with one sentence."""
-        try:
+        """Run `action`; a failed write removes the partial folder and says so in one sentence (the
+        caller's `abort` closes the open file)."""
+        with output.writing(self.path, self.tmp):
             return action(*args)
-        except OSError as error:
-            self.abort()
-            raise output.failed(self.path, error, self.tmp) from None
 
     def _close_file(self) -> None:
         if self.file is not None and not self.file.closed:

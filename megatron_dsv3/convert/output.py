@@ -8,12 +8,17 @@
 
 A write that fails (disk full, an I/O error) becomes `OutputWriteError` after `abort`: one
 sentence naming OUT, the cause and the free space, and saying OUT was left as it was.
+
+    with writing(out, tmp): ...       # any failure of a write (an OSError in its chain) becomes that sentence
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+from megatron_dsv3.checkpoint.dist import os_error_in
 
 
 class OutputExistsError(FileExistsError):
@@ -65,6 +70,20 @@ def finish(tmp: Path, out: str | Path) -> Path:
 
 def abort(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(out: str | Path, tmp: Path) -> Iterator[None]:
+    """Inside, a failure is aborted (`tmp` removed) and re-raised; one caused by an OSError (disk
+    full, an I/O error; torch.save wraps it in a RuntimeError) becomes OutputWriteError."""
+    try:
+        yield
+    except BaseException as error:
+        abort(tmp)
+        cause = os_error_in(error)
+        if cause is None or isinstance(error, OutputWriteError):
+            raise
+        raise failed(out, cause, tmp) from None
 
 
 def failed(out: str | Path, error: OSError, tmp: Optional[Path] = None) -> OutputWriteError:
