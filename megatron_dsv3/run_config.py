@@ -21,7 +21,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from megatron_dsv3 import registry, safe_yaml
+from megatron_dsv3 import registry, safe_data
 from megatron_dsv3.config import FP8_MODES, RECOMPUTE_MODES, ConfigError, DSV3Config
 from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES
 
@@ -302,7 +302,8 @@ class CheckpointSection:
     resume: bool = setting(True, boolean)
     keep: int = setting(3, integer(0))  # 0 keeps all
     # Every wait of a save (writes, and the waits while rank 0 renames): at most SAVE_WAIT_FACTOR x
-    # parallel.timeout_s, the step's stall limit; None: exactly that (1800 s with the defaults).
+    # parallel.timeout_s, the step's stall limit (a larger value is lowered to it); None: exactly
+    # that (1800 s with the defaults).
     save_timeout_s: Optional[float] = setting(None, optional(number(0, MAX_TIMEOUT_S * SAVE_WAIT_FACTOR,
                                                                     low_open=True)))
     # A checkpoint folder (dsv3-convert hf-to-dist's OUT, or any iter_NNNNNNN) whose weights a run
@@ -405,9 +406,9 @@ class RunConfig:
             raise RunConfigError(f"unknown config section(s) {', '.join(map(repr, unknown))}; sections: "
                                  f"{', '.join(SECTIONS)}")
         run = cls(**{name: _section(name, section, values.get(name)) for name, section in SECTIONS.items()})
-        if run.checkpoint.save_timeout_s is None:
-            run = dataclasses.replace(run, checkpoint=dataclasses.replace(
-                run.checkpoint, save_timeout_s=SAVE_WAIT_FACTOR * run.parallel.timeout_s))
+        bound = SAVE_WAIT_FACTOR * run.parallel.timeout_s
+        if run.checkpoint.save_timeout_s is None or run.checkpoint.save_timeout_s > bound:
+            run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, save_timeout_s=bound))
         run._check_across_sections()
         return run
 
@@ -433,10 +434,6 @@ class RunConfig:
         if train.param_dtype == "bfloat16" and parallel.distributed_optimizer is False:
             raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
                                  "optimizer, and parallel.distributed_optimizer is false")
-        if self.checkpoint.save_timeout_s > SAVE_WAIT_FACTOR * parallel.timeout_s:
-            raise RunConfigError(f"checkpoint.save_timeout_s={self.checkpoint.save_timeout_s:g} is above {SAVE_WAIT_FACTOR} x "
-                                 f"parallel.timeout_s={parallel.timeout_s:g}: a save waits at most that long for a "
-                                 "stalled rank; raise parallel.timeout_s, or leave save_timeout_s unset")
         model = self.model_config()
         if train.seq_length <= model.mtp_num_modules:
             raise RunConfigError(f"train.seq_length={train.seq_length} leaves the deepest of the model's "
@@ -463,8 +460,8 @@ def _apply_override(values: dict, item: str) -> dict:
         value: Any = raw
     else:
         try:
-            value = safe_yaml.load(raw, f"override {item!r}: the value") if raw != "" else None
-        except safe_yaml.YAMLError as error:
+            value = safe_data.load_yaml(raw, f"override {item!r}: the value") if raw != "" else None
+        except safe_data.YAMLError as error:
             raise RunConfigError(str(error)) from None
     out = copy.deepcopy(values)
     node = out
@@ -483,11 +480,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise RunConfigError(f"config file {path} does not exist")
     try:
-        if file.stat().st_size > safe_yaml.MAX_BYTES:
+        if file.stat().st_size > safe_data.MAX_BYTES:
             raise RunConfigError(f"config file {path} is {file.stat().st_size} bytes, above the "
-                                 f"{safe_yaml.MAX_BYTES} a config may have")
-        loaded = safe_yaml.load(file.read_text(), f"config file {path}") or {}
-    except safe_yaml.YAMLError as error:
+                                 f"{safe_data.MAX_BYTES} a config may have")
+        loaded = safe_data.load_yaml(file.read_text(), f"config file {path}") or {}
+    except safe_data.YAMLError as error:
         raise RunConfigError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RunConfigError(f"config file {path} cannot be read: {error}") from None

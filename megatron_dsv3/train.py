@@ -15,7 +15,7 @@ Exit codes (`megatron_dsv3.exit_status`): 0 done; 1 a bug (a traceback, then a l
 2 refused input, named in one line (a bad setting, a plan that does not fit, a locked, read-only
 or full checkpoint.dir, a checkpoint that is not what dsv3 writes); 3 diverged (NaN or exploding
 loss); 4 a collective or a checkpoint write outlasted its bound (`parallel.timeout_s`,
-`checkpoint.save_timeout_s` <= 3 x it: a rank stalled or died); 5 a checkpoint could not be
+`checkpoint.save_timeout_s`, at most 3 x it: a rank stalled or died); 5 a checkpoint could not be
 written (disk full, I/O error: its partial folder removed, the previous one and `latest` intact);
 75 preempted after saving a checkpoint (SIGTERM / SIGUSR1; Slurm requeues on it); 130 Ctrl-C
 (SIGINT): saved at the end of the step, or said why not (a second Ctrl-C stops without saving).

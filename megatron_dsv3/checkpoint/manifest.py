@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from megatron_dsv3 import safe_data
+
 NAME = "manifest.json"
 FORMAT = 1
 ALGORITHM = "sha256"
@@ -74,15 +76,9 @@ def read(folder: str | Path) -> Optional[dict[str, tuple[int, str]]]:
     path = Path(folder) / NAME
     if not path.exists():
         return None
-    if path.stat().st_size > MAX_BYTES:
-        raise ManifestError(f"{NAME} is {path.stat().st_size} bytes, more than a manifest holds")
-    try:
-        data = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as error:
-        raise ManifestError(f"{NAME} is not JSON ({type(error).__name__})") from None
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("algorithm") != ALGORITHM \
-            or not isinstance(files, dict):
+    data = safe_data.read_json(path, NAME, MAX_BYTES, ManifestError)
+    files = data.get("files")
+    if data.get("format") != FORMAT or data.get("algorithm") != ALGORITHM or not isinstance(files, dict):
         raise ManifestError(f"{NAME} is not a format-{FORMAT} {ALGORITHM} manifest")
     entries = {}
     for name, entry in files.items():

@@ -20,7 +20,6 @@ model and not a shard (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import json
 import os
 import types
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from megatron_dsv3 import safe_data
 from megatron_dsv3.convert import hf
 from megatron_dsv3.config import ConfigError, DSV3Config
 from megatron_dsv3.convert.distcp import DistWriter
@@ -53,15 +53,7 @@ def read_json(path: Union[str, os.PathLike], what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} is missing")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ConfigError(f"{what} {path} is {path.stat().st_size} bytes, more than a config holds")
-    try:
-        values = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as error:
-        raise ConfigError(f"{what} {path} is not JSON ({type(error).__name__}: {str(error)[:120]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{what} {path} holds a {type(values).__name__}, not a JSON object")
-    return values
+    return safe_data.read_json(path, f"{what} {path}", MAX_JSON_BYTES, ConfigError)
 
 
 def config_from_json(values: dict, path: Union[str, os.PathLike]) -> DSV3Config:

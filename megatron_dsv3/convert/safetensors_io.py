@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
+from megatron_dsv3 import safe_data
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -145,13 +147,7 @@ def shard_files(directory: Path) -> list[Path]:
     that is not JSON, has no weight_map, or names a file outside the folder is refused."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        if index.stat().st_size > MAX_INDEX_BYTES:
-            raise SafetensorsError(f"{index} is {index.stat().st_size} bytes, more than an index holds")
-        try:
-            loaded = json.loads(index.read_bytes())
-        except (ValueError, RecursionError) as error:
-            raise SafetensorsError(f"{index} is not JSON ({type(error).__name__})") from None
-        weight_map = loaded.get("weight_map") if isinstance(loaded, dict) else None
+        weight_map = safe_data.read_json(index, str(index), MAX_INDEX_BYTES, SafetensorsError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise SafetensorsError(f"{index} has no weight_map of tensor names to shard files")
         root = directory.resolve()

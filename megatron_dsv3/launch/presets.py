@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_dsv3 import safe_yaml
+from megatron_dsv3 import safe_data
 from megatron_dsv3.launch.run import LaunchConfigError
 from megatron_dsv3.run_config import ParallelSection
 
@@ -25,8 +25,8 @@ def load_preset(name: str) -> dict[str, Any]:
         known = sorted(p.stem for p in (launch_dir() / "presets").glob("*.yaml"))
         raise LaunchConfigError(f"launch.env_preset={name!r} has no file {path}; known presets: {', '.join(known)}")
     try:
-        preset = safe_yaml.load(path.read_text(), f"launch preset {path}")
-    except safe_yaml.YAMLError as error:
+        preset = safe_data.load_yaml(path.read_text(), f"launch preset {path}")
+    except safe_data.YAMLError as error:
         raise LaunchConfigError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise LaunchConfigError(f"launch preset {path} cannot be read: {error}") from None

@@ -1,7 +1,8 @@
-"""YAML read as plain data within bounds: every YAML text the project reads (run configs, dotted
-overrides, launch presets) goes through `load`.
+"""Files read as plain data within bounds: every YAML text the project reads (run configs, dotted
+overrides, launch presets) goes through `load_yaml`, and the JSON files a checkpoint or a Hugging
+Face folder carries (manifest, index, config.json) through `read_json`.
 
-PyYAML's safe loader builds no objects, but it shares an aliased node instead of copying it:
+YAML. PyYAML's safe loader builds no objects, but it shares an aliased node instead of copying it:
 ten nested anchors of ten aliases each (an "alias bomb") load in a millisecond as about 10^9
 values, and whatever walks them next (a check, a copy, the saved run config) never finishes.
 A key given twice, or a section written twice, silently keeps the last one. Here the text is
@@ -12,10 +13,16 @@ composed into nodes first, and refused with `YAMLError` naming the source and li
   (anchors and aliases within that budget are fine), or an anchor contains itself;
 - it nests deeper than the parser can follow, or the text exceeds MAX_BYTES.
 
-    load("train: {steps: 5}", "run.yaml")   # {"train": {"steps": 5}}
+JSON. A file larger than the caller's bound, text that is not JSON (or nests past Python's
+recursion limit) and a top level that is not an object are refused with the caller's error.
+
+    load_yaml("train: {steps: 5}", "run.yaml")               # {"train": {"steps": 5}}
+    read_json(path, "manifest.json", 16 * 2**20, ManifestError)
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -83,7 +90,7 @@ def _expanded_size(root: yaml.Node, source: str) -> int:
     return sizes[id(root)]
 
 
-def load(text: str, source: str) -> Any:
+def load_yaml(text: str, source: str) -> Any:
     """The data of one YAML document, checked as above; `source` names it in messages."""
     if len(text) > MAX_BYTES:
         raise YAMLError(f"{source} is {len(text)} characters long, above the {MAX_BYTES} a config may have")
@@ -102,3 +109,18 @@ def load(text: str, source: str) -> Any:
         raise YAMLError(f"{source} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
     finally:
         loader.dispose()
+
+
+def read_json(path: str | Path, what: str, max_bytes: int, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in file `path` (at most `max_bytes`); `error` names `what` and the problem."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{what} is {size} bytes, more than such a file holds ({max_bytes})")
+    try:
+        values = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as problem:  # UnicodeDecodeError is a ValueError
+        raise error(f"{what} is not JSON ({type(problem).__name__}: {str(problem)[:120]})") from None
+    if not isinstance(values, dict):
+        raise error(f"{what} holds a JSON {type(values).__name__}, not an object")
+    return values
