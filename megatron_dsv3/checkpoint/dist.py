@@ -24,7 +24,6 @@ match their manifest.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
@@ -38,6 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
+from megatron_dsv3 import safe_data
 from megatron_dsv3.checkpoint import manifest, metadata_guard
 from megatron_dsv3.checkpoint.manifest import ManifestError
 from megatron_dsv3.checkpoint.metadata_guard import UnsafeCheckpointError
@@ -48,6 +48,11 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 _LATEST = re.compile(rb"([0-9]{1,7})\n?")  # what _write_latest writes: ASCII digits of a step with a folder
 BACKEND = "torch_dist"  # metadata.json's sharded_backend: the only format dsv3 writes and reads
 COUNTERS = ("step", "optimizer_steps", "consumed_samples")  # non-negative integers in every `common`
+UNVERIFIED = f"it has no {manifest.NAME} (saved before checksums)"  # `verify`'s answer: loadable, unchecked
+
+
+class _Unreadable(ValueError):
+    """A checkpoint file that is not what its name says (metadata.json not an object, common.pt too large)."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -124,6 +129,8 @@ def read_common(path: str | Path) -> dict[str, Any]:
     to 0.18), or from the `common_state` object megatron-core 0.19 keeps in the shard files instead."""
     path = Path(path)
     if (path / "common.pt").is_file():
+        if (path / "common.pt").stat().st_size > metadata_guard.MAX_BYTE_ITEM:
+            raise _Unreadable(f"common.pt is {(path / 'common.pt').stat().st_size} bytes, more than a common state holds")
         loaded = torch.load(path / "common.pt", map_location="cpu", weights_only=True)
         return loaded.get("common", {}) if isinstance(loaded, dict) else {}
     meta = metadata_guard.read_metadata(path)
@@ -144,10 +151,9 @@ def problem_with(path: str | Path) -> Optional[str]:
     size differs from its manifest. The checksums are `verify`'s."""
     path = Path(path)
     try:
-        backend = json.loads((path / "metadata.json").read_bytes())
-        if not isinstance(backend, dict) or backend.get("sharded_backend") != BACKEND:
-            shown = backend.get("sharded_backend") if isinstance(backend, dict) else type(backend).__name__
-            return f"metadata.json names the format {str(shown)[:40]!r}, not {BACKEND!r}"
+        backend = safe_data.read_json(path / "metadata.json", "metadata.json", 2**20, _Unreadable)
+        if backend.get("sharded_backend") != BACKEND:
+            return f"metadata.json names the format {str(backend.get('sharded_backend'))[:40]!r}, not {BACKEND!r}"
         problem = _common_problem(read_common(path))
         if problem:
             return problem
@@ -156,7 +162,7 @@ def problem_with(path: str | Path) -> Optional[str]:
         entries = manifest.read(path)
     except UnsafeCheckpointError as error:
         return f".metadata {error}"
-    except ManifestError as error:
+    except (ManifestError, _Unreadable) as error:
         return str(error)
     except FileNotFoundError as error:
         return f"{Path(error.filename).name} is missing"
@@ -195,7 +201,7 @@ def verify(path: str | Path) -> Optional[str]:
     except (ManifestError, OSError) as error:
         entries, problem = None, str(error)
     else:
-        problem = None if entries is not None else f"it has no {manifest.NAME} (saved before checksums)"
+        problem = None if entries is not None else UNVERIFIED
     if entries is not None:
         names = sorted(entries)
         problem = manifest.verify(path, names[rank::world], entries)
@@ -240,7 +246,7 @@ def agree_on_resume(directory: str | Path) -> tuple[Optional[int], list[str]]:
             return None, notes
         path = checkpoint_path(directory, step)
         problem = verify(path)
-        if problem is None or problem.endswith("(saved before checksums)"):
+        if problem in (None, UNVERIFIED):
             if problem:
                 notes.append(f"{path} is not verified: {problem}")
             return step, notes
@@ -509,7 +515,7 @@ def load_weights(path: str | Path, model: nn.Module, optimizer: Optional[Any] = 
     path = Path(path)
     problem = problem_with(path) if path.is_dir() else "it is not a folder"
     problem = _agree(problem) or verify(path)
-    if problem and not problem.endswith("(saved before checksums)"):
+    if problem not in (None, UNVERIFIED):
         raise RunConfigError(f"checkpoint.load_weights={path}: {problem}")
     stored = {key: tuple(md.size) for key, md in metadata_guard.read_metadata(path).state_dict_metadata.items()
               if key.startswith("model.")}

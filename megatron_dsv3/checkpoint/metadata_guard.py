@@ -40,6 +40,7 @@ _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 REFUSAL = "which checkpoint metadata never holds"
 BYTE_ITEMS = ("common_state/",)  # the items dsv3 checkpoints hold as bytes (megatron-core >= 0.19's common dict)
 MAX_BYTE_ITEM = 64 * 2**20  # the common dict is a few KB
+MAX_METADATA = 2**30  # a 671B checkpoint's .metadata is tens of MB
 _STORAGE_FILE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.distcp")
 
 
@@ -71,7 +72,10 @@ def loads(data: bytes) -> Any:
 
 def read_metadata(checkpoint: str | Path) -> metadata.Metadata:
     """The `.metadata` of a checkpoint folder, read with the restricted unpickler."""
-    loaded = loads((Path(checkpoint) / ".metadata").read_bytes())
+    path = Path(checkpoint) / ".metadata"
+    if path.stat().st_size > MAX_METADATA:
+        raise UnsafeCheckpointError(f"is {path.stat().st_size} bytes, more than checkpoint metadata holds")
+    loaded = loads(path.read_bytes())
     if not isinstance(loaded, metadata.Metadata):
         raise UnsafeCheckpointError(f"holds a {type(loaded).__name__}, not checkpoint metadata")
     return loaded
