@@ -5,9 +5,9 @@ verification at load, and the same extrapolated to the 671B example's shard size
 
 One process (a one-rank process group), the preset's model with a local AdamW optimizer, saved by
 `checkpoint.dist.save` (Megatron-Core's writer, then the SHA-256 of every file for
-`manifest.json`). Timed per repeat: the whole save, the hashing inside it (the same files hashed
-again right after, from the page cache as at save time), and `checkpoint.dist.verify` (the load-time
-check). The 671B example (examples/671b-2048xh800.yaml) is extrapolated from the measured hashing
+`manifest.json`, `manifest.THREADS` files at once). Timed per repeat: the whole save, the hashing
+inside it (the same files hashed again right after, from the page cache as at save time), and
+`checkpoint.dist.verify` (the load-time check). The 671B example (examples/671b-2048xh800.yaml) is extrapolated from the measured hashing
 rate: its checkpoint bytes (`capacity.checkpoint_bytes` of its plan) over the ranks that write
 them at save (distinct model shards: EP x PP x TP, the experts dominate) and over all ranks at
 load (the files are dealt round-robin). Prints Markdown.
@@ -57,8 +57,7 @@ def measure(preset: str, repeats: int, folder: Path) -> dict:
         names = manifest.files_to_list(path)
         size = sum((path / name).stat().st_size for name in names)
         start = time.perf_counter()
-        for name in names:
-            manifest.digest(path / name)
+        manifest.digests(path, names)  # as the save does (threads over the files)
         hashes.append(time.perf_counter() - start)
         start = time.perf_counter()
         assert ckpt.verify(path) is None

@@ -423,8 +423,9 @@ def save(directory: str | Path, step: int, model: nn.Module, optimizer: Any, com
     if problem is None:
         try:
             names = manifest.files_to_list(tmp)
-            mine = [(name, *manifest.digest(tmp / name)) for i, name in enumerate(names)
-                    if manifest.hashed_at_save_by(name, i, world) == rank]
+            found = manifest.digests(tmp, [name for i, name in enumerate(names)
+                                           if manifest.hashed_at_save_by(name, i, world) == rank])
+            mine = [(name, size, sha) for name, (size, sha) in found.items()]
         except OSError as error:
             problem, mine = _why(error), []
         parts = comm.all_gather_object((problem, mine)) if world > 1 else [(problem, mine)]

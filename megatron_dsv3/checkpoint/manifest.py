@@ -9,9 +9,10 @@ added later is then named at load instead of loading silently (or diverging step
 
 The hashing is shared out: at save each rank hashes the files it wrote (Megatron-Core names them
 `__<rank>_<n>.distcp`), at load the files are dealt round-robin over the ranks, so a rank hashes
-about its part of one checkpoint, not the whole (cost: BENCHMARKS.md, "Checkpoint checksums").
-`hashlib` releases the GIL while it hashes. The collective halves live in `checkpoint/dist.py`;
-this module is the file format and the per-file work.
+about its part of one checkpoint, not the whole (cost: BENCHMARKS.md, "Checkpoint checksums"),
+its files in parallel threads (`hashlib` releases the GIL while it hashes; Megatron-Core writes
+two files per rank). The collective halves live in `checkpoint/dist.py`; this module is the file
+format and the per-file work.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +31,7 @@ FORMAT = 1
 ALGORITHM = "sha256"
 MAX_BYTES = 16 * 2**20  # a manifest of a 671B checkpoint holds a few thousand files: ~1 MB
 _CHUNK = 8 * 2**20
+THREADS = 8  # files hashed at once by one rank
 _WRITER = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
@@ -45,6 +48,12 @@ def digest(path: str | Path) -> tuple[int, str]:
             sha.update(piece)
             size += len(piece)
     return size, sha.hexdigest()
+
+
+def digests(folder: str | Path, names: list[str]) -> dict[str, tuple[int, str]]:
+    """`digest` of each of `names` in `folder`, up to THREADS files at once."""
+    with ThreadPoolExecutor(max_workers=max(1, min(THREADS, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda name: digest(Path(folder) / name), names)))
 
 
 def hashed_at_save_by(name: str, index: int, world: int) -> int:
@@ -108,11 +117,9 @@ def check_sizes(folder: str | Path, entries: dict[str, tuple[int, str]]) -> Opti
 
 def verify(folder: str | Path, names: list[str], entries: dict[str, tuple[int, str]]) -> Optional[str]:
     """The first of `names` whose bytes do not match `entries`, as a sentence; None when all match."""
-    for name in names:
-        try:
-            size, sha = digest(Path(folder) / name)
-        except OSError as error:
-            return f"{name} cannot be read ({error.strerror or error})"
-        if (size, sha) != entries[name]:
-            return f"{name} does not match its checksum in {NAME} (damaged since the save)"
-    return None
+    try:
+        found = digests(folder, names)
+    except OSError as error:
+        return f"{Path(error.filename or '?').name} cannot be read ({error.strerror or error})"
+    bad = next((name for name in names if found[name] != entries[name]), None)
+    return None if bad is None else f"{bad} does not match its checksum in {NAME} (damaged since the save)"
