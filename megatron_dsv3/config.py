@@ -89,10 +89,10 @@ class DSV3Config:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "DSV3Config":
         """A registered preset (`registry` kind "preset": the built-in ones and any a user
-        registers) with `overrides` replacing fields."""
+        registers) with `overrides` replacing fields (`yarn` may be given as a mapping)."""
         if name not in registry.names("preset"):
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(registry.names('preset'))}")
-        config = dataclasses.replace(registry.get("preset", name), **overrides)
+        config = dataclasses.replace(registry.get("preset", name), **_fields(cls, overrides, "model"))
         config.validate()
         return config
 
@@ -104,6 +104,10 @@ class DSV3Config:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
+
+        _check_types(self)
+        if self.yarn is not None:
+            _check_types(self.yarn, "yarn.")
 
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_routed_experts",
@@ -215,13 +219,45 @@ class DSV3Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DSV3Config":
-        values = dict(values)
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
-        if isinstance(values.get("yarn"), dict):
-            values["yarn"] = YarnConfig(**values["yarn"])
-        return cls(**values).validate()
+        if not isinstance(values, dict):
+            raise ConfigError(f"a model config must be a mapping of fields, got {type(values).__name__}")
+        return cls(**_fields(cls, values, "model config")).validate()
+
+
+MAX_SIZE = 2**31 - 1  # sizes, counts and dimensions: what an index into one tensor dimension may be
+
+
+def _fields(cls: type, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """`values` as keyword arguments of `cls`: unknown names refused, `yarn` built from a mapping."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(values) - names))
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    values = dict(values)
+    if isinstance(values.get("yarn"), dict):
+        values["yarn"] = YarnConfig(**_fields(YarnConfig, values["yarn"], "yarn"))
+    elif values.get("yarn") is not None and not isinstance(values["yarn"], YarnConfig):
+        raise ConfigError(f"yarn must be a mapping of {', '.join(f.name for f in dataclasses.fields(YarnConfig))} "
+                          f"or null, got {values['yarn']!r}")
+    return values
+
+
+def _check_types(config: Any, prefix: str = "") -> None:
+    """Integer fields hold integers in [0, MAX_SIZE], float fields finite numbers, strings strings."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE
+            want = f"an integer in [0, {MAX_SIZE}]"
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        elif kind == "str":
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{prefix}{f.name} must be {want}, got {value!r}")
 
 
 FP8_MODES = ("none", "tile")

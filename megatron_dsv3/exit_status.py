@@ -16,10 +16,16 @@ from pathlib import Path
 ENV = "DSV3_EXIT_STATUS_DIR"
 
 DONE = 0
+BUG = 1  # an unexpected error: its traceback, then a line saying it is a bug (`cli.guard`)
 REFUSED = 2  # bad input, named in the message, before any compute
 DIVERGED = 3  # NaN or a loss above train.max_loss
 TIMED_OUT = 4  # a collective or a checkpoint write outlasted its bound: a rank stalled or died
+# A checkpoint (dsv3-train) or a converter's output (dsv3-convert) could not be written: disk full,
+# an I/O error. The partial folder is removed; the previous checkpoint, `latest` and an existing
+# output folder are as they were.
+WRITE_FAILED = 5
 PREEMPTED = 75  # SIGTERM / SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: Slurm requeues on it)
+INTERRUPTED = 130  # Ctrl-C (SIGINT, 128 + 2): saved at the end of the step, or said why not
 
 
 def record(code: int) -> None:

@@ -20,6 +20,9 @@ from megatron_dsv3.pipeline.schedule import Schedule, ScheduleRefused, get as ge
 from megatron_dsv3.run_config import RunConfig
 
 
+MAX_MICRO_BATCHES = 2**16  # per data-parallel rank and step
+
+
 class PlanError(ValueError):
     """A run that cannot be laid out or scheduled; the message names the settings and numbers."""
 
@@ -141,6 +144,10 @@ def make_plan(run: RunConfig, world: int, ranks_per_node: int, cuda: bool) -> Ru
         raise PlanError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
                         f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {data}")
     micro_batches = train.global_batch_size // (train.micro_batch_size * data)
+    if micro_batches > MAX_MICRO_BATCHES:
+        raise PlanError(f"train.global_batch_size={train.global_batch_size} makes {micro_batches} micro-batches per rank "
+                        f"and step, above {MAX_MICRO_BATCHES} (Megatron-Core keeps every micro-batch's losses until "
+                        "the step ends; DeepSeek-V3's recipe runs 120): raise train.micro_batch_size or lower the batch")
     check_schedule(schedule, pp, micro_batches, model.num_layers)
     reach = nodes_per_token(model.num_routed_experts, model.num_expert_groups, model.num_limited_groups, ep, 1,
                             ranks_per_node)

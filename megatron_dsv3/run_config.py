@@ -15,14 +15,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
-from megatron_dsv3 import registry
+from megatron_dsv3 import registry, safe_data
 from megatron_dsv3.config import FP8_MODES, RECOMPUTE_MODES, ConfigError, DSV3Config
 from megatron_dsv3.data.corpus import DEFAULT_CACHE_DIR, DEFAULT_MAX_BYTES
 from megatron_dsv3.pipeline.schedule import ONE_F_ONE_B
@@ -43,11 +42,16 @@ def setting(default: Any, check: Check) -> Any:
 
 
 # ----------------------------------------------------------------------------- checks
-def integer(minimum: int) -> Check:
+INT64_MAX = 2**63 - 1  # what a tensor, a file offset or a Slurm field can hold
+
+
+def integer(minimum: int, maximum: int = INT64_MAX) -> Check:
     def check(key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise RunConfigError(f"{key} must be {kind}, got {value!r}")
+        if value > maximum:
+            raise RunConfigError(f"{key} must be at most {maximum}, got {value!r}")
         return value
     return check
 
@@ -113,7 +117,7 @@ def without(characters: str, why: str) -> Check:
 
 
 def matching(pattern: str, form: str) -> Check:
-    compiled = re.compile(pattern)
+    compiled = re.compile(pattern, re.ASCII)  # \\d is 0-9 only: Slurm reads no other digits
 
     def check(key: str, value: Any) -> str:
         value = text(key, value)
@@ -121,6 +125,26 @@ def matching(pattern: str, form: str) -> Check:
             raise RunConfigError(f"{key}={value!r} is not {form}")
         return value
     return check
+
+
+def path(inner: Check = text) -> Check:
+    """A file or folder: `~` and `~user` expanded here, as a shell would (else a folder named `~`)."""
+    def check(key: str, value: Any) -> str:
+        return os.path.expanduser(inner(key, value))
+    return check
+
+
+def split_weights(key: str, value: Any) -> str:
+    """Megatron's train,valid,test split: up to three finite weights >= 0 with a positive sum."""
+    value = text(key, value)
+    try:
+        weights = [float(part) for part in re.split(r"[,/]", value)]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise RunConfigError(f"{key}={value!r} is not train,valid,test weights such as \"98,2,0\" (up to three "
+                             "finite numbers >= 0 with a positive sum)")
+    return value
 
 
 def optional(inner: Check) -> Check:
@@ -148,12 +172,12 @@ def value_schedule(key: str, value: Any) -> Optional[list]:
     if value is None:
         return None
     try:
-        ok = isinstance(value, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and float(p[0]) >= 0
-                                             and float(p[1]) >= 0 for p in value)
-    except (TypeError, ValueError):
+        ok = isinstance(value, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            not isinstance(x, bool) and math.isfinite(float(x)) and float(x) >= 0 for x in p) for p in value)
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise RunConfigError(f"{key} must be null or a list of [tokens_from, value] pairs of non-negative numbers, "
+        raise RunConfigError(f"{key} must be null or a list of [tokens_from, value] pairs of finite numbers >= 0, "
                              f"got {value!r}")
     return [[float(a), float(b)] for a, b in value]
 
@@ -222,6 +246,8 @@ def slurm_time(key: str, value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- sections
+MAX_TIMEOUT_S = 86400.0  # a day: datetime.timedelta and the process groups take no more
+SAVE_WAIT_FACTOR = 3  # a save may wait at most this many times the step's stall limit
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     preset: str = setting("tiny", registered("preset"))
@@ -236,7 +262,7 @@ class ParallelSection:
     schedule: str = setting(ONE_F_ONE_B.name, registered("schedule"))  # a `pipeline.Schedule`'s name
     # Megatron-Core's DDP + distributed optimizer (ZeRO-1); auto = on GPU only.
     distributed_optimizer: Any = setting("auto", one_of("auto", True, False))
-    timeout_s: float = setting(600.0, number(0, low_open=True))  # every collective of a step
+    timeout_s: float = setting(600.0, number(0, MAX_TIMEOUT_S, low_open=True))  # every collective of a step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +270,7 @@ class TrainSection:
     steps: int = setting(300, integer(1))
     micro_batch_size: int = setting(8, integer(1))
     global_batch_size: int = setting(16, integer(1))
-    seq_length: int = setting(128, integer(1))
+    seq_length: int = setting(128, integer(2))
     lr: float = setting(3.0e-3, number(0, low_open=True))
     min_lr: float = setting(3.0e-4, number(0))
     warmup_steps: int = setting(20, integer(0))
@@ -252,7 +278,7 @@ class TrainSection:
     adam_beta1: float = setting(0.9, number(0, 1, high_open=True))
     adam_beta2: float = setting(0.95, number(0, 1, high_open=True))
     clip_grad: float = setting(1.0, number(0))
-    seed: int = setting(1234, integer(0))
+    seed: int = setting(1234, integer(0, 2**32 - 1))  # what numpy's and Megatron's seeding take
     bf16: bool = setting(False, boolean)
     fp8: str = setting("none", one_of(*FP8_MODES))
     bf16_adam_moments: bool = setting(False, boolean)
@@ -271,24 +297,28 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     paths: list = setting([], blend)  # empty: the embedded stdlib corpus
-    cache_dir: str = setting(DEFAULT_CACHE_DIR, text)
-    tokenizer: str = setting("byte", text)  # "byte" or a tokenizer.json
+    cache_dir: str = setting(DEFAULT_CACHE_DIR, path())
+    tokenizer: str = setting("byte", path())  # "byte" or a tokenizer.json
     backend: str = setting("megatron", one_of("megatron", "dali"))
-    split: str = setting("100,0,0", text)  # train,valid,test weights
+    split: str = setting("100,0,0", split_weights)  # train,valid,test weights
     valid_samples: Optional[int] = setting(None, optional(integer(1)))
     corpus_max_bytes: int = setting(DEFAULT_MAX_BYTES, integer(1))  # of the embedded corpus
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    dir: str = setting("runs/tiny/checkpoints", text)
+    dir: str = setting("runs/tiny/checkpoints", path())
     save_interval: int = setting(100, integer(0))  # 0: save only at the end
     resume: bool = setting(True, boolean)
     keep: int = setting(3, integer(0))  # 0 keeps all
-    save_timeout_s: float = setting(1800.0, number(0, low_open=True))  # writes, and waits while rank 0 renames
+    # Every wait of a save (writes, and the waits while rank 0 renames): at most SAVE_WAIT_FACTOR x
+    # parallel.timeout_s, the step's stall limit (a larger value is lowered to it); None: exactly
+    # that (1800 s with the defaults).
+    save_timeout_s: Optional[float] = setting(None, optional(number(0, MAX_TIMEOUT_S * SAVE_WAIT_FACTOR,
+                                                                    low_open=True)))
     # A checkpoint folder (dsv3-convert hf-to-dist's OUT, or any iter_NNNNNNN) whose weights a run
     # with nothing to resume in `dir` starts from: a fresh optimizer, step 0, the data from its start.
-    load_weights: Optional[str] = setting(None, optional(text))
+    load_weights: Optional[str] = setting(None, optional(path()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,12 +363,13 @@ class LaunchSection:
                                                             f"{SLURM_NAME_FORM})"))
     env_overrides: dict = setting({}, environment)
     container_image: Optional[str] = setting(None, optional(text))
-    container_mounts: list = setting([], list_of(text))
+    container_mounts: list = setting([], list_of(without(",", "pyxis reads a comma as the start of another mount; "
+                                                         "give each mount as its own list item")))
     launcher: str = setting("srun", one_of("srun", "torchrun"))
     requeue: bool = setting(True, boolean)
     signal_seconds: int = setting(120, integer(0))
-    output_dir: str = setting("runs/slurm", without("%\\", "sbatch expands %-patterns in --output and reads "
-                                                           "'\\' as an escape"))
+    output_dir: str = setting("runs/slurm", path(without("%\\", "sbatch expands %-patterns in --output and reads "
+                                                                "'\\' as an escape")))
     cpu: bool = setting(False, boolean)
     python: Optional[str] = setting(None, optional(text))
     command: Any = setting(None, command)  # None: `dsv3-train` (or `<python> -m megatron_dsv3.train`)
@@ -361,7 +392,9 @@ def _section(name: str, cls: type, given: Any) -> Any:
             hint = f" (moved to {MOVED[f'{name}.{key}']})" if f"{name}.{key}" in MOVED else ""
             raise RunConfigError(f"unknown config key {f'{name}.{key}'!r}{hint}; known keys here: "
                                  f"{', '.join(sorted(fields))}")
-    values = {key: fields[key].metadata["check"](f"{name}.{key}", value) for key, value in given.items()}
+    # Defaults pass their checks too, so a resolved value (`~` expanded) is what every reader sees.
+    values = {key: field.metadata["check"](f"{name}.{key}", given[key] if key in given else field.default)
+              for key, field in fields.items() if key in given or field.default is not dataclasses.MISSING}
     return cls(**values)
 
 
@@ -383,6 +416,9 @@ class RunConfig:
             raise RunConfigError(f"unknown config section(s) {', '.join(map(repr, unknown))}; sections: "
                                  f"{', '.join(SECTIONS)}")
         run = cls(**{name: _section(name, section, values.get(name)) for name, section in SECTIONS.items()})
+        bound = SAVE_WAIT_FACTOR * run.parallel.timeout_s
+        if run.checkpoint.save_timeout_s is None or run.checkpoint.save_timeout_s > bound:
+            run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, save_timeout_s=bound))
         run._check_across_sections()
         return run
 
@@ -407,6 +443,10 @@ class RunConfig:
             raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
                                  "optimizer, and parallel.distributed_optimizer is false")
         model = self.model_config()
+        if train.seq_length <= model.mtp_num_modules:
+            raise RunConfigError(f"train.seq_length={train.seq_length} leaves the deepest of the model's "
+                                 f"{model.mtp_num_modules} MTP modules no token to predict; it needs more tokens "
+                                 "than MTP modules")
         if train.seq_length > model.max_position_embeddings:
             raise RunConfigError(f"train.seq_length={train.seq_length} is above the model's max_position_embeddings="
                                  f"{model.max_position_embeddings} (model.overrides.max_position_embeddings raises it)")
@@ -416,21 +456,10 @@ class RunConfig:
 VERBATIM_OVERRIDES = ("launch.time",)  # YAML 1.1 reads an unquoted 24:00:00 as the base-60 number 86400
 
 
-def _merge(base: dict, update: dict, where: str = "") -> dict:
-    """`update` over `base`, key by key: a dotted override changes only its key."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        path = f"{where}.{key}" if where else key
-        if isinstance(value, dict) and out.get(key) is not None and not isinstance(out[key], dict):
-            raise RunConfigError(f"{path} must be a mapping of keys, got {out[key]!r}")
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _merge(out[key], value, path)
-        else:
-            out[key] = value
-    return out
-
-
-def _parse_override(item: str) -> dict:
+def _apply_override(values: dict, item: str) -> dict:
+    """`values` with the dotted override `item` applied: its key (and only its key) takes the value,
+    whatever it was, so `model.overrides={}` clears the YAML's overrides and `train.steps=5` leaves
+    the other `train` keys alone."""
     key, sep, raw = item.partition("=")
     keys = key.split(".")
     if not sep or len(keys) < 2 or not all(keys):
@@ -439,12 +468,19 @@ def _parse_override(item: str) -> dict:
         value: Any = raw
     else:
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as error:
-            raise RunConfigError(f"override {item!r}: the value is not valid YAML ({error})") from None
-    for part in reversed(keys):
-        value = {part: value}
-    return value
+            value = safe_data.load_yaml(raw, f"override {item!r}: the value") if raw != "" else None
+        except safe_data.YAMLError as error:
+            raise RunConfigError(str(error)) from None
+    out = copy.deepcopy(values)
+    node = out
+    for depth, part in enumerate(keys[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        elif not isinstance(node[part], dict):
+            raise RunConfigError(f"{'.'.join(keys[:depth + 1])} must be a mapping of keys, got {node[part]!r}")
+        node = node[part]
+    node[keys[-1]] = value
+    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -452,12 +488,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise RunConfigError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RunConfigError(f"config file {path} is not valid YAML{where}: "
-                             f"{getattr(error, 'problem', None) or error}") from None
+        if file.stat().st_size > safe_data.MAX_BYTES:
+            raise RunConfigError(f"config file {path} is {file.stat().st_size} bytes, above the "
+                                 f"{safe_data.MAX_BYTES} a config may have")
+        loaded = safe_data.load_yaml(file.read_text(), f"config file {path}") or {}
+    except safe_data.YAMLError as error:
+        raise RunConfigError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RunConfigError(f"config file {path} cannot be read: {error}") from None
     if not isinstance(loaded, dict):
@@ -469,5 +505,5 @@ def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...
     """Defaults <- YAML file <- dotted overrides, every setting checked once."""
     values = read_yaml(path) if path is not None else {}
     for item in overrides:
-        values = _merge(values, _parse_override(item))
+        values = _apply_override(values, item)
     return RunConfig.from_dict(values)

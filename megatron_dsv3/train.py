@@ -5,11 +5,20 @@
     torchrun --nproc-per-node 4 -m megatron_dsv3.train parallel.tensor=2 parallel.expert=2
 
 `Trainer.train` is the loop, in named phases: build, resume, then per step `train_step`,
-`check`, `log`, `save`, and `stop` on preemption.
+`check`, `log`, `save`, and `stop` on preemption or Ctrl-C.
 
-Exit codes: 0 done, 2 refused input, 3 diverged (NaN or exploding loss), 4 a collective or a
-checkpoint write outlasted its bound (`parallel.timeout_s`, `checkpoint.save_timeout_s`: a rank
-stalled or died), 75 preempted after saving a checkpoint (SIGTERM / SIGUSR1; Slurm requeues on it).
+Before it builds anything the run checks that the plan's memory estimate fits the device
+(`capacity.py`) and claims `checkpoint.dir` (`checkpoint/lock.py`): writable, room for one
+checkpoint, and no other live run using it.
+
+Exit codes (`megatron_dsv3.exit_status`): 0 done; 1 a bug (a traceback, then a line saying so);
+2 refused input, named in one line (a bad setting, a plan that does not fit, a locked, read-only
+or full checkpoint.dir, a checkpoint that is not what dsv3 writes); 3 diverged (NaN or exploding
+loss); 4 a collective or a checkpoint write outlasted its bound (`parallel.timeout_s`,
+`checkpoint.save_timeout_s`, at most 3 x it: a rank stalled or died); 5 a checkpoint could not be
+written (disk full, I/O error: its partial folder removed, the previous one and `latest` intact);
+75 preempted after saving a checkpoint (SIGTERM / SIGUSR1; Slurm requeues on it); 130 Ctrl-C
+(SIGINT): saved at the end of the step, or said why not (a second Ctrl-C stops without saving).
 """
 from __future__ import annotations
 
@@ -31,11 +40,16 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_dsv3 import exit_status
+from megatron_dsv3.capacity import check_fits, checkpoint_bytes
 from megatron_dsv3.checkpoint import dist as ckpt
+from megatron_dsv3.checkpoint.lock import RunLockError, claim
+from megatron_dsv3.checkpoint.metadata_guard import UnsafeCheckpointError
+from megatron_dsv3.cli.guard import entry_point
 from megatron_dsv3.compat.megatron_checkpoint import signal_safe_checkpoint_writer
 from megatron_dsv3.compat.megatron_cpu import cpu_shims
 from megatron_dsv3.config import ConfigError
 from megatron_dsv3.data import DataError, build_train_iterator
+from megatron_dsv3.data.tokenizer import TokenizerError
 from megatron_dsv3.fp8 import FP8RangeError, Fp8Linear, describe_backend, raise_deferred_overflow
 from megatron_dsv3.model.gpt import build_model
 from megatron_dsv3.model.moe.router import update_expert_bias
@@ -50,6 +64,7 @@ from megatron_dsv3.plan import PlanError, RunPlan, choose_device, make_plan
 from megatron_dsv3.run_config import RunConfig, RunConfigError, load_run_config
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+HANDLED_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)  # while training; restored when main returns
 # Model settings that schedules or the FP8 switch change between runs: not a change of model.
 RESUMABLE_MODEL_CHANGES = ("mtp_loss_weight", "bias_update_rate", "fp8")
 
@@ -88,20 +103,31 @@ def ranks_per_node() -> int:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at the end of each step."""
+    """Set by SIGTERM/SIGUSR1 (preemption) or SIGINT (Ctrl-C); checked, and agreed on by all ranks,
+    at the end of each step, where the run saves and stops. A second Ctrl-C stops at once."""
 
     def __init__(self):
         self.raised = False
+        self.interrupted = False
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handler)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _handler(self, signum, frame):
         self.raised = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
+    def _interrupt(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("dsv3-train: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again "
+              "stops at once, without saving)", file=sys.stderr, flush=True)
+
+    def agreed(self) -> Optional[int]:
+        """The exit code every rank stops with now (INTERRUPTED over PREEMPTED), or None to go on."""
+        flag = torch.tensor([2.0 if self.interrupted else 1.0 if self.raised else 0.0])
         comm.all_reduce(flag, groups.world_group(), op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return {0: None, 1: exit_status.PREEMPTED, 2: exit_status.INTERRUPTED}[int(flag.item())]
 
 
 @dataclass
@@ -261,14 +287,14 @@ class Trainer:
         return ""
 
     def _roll_back(self, bad_step: int, loss: float, grad_norm: float) -> str:
-        """Roll the checkpoints back to the last good one (rank 0) and say what happened."""
+        """Roll the checkpoints back to the last good one (all ranks verify it) and say what happened."""
         message = f"loss diverged at step {bad_step}: loss={loss:.4g}, grad norm={grad_norm:.4g}; "
+        good, moved = ckpt.roll_back(self.ckpt_dir, bad_step)
         if dist.get_rank() != 0:
             return message + "rank 0 names the last good checkpoint"
-        good, moved = ckpt.roll_back(self.ckpt_dir, bad_step)
         aside = f"; {len(moved)} later save(s) set aside in {self.ckpt_dir / 'abandoned'}" if moved else ""
         if good is None:
-            return message + f"no checkpoint holds weights that gave a good loss{aside}"
+            return message + f"no checkpoint holds weights that gave a good loss and match their checksums{aside}"
         return message + f"the last good checkpoint is {good}, which `latest` now names{aside}"
 
     # ------------------------------------------------------------------ logs
@@ -300,16 +326,19 @@ class Trainer:
                   "consumed_samples": self.consumed_samples, "model_config": self.plan.model.to_dict()}
         return ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, common, keep=self.run.checkpoint.keep)
 
-    def stop(self, saved: Optional[Path]) -> int:
-        """Preempted: save (unless this step was just saved) and exit to be requeued."""
+    def stop(self, saved: Optional[Path], code: int) -> int:
+        """Preempted or Ctrl-C: save (unless this step was just saved) and exit with `code`."""
         path = saved or self.save()
-        _log(f"preempted: saved {path} at step {self.step}; exiting with {exit_status.PREEMPTED} to be requeued")
-        return exit_status.PREEMPTED
+        if code == exit_status.PREEMPTED:
+            _log(f"preempted: saved {path} at step {self.step}; exiting with {code} to be requeued")
+        else:
+            _log(f"interrupted (Ctrl-C): saved {path} at step {self.step}; exiting with {code}")
+        return code
 
     def finish(self) -> int:
-        """The final save (not of a step just resumed) and the summary line."""
-        saved = self.run.checkpoint.save_interval and self.step != self.resumed_from
-        path = self.save() if saved else None
+        """The final save (whatever checkpoint.save_interval, but not of a step just resumed) and the
+        summary line."""
+        path = self.save() if self.step != self.resumed_from else None
         if self.first_loss is not None:
             _log(f"done: {self.step} steps, loss {self.first_loss:.4f} -> {self.last_loss:.4f}"
                  + (f", saved {path}" if path else ""))
@@ -337,8 +366,9 @@ class Trainer:
                     self.log(result, tokens / (time.perf_counter() - window_start))
                     window_start, window_steps = time.perf_counter(), 0
                 saved = self.save() if every and self.step % every == 0 and self.step < steps else None
-                if self.preemption.agreed():
-                    return self.stop(saved)
+                code = self.preemption.agreed()
+                if code is not None:
+                    return self.stop(saved, code)
             return self.finish()
         finally:
             if progress is not None:
@@ -352,12 +382,31 @@ class Trainer:
         return tqdm(total=self.run.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
 
 
+def claim_checkpoint_dir(run: RunConfig, plan: RunPlan):
+    """Rank 0 claims `checkpoint.dir` (`checkpoint.lock.claim`: writable, room for a checkpoint, no
+    other live run); every rank learns the outcome and refuses with the same sentence. Returns
+    rank 0's lock (None elsewhere)."""
+    lock, problem, notes = None, None, []
+    if dist.get_rank() == 0:
+        try:
+            lock = claim(run.checkpoint.dir, checkpoint_bytes(plan), notes)
+        except RunLockError as error:
+            problem = str(error)
+    if dist.get_world_size() > 1:
+        problem = comm.broadcast_object(problem, src=0)
+    if problem is not None:
+        raise RunLockError(problem)
+    for note in notes:
+        _log(f"checkpoint: {note}")
+    return lock
+
+
 def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="dsv3-train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="run YAML (default: the tiny preset on the embedded corpus)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.expert=2")
     args = parser.parse_args(argv)
-    refused = (RunConfigError, ConfigError, DataError, PlanError)
+    refused = (RunConfigError, ConfigError, DataError, PlanError, TokenizerError, RunLockError, UnsafeCheckpointError)
     try:
         run = load_run_config(args.config, tuple(args.overrides))
     except refused as error:
@@ -370,17 +419,30 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return exit_status.REFUSED
     init_distributed(device, run.checkpoint.save_timeout_s)
-    previous_handlers = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    previous_handlers = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    lock, trainer = None, None
     try:
         plan = make_plan(run, dist.get_world_size(), ranks_per_node(), cuda)
+        check_fits(plan, ranks_per_node())
+        lock = claim_checkpoint_dir(run, plan)
         with cpu_shims() if plan.device == "cpu" else contextlib.nullcontext(), signal_safe_checkpoint_writer():
-            return Trainer(run, plan).train()
+            trainer = Trainer(run, plan)
+            return trainer.train()
     except TrainingDiverged as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return exit_status.DIVERGED
+    except ckpt.CheckpointWriteError as error:
+        print(f"dsv3-train: stopped: {error}", file=sys.stderr)
+        return exit_status.WRITE_FAILED
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return exit_status.REFUSED
+    except KeyboardInterrupt:
+        where = (f"at step {trainer.step}, before the end of the step: not saved" if trainer is not None and
+                 getattr(trainer, "preemption", None) else "before the first step: nothing to save")
+        print(f"dsv3-train: interrupted (Ctrl-C) {where}; `latest` in {run.checkpoint.dir} names the checkpoint "
+              "a rerun resumes", file=sys.stderr)
+        return exit_status.INTERRUPTED
     except RuntimeError as error:
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
@@ -390,6 +452,8 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
               f"({str(error).splitlines()[0][:200]})", file=sys.stderr)
         return exit_status.TIMED_OUT
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             parallel_state.destroy_model_parallel()  # its groups die with the process group
             dist.destroy_process_group()
@@ -401,8 +465,9 @@ def cli() -> None:
     """The console script. Python restores default handlers while the interpreter exits, and the
     default for SIGUSR1 is to die: a warning signal repeated by the batch script must not turn
     exit 0 or 75 into a kill, so the process ignores both signals from the end of `main` on.
-    The code is also recorded for dsv3-torchrun (megatron_dsv3.exit_status)."""
-    code = main(exiting=True)
+    The code is also recorded for dsv3-torchrun (megatron_dsv3.exit_status). An exception that
+    escapes `main` is a bug: its traceback, then a line saying so, exit 1."""
+    code = entry_point("dsv3-train")(main)(exiting=True)
     exit_status.record(code)
     sys.exit(code)
 

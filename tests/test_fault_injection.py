@@ -10,9 +10,11 @@ one attempt runs to the end. Checked:
 
 - before every restart, which checkpoint the trainer must resume from: the newest complete one
   among the step `latest` names and the ones before it (every `iter_NNNNNNN` folder when there is
-  no `latest`), where complete means every file but `.metadata` is byte-identical to the
-  reference's checkpoint of that step, and `.metadata` indexes the same shard files, offsets and
-  lengths, all within the files, and was written under the `.tmp` name (before the rename);
+  no `latest`), where complete means every file but `.metadata` and `manifest.json` is
+  byte-identical to the reference's checkpoint of that step, `.metadata` indexes the same shard
+  files, offsets and lengths, all within the files, and was written under the `.tmp` name (before
+  the rename), and `manifest.json` holds the reference's checksums but for `.metadata`'s, which
+  matches the folder's;
   folders passed over are logged (only a deletion in progress may leave one incomplete);
 - every restarted attempt logs "resumed from step N (…/iter_N)" for exactly that checkpoint and
   re-runs no step at or before N;
@@ -101,8 +103,15 @@ def _difference(path: Path, reference: Path) -> Optional[str]:
     if sorted(got) != sorted(want):
         return f"holds {sorted(got)}, a complete one {sorted(want)}"
     for name in sorted(want):
-        if name != ".metadata" and _sha256(got[name]) != _sha256(want[name]):
+        if name not in (".metadata", "manifest.json") and _sha256(got[name]) != _sha256(want[name]):
             return f"{name} differs from the uninterrupted run's"
+    # manifest.json holds the checksum of `.metadata`, which names its save: the rest must be the
+    # reference's, and the whole must match the folder
+    ours, theirs = (json.loads(files["manifest.json"].read_text())["files"] for files in (got, want))
+    if {k: v for k, v in ours.items() if k != ".metadata"} != {k: v for k, v in theirs.items() if k != ".metadata"}:
+        return "manifest.json lists other files or checksums than the uninterrupted run's"
+    if ours[".metadata"]["sha256"] != _sha256(got[".metadata"]):
+        return "manifest.json does not match this .metadata"
     try:
         meta = pickle.loads(got[".metadata"].read_bytes())
     except Exception as error:  # noqa: BLE001 - a torn file fails in many ways

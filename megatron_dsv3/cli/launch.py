@@ -1,4 +1,8 @@
-"""dsv3-launch RUN.yaml: preflight, render the sbatch script for dsv3-train, submit it (or print it)."""
+"""dsv3-launch RUN.yaml: preflight, render the sbatch script for dsv3-train, submit it (or print it).
+
+Exit codes: 0 submitted (or printed), 2 refused (one line naming the setting or file), 1 sbatch
+refused the job, or a bug (its traceback, then a line saying so).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_dsv3.cli.guard import entry_point
 from megatron_dsv3.launch.preflight import PreflightError, preflight
 from megatron_dsv3.launch.render import render_sbatch
 from megatron_dsv3.launch.run import LaunchConfigError, load_run
@@ -24,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point("dsv3-launch")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
@@ -37,9 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(script)
         return 0
     output_dir = Path(run.launch.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
     path = Path(args.script) if args.script else output_dir / f"{run.launch.job_name}.sbatch"
-    path.write_text(script)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
+        path.write_text(script)
+    except OSError as error:
+        print(f"dsv3-launch: refused: cannot write the batch script {path} (launch.output_dir={output_dir}): "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 2
     try:
         job_id = submit(path)
     except SubmitError as error:

@@ -2,7 +2,9 @@
 
     dsv3-prepare --input docs/ more.jsonl --output-prefix data/mix --tokenizer byte
 
-A text file is one document; a .jsonl line is one document (its `--json-key` field).
+A text file is one document; a .jsonl line is one document (its `--json-key` field). Bounds:
+a document of at most 1 GiB (`data.indexed.MAX_DOCUMENT_BYTES`), at most a million input files.
+Exit codes: 0 done, 2 an unusable input or output (one line), 1 a bug.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import argparse
 import os
 import sys
 from typing import Optional, Sequence
+
+from megatron_dsv3.cli.guard import entry_point
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,12 +48,14 @@ def output_prefix_problem(prefix: str) -> Optional[str]:
     return None
 
 
+@entry_point("dsv3-prepare")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     problem = output_prefix_problem(args.output_prefix)
     if problem:
         print(f"dsv3-prepare: error: {problem}", file=sys.stderr)
         return 2
+    # imported once the arguments are checked, so that a refused argument is answered before torch loads
     from megatron_dsv3.data.indexed import DataError, prepare
     from megatron_dsv3.data.tokenizer import TokenizerError
 

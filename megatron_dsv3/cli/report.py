@@ -3,6 +3,11 @@
     dsv3-report runs/tiny            # or runs/tiny/metrics.jsonl
     dsv3-report runs/tiny --out report.md
     dsv3-report runs/tiny --html report.html   # one self-contained page, PNG plots embedded
+
+Bounds: a line longer than MAX_LINE_BYTES is skipped as malformed (unread past the limit), and a
+file of more than MAX_RECORDS logged steps is refused; a value that is not what the logger
+writes (a step that is not a count, a list of non-numbers or non-finite numbers) is skipped and
+counted. Exit codes: 0 done, 2 an unusable file or option (one line), 1 a bug.
 """
 from __future__ import annotations
 
@@ -10,44 +15,86 @@ import argparse
 import base64
 import html
 import json
+import math
 import os
 import sys
 from typing import Any, Optional
 
+from megatron_dsv3.cli.guard import entry_point
 from megatron_dsv3.monitor import plots
 from megatron_dsv3.monitor.logger import METRICS_FILENAME
 
 TRAIN_KEYS = ("loss", "mtp_loss", "mtp/acceptance", "balance_loss", "grad_norm", "lr", "tokens_per_s")
 SPARK = " .:-=+*#%@"  # 0 .. 2x the balanced load, one character per expert
+MAX_LINE_BYTES = 16 * 2**20  # a record of 61 MoE layers x 256 experts is about 1 MB
+MAX_RECORDS = 1_000_000  # logged steps
+PER_EXPERT = ("/load", "/tokens", "/starved_steps", "/bias")  # lists of numbers, one per expert (ExpertLoadTracker)
 
 
 class ReportError(ValueError):
     """A metrics file that cannot be reported on; the message names the file and the problem."""
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lines(f) -> Any:
+    """The lines of a binary file, each at most MAX_LINE_BYTES; a longer one is skipped to its end
+    and yields None."""
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            yield None
+        else:
+            yield line
+
+
+def _parse(line: bytes) -> tuple[Optional[dict[str, Any]], int]:
+    """(the record of one line or None, the number of malformed values dropped from it). A record
+    is a JSON object whose step is a count; list values must be lists of finite numbers."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return None, 0
+    step = rec.get("step") if isinstance(rec, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+        return None, 0
+    dropped = [key for key, value in rec.items() if isinstance(value, dict) or (
+        (isinstance(value, list) or key.endswith(PER_EXPERT)) and not (
+            isinstance(value, list) and all(_number(v) for v in value)))]
+    for key in dropped:
+        del rec[key]
+    return rec, len(dropped)
+
+
 def read_records(path: str) -> tuple[list[dict[str, Any]], int]:
-    """Records merged per step, in step order; returns (records, malformed line count).
+    """Records merged per step, in step order; returns (records, malformed line and value count).
 
     A line that is not a JSON object with a step (one torn by a kill, or not text at all) is
-    counted and skipped. A step lower than the previous line's means the run resumed from a
-    checkpoint: the records of the abandoned steps from that step on are dropped.
+    counted and skipped, and so is a malformed value in a good line. A step lower than the
+    previous line's means the run resumed from a checkpoint: the records of the abandoned steps
+    from that step on are dropped. More than MAX_RECORDS steps: ReportError.
     """
     by_step: dict[int, dict[str, Any]] = {}
     bad, last = 0, None
     with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
+        for line in _lines(f):
+            if line is not None and not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-                step = int(rec["step"])
-            except (ValueError, KeyError, TypeError):
-                bad += 1
+            rec, dropped = _parse(line) if line is not None else (None, 0)
+            bad += dropped if rec is not None else 1
+            if rec is None:
                 continue
+            step = rec["step"]
             if last is not None and step < last:
                 by_step = {s: r for s, r in by_step.items() if s < step}
             by_step.setdefault(step, {}).update(rec)
             last = step
+            if len(by_step) > MAX_RECORDS:
+                raise ReportError(f"{path} holds more than {MAX_RECORDS} logged steps: report on a part of it "
+                                  "(e.g. `tail -n 100000`)")
     return [by_step[s] for s in sorted(by_step)], bad
 
 
@@ -127,7 +174,7 @@ def build_report(path: str, style: str = "auto") -> str:
     md = ["# dsv3 run report", "", f"- source: `{path}`",
           f"- steps: {records[0]['step']} .. {records[-1]['step']} ({len(records)} logged steps)"]
     if bad:
-        md.append(f"- skipped {bad} malformed line(s)")
+        md.append(f"- skipped {bad} malformed line(s) or value(s)")
     train = training_table(records)
     if train:
         md += ["", "## Training", ""] + train
@@ -176,7 +223,7 @@ def build_html(path: str, starved_fraction: float = plots.STARVED_FRACTION) -> s
         raise ReportError(str(err)) from err
     parts = [f"<h1>dsv3 run report</h1><p>source: <code>{html.escape(path)}</code><br>steps "
              f"{records[0]['step']} .. {records[-1]['step']} ({len(records)} logged steps)"
-             + (f"<br>skipped {bad} malformed line(s)" if bad else "") + "</p>"]
+             + (f"<br>skipped {bad} malformed line(s) or value(s)" if bad else "") + "</p>"]
     rows, attrs = [], []
     for key in TRAIN_KEYS:
         steps, values = plots.series(records, key)
@@ -211,6 +258,7 @@ def build_html(path: str, starved_fraction: float = plots.STARVED_FRACTION) -> s
             f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
+@entry_point("dsv3-report")
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv3-report", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="RUN_DIR_OR_JSONL", help=f"run directory (holding {METRICS_FILENAME}) "
@@ -231,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.isfile(path):
             raise ReportError(f"no metrics file at {path} "
                               f"(give a JSONL file or a run directory holding {METRICS_FILENAME})")
-        if not 0 < args.starved_below < 1:
+        if not 0 < args.starved_below < 1:  # NaN fails too
             raise ReportError(f"--starved-below must be between 0 and 1, got {args.starved_below}")
         if args.html:
             _write(args.html, build_html(path, args.starved_below))

@@ -8,11 +8,15 @@
 Costs are in any time unit; F&B defaults to F + B (the overlap hides communication, not compute).
 Each registered schedule with operation lists (its `pipeline.Schedule` descriptor's `build_ops`)
 is simulated: 1F1B, ZB1P, DualPipe, DualPipeV, and any other registered with them.
+Bounds (the simulation's work grows with PP x micro-batches): --pp <= 256, --micro-batches <=
+16384, PP x micro-batches <= 32768 (about 10 s); --png only up to PP 64 and 8192; costs finite.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import struct
 import sys
 import zlib
@@ -20,6 +24,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from megatron_dsv3 import registry
+from megatron_dsv3.cli.guard import entry_point
 from megatron_dsv3.pipeline.schedule import Schedule, ScheduleRefused, get as get_schedule
 from megatron_dsv3.pipeline.simulate import Costs, OpLists, Slot, simulate, summarize
 
@@ -29,6 +34,9 @@ IDLE, BACKGROUND, INK = (236, 236, 236), (255, 255, 255), (20, 20, 20)
 DIGITS = ("111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
           "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111")
 ROW, GAP, MAX_WIDTH = 26, 14, 2400
+MAX_PP, MAX_MICRO_BATCHES, MAX_WORK = 256, 16384, 32768  # the table; PP x micro-batches
+MAX_PNG_PP, MAX_PNG_WORK = 64, 8192  # the timelines, drawn pixel by pixel
+MAX_COST = 1e12
 
 
 def simulated() -> list[Schedule]:
@@ -136,6 +144,31 @@ def draw_timelines(timelines: list[tuple[int, list[Slot]]], micro_batches: int) 
     return _png(width, height, rgb)
 
 
+def bounds_problem(args: argparse.Namespace) -> Optional[str]:
+    """What in the arguments is outside the bounds above, or None."""
+    if not 1 <= args.pp <= MAX_PP or not 1 <= args.micro_batches <= MAX_MICRO_BATCHES:
+        return f"--pp must be in [1, {MAX_PP}] and --micro-batches in [1, {MAX_MICRO_BATCHES}]"
+    if args.pp * args.micro_batches > MAX_WORK:
+        return (f"--pp {args.pp} x --micro-batches {args.micro_batches} = {args.pp * args.micro_batches} is above "
+                f"{MAX_WORK}, what the simulation takes in about 10 s")
+    costs = {"--f": args.f, "--b": args.b, "--w": args.w, "--fb": args.fb, "--p2p": args.p2p}
+    wrong = [name for name, value in costs.items() if value is not None and not (
+        math.isfinite(value) and 0 <= value <= MAX_COST)]
+    if wrong:
+        return f"{', '.join(wrong)} must be finite numbers in [0, {MAX_COST:g}]"
+    if args.png and (args.pp > MAX_PNG_PP or args.pp * args.micro_batches > MAX_PNG_WORK):
+        return (f"--png draws up to --pp {MAX_PNG_PP} and {MAX_PNG_WORK} pp x micro-batches; got {args.pp} x "
+                f"{args.micro_batches}: leave out --png, or draw a smaller pipeline")
+    if args.png:
+        folder = os.path.dirname(os.path.abspath(args.png))
+        if not os.path.isdir(folder):
+            return f"--png {args.png}: the folder {folder} does not exist"
+        if os.path.isdir(args.png):
+            return f"--png {args.png} is a folder; give a file name such as {os.path.join(args.png, 'step.png')}"
+    return None
+
+
+@entry_point("dsv3-schedule")
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="dsv3-schedule", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -149,8 +182,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--png", default=None, help="write the timelines here")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
-    if args.pp < 1 or args.micro_batches < 1:
-        p.error("--pp and --micro-batches must be >= 1")
+    problem = bounds_problem(args)
+    if problem:
+        p.error(problem)
     try:
         costs = Costs(args.f, args.b, args.w, args.f + args.b if args.fb is None else args.fb, args.p2p)
     except ValueError as err:
@@ -164,8 +198,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.png:
         timelines = [(r["ranks"], simulate(op_lists(get_schedule(r["schedule"]), args.pp, args.micro_batches), costs))
                      for r in rows if "error" not in r]
-        with open(args.png, "wb") as f:
-            f.write(draw_timelines(timelines, args.micro_batches))
+        try:
+            with open(args.png, "wb") as f:
+                f.write(draw_timelines(timelines, args.micro_batches))
+        except OSError as error:
+            print(f"dsv3-schedule: error: cannot write --png {args.png}: {error.strerror or error}", file=sys.stderr)
+            return 2
         print(f"timelines ({', '.join(r['schedule'] for r in rows if 'error' not in r)}) -> {args.png}",
               file=sys.stderr)
     return 0

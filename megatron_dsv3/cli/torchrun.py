@@ -3,7 +3,8 @@
 torchrun itself cannot take Slurm's preemption signals: SIGUSR1 kills it at once while its ranks
 train on as orphans, and on SIGTERM it stops the ranks (SIGKILL after its 30 s shutdown timeout)
 and exits 1 whatever they returned, never dsv3-train's 75. Its exit code cannot be changed, so
-this wrapper runs `python -m torch.distributed.run ARGS` as a child and
+this wrapper runs `python -m torch.distributed.run ARGS` as a child (without the traceback torchrun
+prints when a worker failed: the ranks have said why) and
 
 - starts it in a session of its own with SIGUSR1 ignored, a disposition the ranks inherit until
   dsv3-train installs its handler: a signal to the wrapper's process group, or srun's to every
@@ -12,8 +13,9 @@ this wrapper runs `python -m torch.distributed.run ARGS` as a child and
   again every REPEAT_SECONDS until torchrun exits (a rank still starting up ignores it); SIGINT,
   SIGHUP and SIGQUIT go to torchrun, which stops the ranks as usual;
 - gives the ranks a temporary folder in $DSV3_EXIT_STATUS_DIR, where dsv3-train records its exit
-  code (megatron_dsv3.exit_status), and exits 75 when the ranks that recorded one all recorded
-  75, torchrun's own code otherwise (128 + N when signal N ended it); the folder is then removed;
+  code (megatron_dsv3.exit_status), and exits with the ranks' code when the ranks that recorded
+  one all recorded the same non-zero code (75 preempted, 130 Ctrl-C, 2 refused input, ...),
+  torchrun's own code otherwise (128 + N when signal N ended it); the folder is then removed;
 - on Linux adopts what a dead rank leaves behind (child subreaper: a checkpoint writer that was
   mid-save, the resource tracker it keeps alive) and kills it once torchrun has exited.
 """
@@ -33,12 +35,17 @@ from typing import Optional, Sequence
 import psutil
 
 from megatron_dsv3 import exit_status
+from megatron_dsv3.cli.guard import entry_point
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 REPEAT_SECONDS = 5.0
 POLL_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+# `python -m torch.distributed.run`, but a failed worker ends it with exit 1 and no traceback of
+# its own: the ranks have said why (one line each), and the wrapper says which code it relays.
+TORCHRUN = ("import sys\nfrom torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
+            "from torch.distributed.run import main\ntry:\n    main()\nexcept ChildFailedError:\n    sys.exit(1)\n")
 
 
 def _log(message: str) -> None:
@@ -69,7 +76,7 @@ class Relay:
             signal.signal(sig, self.stop)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, (*PREEMPTION_SIGNALS, *STOP_SIGNALS))
         try:
-            self.torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args],
+            self.torchrun = subprocess.Popen([sys.executable, "-c", TORCHRUN, *args],
                                              env={**os.environ, exit_status.ENV: status_dir},
                                              start_new_session=True, preexec_fn=_torchrun_signals)
         finally:
@@ -123,15 +130,23 @@ def end_leftovers() -> None:
 
 
 def exit_code(torchrun_code: int, rank_codes: dict[str, int]) -> int:
-    """75 when every rank that recorded its code recorded 75; else torchrun's code (128 + N for signal N)."""
-    if rank_codes and set(rank_codes.values()) == {exit_status.PREEMPTED}:
-        return exit_status.PREEMPTED
+    """The ranks' code when every rank that recorded one recorded the same non-zero code (torchrun
+    reports any failed worker as 1); else torchrun's code (128 + N for signal N)."""
+    codes = set(rank_codes.values())
+    if len(codes) == 1 and codes != {exit_status.DONE}:
+        return codes.pop()
     return 128 - torchrun_code if torchrun_code < 0 else torchrun_code
 
 
+@entry_point("dsv3-torchrun")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    status_dir = tempfile.mkdtemp(prefix="dsv3-exit-status-")
+    try:
+        status_dir = tempfile.mkdtemp(prefix="dsv3-exit-status-")
+    except OSError as error:
+        _log(f"cannot make a folder for the ranks' exit codes in TMPDIR={os.environ.get('TMPDIR', '/tmp')}: "
+             f"{error.strerror or error}")
+        return exit_status.REFUSED
     try:
         adopt_orphans()
         relay = Relay()
@@ -141,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = exit_code(torchrun_code, exit_status.recorded(status_dir))
         if code == exit_status.PREEMPTED != torchrun_code:
             _log(f"the ranks saved a checkpoint and exited {code} (torchrun exited {torchrun_code}); exiting {code}")
+        elif code != torchrun_code and torchrun_code >= 0:
+            _log(f"the ranks exited {code} (torchrun exited {torchrun_code}); exiting {code}")
         return code
     finally:
         # Python resets its handlers to the default while the interpreter exits, and SIGUSR1's default

@@ -22,7 +22,7 @@ from typing import Callable, Union
 
 import torch
 
-from megatron_dsv3.convert import hf
+from megatron_dsv3.convert import hf, output
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.convert.distcp import DistCheckpointError, DistReader
 from megatron_dsv3.convert.hf_to_dist import meta_model
@@ -94,8 +94,9 @@ def _items(reader: DistReader, config: DSV3Config, fp8: bool, dtype: torch.dtype
 
 def dist_to_hf(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike], fp8: bool = False,
                dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 4 * 2**30,
-               log=lambda message: None) -> list[Path]:
-    """Write shards + model.safetensors.index.json + config.json; returns the shard paths."""
+               log=lambda message: None, replace: bool = False) -> list[Path]:
+    """Write shards + model.safetensors.index.json + config.json into `out` (through `out.tmp`, see
+    convert/output.py: a folder holding files is refused unless `replace`); returns the shard paths."""
     reader = DistReader(checkpoint)
     if "model_config" not in reader.common:
         raise DistCheckpointError(f"{reader.path / 'common.pt'} holds no model_config: not a dsv3 checkpoint")
@@ -112,23 +113,31 @@ def dist_to_hf(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike]
         size += item.nbytes()
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files, weight_map, total = [], {}, 0
+    tmp = output.begin(out, replace)
+    with output.writing(out, tmp):
+        names = _write_shards(tmp, shards, config, fp8, log)
+        reader.verified()
+    output.finish(tmp, out)
+    return [out / name for name in names]
+
+
+def _write_shards(folder: Path, shards: list[list[_Item]], config: DSV3Config, fp8: bool, log) -> list[str]:
+    names, weight_map, total = [], {}, 0
     for number, shard in enumerate(shards, 1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        writer = ShardWriter(out / name, [entry for item in shard for entry in item.layout()])
+        writer = ShardWriter(folder / name, [entry for item in shard for entry in item.layout()])
         for item in shard:
             for (tensor_name, _, _), tensor in zip(item.layout(), item.tensors()):
                 writer.write(tensor_name, tensor)
                 weight_map[tensor_name] = name
         writer.close()
-        files.append(out / name)
+        names.append(name)
         total += sum(item.nbytes() for item in shard)
         log(f"wrote {name} ({len(shard)} tensors)")
-    (out / "model.safetensors.index.json").write_text(
+    (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_config = config.to_hf()
     if fp8:
         hf_config.quantization_config = dict(QUANTIZATION_CONFIG)
-    hf_config.save_pretrained(str(out))
-    return files
+    hf_config.save_pretrained(str(folder))
+    return names

@@ -7,11 +7,17 @@ The format `dist_checkpointing.save` writes and `dsv3-train` resumes (checkpoint
     .metadata        a pickled torch.distributed.checkpoint Metadata: for every key its global
                      shape, dtype and chunks (offsets, sizes), and where each chunk's bytes are
     __i_0.distcp     chunks, each one torch.save'd tensor at a recorded byte offset
+    manifest.json    every other file's size and SHA-256 (checkpoint/manifest.py)
 
 A chunk is any box of the global tensor; a reader under any tensor/expert layout takes the
 parts of the chunks it needs, so a converter may write a tensor as the pieces it reads (one
 expert's gate projection, say) and never assemble the whole tensor. `dist_checkpointing.save`
 needs the whole state dict in memory; `DistWriter` needs one chunk.
+
+Read as data: `DistReader` checks every item and storage entry (`metadata_guard.check_items`)
+and the files' sizes before a chunk is read, and hashes the files against their manifest in a
+background thread while the conversion reads them; `verified()` waits for that verdict before a
+converter puts its output in place. `DistWriter` writes into `OUT.tmp` (`convert/output.py`).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import json
 import math
 import os
 import pickle
-import shutil
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +37,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                    TensorProperties, TensorStorageMetadata)
 
-from megatron_dsv3.checkpoint import dist as dist_checkpoint, metadata_guard
+from megatron_dsv3.checkpoint import dist as dist_checkpoint, manifest, metadata_guard
+from megatron_dsv3.convert import output
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
            "common_backend_version": 1}
@@ -52,26 +59,35 @@ class _Tensor:
 class DistWriter:
     """Write a checkpoint folder chunk by chunk: `declare` every tensor, `write` its chunks, `close`.
 
-    Files are written into `path.tmp` and renamed to `path` by `close`, so an interrupted
-    conversion leaves no folder that looks complete. Files roll over at `max_file_bytes`."""
+    Files are written into `path.tmp` and put in place by `close`, so an interrupted conversion
+    leaves no folder that looks complete; an existing `path` holding files is refused unless
+    `replace`. Files roll over at `max_file_bytes`; each is hashed for the manifest once closed.
+    A failed write (disk full) aborts and raises `output.OutputWriteError`."""
 
-    def __init__(self, path: Union[str, os.PathLike], max_file_bytes: int = 4 * 2**30):
+    def __init__(self, path: Union[str, os.PathLike], max_file_bytes: int = 4 * 2**30, replace: bool = False):
         self.path = Path(path)
-        if self.path.exists():
-            raise FileExistsError(f"{self.path} exists; refusing to write a checkpoint over it")
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = output.begin(self.path, replace)
         self.max_file_bytes = max_file_bytes
         self.tensors: dict[str, _Tensor] = {}
         self.storage: dict[MetadataIndex, _StorageInfo] = {}
+        self.digests: dict[str, tuple[int, str]] = {}
         self.file_index = -1
         self.file: Optional[io.BufferedWriter] = None
-        self._next_file()
+        self._writing(self._next_file)
+
+    def _writing(self, action, *args):
+        """Run `action`; a failed write removes the partial folder and says so in one sentence (the
+        caller's `abort` closes the open file)."""
+        with output.writing(self.path, self.tmp):
+            return action(*args)
+
+    def _close_file(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+            self.digests[self.file_name] = manifest.digest(self.tmp / self.file_name)
 
     def _next_file(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        self._close_file()
         self.file_index += 1
         self.file_name = f"__{self.file_index}_0.distcp"
         self.file = open(self.tmp / self.file_name, "wb")
@@ -94,9 +110,9 @@ class DistWriter:
         if data.untyped_storage().nbytes() != data.numel() * data.element_size():
             data = data.clone()  # torch.save writes a view's whole storage
         if self.file.tell() and self.file.tell() + data.numel() * data.element_size() > self.max_file_bytes:
-            self._next_file()
+            self._writing(self._next_file)
         start = self.file.tell()
-        torch.save(data, self.file)
+        self._writing(torch.save, data, self.file)
         index = MetadataIndex(key, torch.Size(offsets))
         if index in self.storage:
             raise DistCheckpointError(f"{key}: two chunks at {tuple(offsets)}")
@@ -105,9 +121,9 @@ class DistWriter:
         spec.covered += data.numel()
 
     def close(self, common: dict[str, Any]) -> Path:
-        """Write `.metadata`, `metadata.json` and `common.pt` ({"common": common}); rename into place.
-        Refuses (naming it) a tensor whose chunks do not cover it exactly once."""
-        self.file.close()
+        """Write `.metadata`, `metadata.json`, `common.pt` ({"common": common}) and the manifest; put
+        the folder in place. Refuses (naming it) a tensor whose chunks do not cover it exactly once."""
+        self._writing(self._close_file)
         short = [f"{key}: {spec.covered} of {math.prod(spec.shape)} elements written"
                  for key, spec in self.tensors.items() if spec.covered != math.prod(spec.shape)]
         if short:
@@ -117,30 +133,51 @@ class DistWriter:
         metadata = Metadata(state_dict_metadata=state, planner_data=None, storage_data=self.storage,
                             storage_meta=StorageMeta(checkpoint_id=str(self.path), save_id=str(uuid.uuid4())),
                             version="1.0.0")
+        self._writing(self._finish, metadata, common)
+        return output.finish(self.tmp, self.path)
+
+    def _finish(self, metadata: Metadata, common: dict[str, Any]) -> None:
         with open(self.tmp / ".metadata", "wb") as f:
             pickle.dump(metadata, f)
         (self.tmp / "metadata.json").write_text(json.dumps(BACKEND))
         torch.save({"common": common}, self.tmp / "common.pt")
-        os.replace(self.tmp, self.path)
-        return self.path
+        for name in (".metadata", "metadata.json", "common.pt"):
+            self.digests[name] = manifest.digest(self.tmp / name)
+        manifest.write(self.tmp, self.digests)
 
     def abort(self) -> None:
         if self.file is not None:
             self.file.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        output.abort(self.tmp)
 
 
 class DistReader:
-    """Tensors of a checkpoint folder by key, read with the restricted metadata unpickler; one chunk
+    """Tensors of a checkpoint folder by key, read as data (see the module docstring); one chunk
     is kept loaded (consecutive reads of one expert-parallel shard load it once)."""
 
     def __init__(self, path: Union[str, os.PathLike], read_common: bool = True):
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
             raise FileNotFoundError(f"{self.path} is not a distributed checkpoint (no .metadata)")
-        self.metadata = metadata_guard.read_metadata(self.path)
-        # Megatron-LM's own common state holds pickled objects (its argparse Namespace): not read then.
-        self.common: dict[str, Any] = dist_checkpoint.read_common(self.path) if read_common else {}
+        try:
+            self.metadata = metadata_guard.read_metadata(self.path)
+            metadata_guard.check_items(self.path, self.metadata, read_bytes=False)
+            entries = manifest.read(self.path)
+            # Megatron-LM's own common state holds pickled objects (its argparse Namespace): not read then.
+            self.common: dict[str, Any] = dist_checkpoint.read_common(self.path) if read_common else {}
+        except (metadata_guard.UnsafeCheckpointError, manifest.ManifestError) as error:
+            raise DistCheckpointError(f"{self.path}: {error}") from None
+        except (EOFError, pickle.UnpicklingError, RuntimeError, AttributeError, ValueError) as error:
+            raise DistCheckpointError(f"{self.path} is damaged: a file does not load ({type(error).__name__}: "
+                                      f"{str(error)[:160]})") from None
+        problem = dist_checkpoint.storage_problem(self.path, self.metadata) or (
+            manifest.check_sizes(self.path, entries) if entries is not None else None)
+        if problem:
+            raise DistCheckpointError(f"{self.path}: {problem}")
+        self._verdict: list[Optional[str]] = []
+        self._verifier = threading.Thread(target=lambda: self._verdict.append(
+            manifest.verify(self.path, sorted(entries), entries) if entries is not None else None), daemon=True)
+        self._verifier.start()
         self.tensors = {key: md for key, md in self.metadata.state_dict_metadata.items()
                         if isinstance(md, TensorStorageMetadata)}
         self._cached: tuple[Optional[MetadataIndex], Optional[torch.Tensor]] = (None, None)
@@ -157,12 +194,32 @@ class DistReader:
             self._cached = (index, self._load(index))
         return self._cached[1]
 
+    def verified(self) -> None:
+        """Wait for the checksums; DistCheckpointError names a file that does not match its manifest."""
+        self._verifier.join()
+        if self._verdict and self._verdict[0] is not None:
+            raise DistCheckpointError(f"{self.path}: {self._verdict[0]}")
+
     def _load(self, index: MetadataIndex) -> torch.Tensor:
         info = self.metadata.storage_data[index]
         with open(self.path / info.relative_path, "rb") as f:
             f.seek(info.offset)
             data = io.BytesIO(f.read(info.length))
-        return torch.load(data, map_location="cpu", weights_only=True)
+        md = self.tensors[index.fqn]
+        chunk = next(c for c in md.chunks if c.offsets == index.offset)
+        try:
+            tensor = torch.load(data, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any damage to the bytes: name the file (and its checksum)
+            self.verified()
+            raise DistCheckpointError(f"{self.path / info.relative_path}: the chunk of {index.fqn} at byte "
+                                      f"{info.offset} does not load ({type(error).__name__})") from None
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) \
+                or tensor.dtype != md.properties.dtype:
+            self.verified()
+            raise DistCheckpointError(f"{self.path / info.relative_path}: the chunk of {index.fqn} at byte "
+                                      f"{info.offset} is not the {md.properties.dtype} {tuple(chunk.sizes)} tensor "
+                                      ".metadata declares")
+        return tensor
 
     def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None,
              dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -20,7 +20,6 @@ model and not a shard (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import json
 import os
 import types
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from typing import Optional, Union
 
 import torch
 
+from megatron_dsv3 import safe_data
 from megatron_dsv3.convert import hf
-from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.config import ConfigError, DSV3Config
 from megatron_dsv3.convert.distcp import DistWriter
 from megatron_dsv3.convert.safetensors_io import read_headers, read_tensor
 from megatron_dsv3.model.gpt import build_model
@@ -45,12 +45,35 @@ class Converted:
     mtp_copies_checked: list[str] = field(default_factory=list)
 
 
+MAX_JSON_BYTES = 64 * 2**20  # a config.json is a few KB, an index of 671B's shards about 10 MB
+
+
+def read_json(path: Union[str, os.PathLike], what: str) -> dict:
+    """A JSON object from a file of at most MAX_JSON_BYTES; ConfigError names the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} is missing")
+    return safe_data.read_json(path, f"{what} {path}", MAX_JSON_BYTES, ConfigError)
+
+
+def config_from_json(values: dict, path: Union[str, os.PathLike]) -> DSV3Config:
+    """DSV3Config from the fields of a Hugging Face config.json; ConfigError names a missing or
+    malformed field."""
+    rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{path}: rope_parameters / rope_scaling must be an object, got {rope!r}"[:300])
+    try:
+        return DSV3Config.from_hf(types.SimpleNamespace(**values))
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path} is not a DeepseekV3 config.json ({type(error).__name__}: {error})") from None
+
+
 def read_hf_config(directory: Union[str, os.PathLike]) -> DSV3Config:
     """DSV3Config from a checkpoint folder's config.json (transformers or DeepSeek's own)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the model's shape comes from it")
-    return DSV3Config.from_hf(types.SimpleNamespace(**json.loads(path.read_text())))
+    return config_from_json(read_json(path, "config.json"), path)
 
 
 def meta_model(config: DSV3Config) -> torch.nn.Module:
@@ -74,7 +97,7 @@ def _offsets(slot: hf._Slot, part: Optional[tuple[int, slice]]) -> tuple[list[in
 
 def hf_to_dist(hf_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], dtype: torch.dtype = torch.float32,
                layout: Optional[dict[str, int]] = None, max_file_bytes: int = 4 * 2**30,
-               log=lambda message: None) -> Converted:
+               log=lambda message: None, replace: bool = False) -> Converted:
     """Convert; returns what was done. `layout` ({"tensor", "pipeline", "expert"}) is only checked."""
     hf_dir = Path(hf_dir)
     config = read_hf_config(hf_dir)
@@ -87,7 +110,7 @@ def hf_to_dist(hf_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], dt
         f"({config.num_layers} layers, {config.num_routed_experts} routed experts, MTP {config.mtp_num_modules})")
 
     done = Converted(Path(out), config)
-    writer = DistWriter(out, max_file_bytes)
+    writer = DistWriter(out, max_file_bytes, replace=replace)
     try:
         for key, slot in placement.slots.items():
             writer.declare(f"model.{key}", slot.target.shape, dtype)

@@ -15,9 +15,7 @@ FP8/TE metadata, not weights).
 """
 from __future__ import annotations
 
-import json
 import os
-import types
 from pathlib import Path
 from typing import Union
 
@@ -26,15 +24,15 @@ import torch
 from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.convert.distcp import DistCheckpointError, DistReader, DistWriter
-from megatron_dsv3.convert.hf_to_dist import meta_model
+from megatron_dsv3.convert.hf_to_dist import config_from_json, meta_model, read_json
 from megatron_dsv3.convert.mcore_names import Piece, native_checkpoint_names, native_pieces
 
 
 def read_model_config(path: Union[str, os.PathLike]) -> DSV3Config:
     """An HF config.json (it has "model_type") or a JSON of DSV3Config fields."""
-    values = json.loads(Path(path).read_text())
+    values = read_json(path, "--model-config")
     if "model_type" in values:
-        return DSV3Config.from_hf(types.SimpleNamespace(**values))
+        return config_from_json(values, path)
     return DSV3Config.from_dict(values)
 
 
@@ -54,7 +52,7 @@ def _slices(shape: tuple[int, ...], piece: Piece) -> list[tuple[list[int], list[
 
 
 def mcore_to_dist(native: Union[str, os.PathLike], out: Union[str, os.PathLike], config: DSV3Config,
-                  dtype: torch.dtype = torch.float32, log=lambda message: None) -> Path:
+                  dtype: torch.dtype = torch.float32, log=lambda message: None, replace: bool = False) -> Path:
     reader = DistReader(native, read_common=False)
     ours = _our_shapes(config)
     plan: list[tuple[str, Piece]] = []
@@ -68,7 +66,7 @@ def mcore_to_dist(native: Union[str, os.PathLike], out: Union[str, os.PathLike],
     if missing:
         raise DistCheckpointError(f"{reader.path} lacks {len(missing)} tensor(s) of the model: our "
                                   + ", ".join(missing[:10]))
-    writer = DistWriter(out)
+    writer = DistWriter(out, replace=replace)
     try:
         for key, shape in ours.items():
             writer.declare(f"model.{key}", shape, dtype)
@@ -80,6 +78,7 @@ def mcore_to_dist(native: Union[str, os.PathLike], out: Union[str, os.PathLike],
                     chunk = chunk.unsqueeze(0)
                 writer.write(f"model.{piece.key}", our_offsets, chunk)
         log(f"{len(plan)} native tensor pieces written")
+        reader.verified()
         return writer.close({"step": 0, "optimizer_steps": 0, "consumed_samples": 0,
                              "model_config": config.to_dict(), "converted_from": str(Path(native).resolve())})
     except BaseException:
@@ -88,14 +87,14 @@ def mcore_to_dist(native: Union[str, os.PathLike], out: Union[str, os.PathLike],
 
 
 def dist_to_mcore(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike], te: bool = False,
-                  dtype: torch.dtype = torch.float32, log=lambda message: None) -> Path:
+                  dtype: torch.dtype = torch.float32, log=lambda message: None, replace: bool = False) -> Path:
     reader = DistReader(checkpoint)
     if "model_config" not in reader.common:
         raise DistCheckpointError(f"{reader.path / 'common.pt'} holds no model_config: not a dsv3 checkpoint")
     config = DSV3Config.from_dict(reader.common["model_config"])
     ours = _our_shapes(config)
     names = native_checkpoint_names(ours, te, mtp_layer_attribute(), set(range(config.first_k_dense_layers)))
-    writer = DistWriter(out)
+    writer = DistWriter(out, replace=replace)
     try:
         for name, shape in names.items():
             writer.declare(name, shape, dtype)
@@ -106,6 +105,7 @@ def dist_to_mcore(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLi
                     chunk = reader.read(f"model.{piece.key}", our_offsets, our_sizes)
                     writer.write(name, native_offsets, chunk.squeeze(0) if piece.expert else chunk)
         log(f"{len(names)} native tensors written")
+        reader.verified()
         return writer.close({})
     except BaseException:
         writer.abort()

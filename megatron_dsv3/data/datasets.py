@@ -4,6 +4,7 @@ defaults and checks), and the data-parallel iterator.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 from typing import Iterator, Optional
@@ -33,8 +34,8 @@ def parse_blend(paths: list) -> tuple[list[str], Optional[list[float]]]:
     if len(paths) % 2 == 0 and all(_is_weight(w) for w in paths[0::2]):
         prefixes = [os.path.expanduser(str(p)) for p in paths[1::2]]
         weights = [float(w) for w in paths[0::2]]
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise DataError(f"data.paths weights must be >= 0 with a positive sum: {weights}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise DataError(f"data.paths weights must be finite numbers >= 0 with a positive sum: {weights}")
         return prefixes, weights
     if any(_is_weight(p) for p in paths):
         raise DataError(f"data.paths mixes weights and prefixes unevenly: {paths}")

@@ -24,6 +24,8 @@ from megatron.core.datasets.indexed_dataset import (
 from megatron_dsv3.data.tokenizer import load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".py", ".rst")
+MAX_DOCUMENT_BYTES = 2**30  # one text file or .jsonl line: Megatron's index holds int32 lengths
+MAX_INPUT_FILES = 1_000_000
 
 
 class DataError(ValueError):
@@ -56,6 +58,8 @@ def list_input_files(inputs: Sequence[str]) -> list[str]:
             files.append(path)
         else:
             raise DataError(f"input not found: {path}")
+        if len(files) > MAX_INPUT_FILES:
+            raise DataError(f"the inputs hold more than {MAX_INPUT_FILES} files: prepare them in parts")
     return files
 
 
@@ -66,6 +70,9 @@ def iter_documents(files: Iterable[str], json_key: str = "text") -> Iterator[str
             if path.endswith(".jsonl"):
                 yield from _jsonl_documents(path, json_key)
             else:
+                if os.path.getsize(path) > MAX_DOCUMENT_BYTES:
+                    raise DataError(f"{path} is {os.path.getsize(path)} bytes, above the {MAX_DOCUMENT_BYTES} one "
+                                    "document may have: split it, or make it a .jsonl of documents")
                 with open(path, encoding="utf-8") as f:
                     yield f.read()
         except (OSError, UnicodeDecodeError) as err:
@@ -74,13 +81,18 @@ def iter_documents(files: Iterable[str], json_key: str = "text") -> Iterator[str
 
 def _jsonl_documents(path: str, json_key: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+        line_no = 0
+        while line := f.readline(MAX_DOCUMENT_BYTES + 1):
+            line_no += 1
+            if len(line) > MAX_DOCUMENT_BYTES:
+                raise DataError(f"{path}:{line_no}: a line of more than {MAX_DOCUMENT_BYTES} characters, above what one "
+                                "document may have")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({getattr(err, 'msg', 'nested too deeply')})") from None
             if not isinstance(record, dict) or json_key not in record:
                 raise DataError(f"{path}:{line_no}: no key {json_key!r} in this JSON line")
             yield str(record[json_key])

@@ -19,6 +19,9 @@ _EOD_NAMES = (
 _PAD_NAMES = ("<｜▁pad▁｜>", "<pad>", "<|pad|>", "[PAD]")
 
 
+MAX_TOKENIZER_BYTES = 256 * 2**20  # DeepSeek-V3's tokenizer.json is 7.5 MiB
+
+
 class TokenizerError(ValueError):
     """A tokenizer spec that cannot be loaded; the message says why."""
 
@@ -108,6 +111,9 @@ class HFTokenizer(_MegatronAdapter):
             ) from err
         if not os.path.isfile(path):
             raise TokenizerError(f"tokenizer file not found: {path}")
+        if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"tokenizer {path} is {os.path.getsize(path)} bytes, not a tokenizer.json (those are "
+                                 f"at most {MAX_TOKENIZER_BYTES // 2**20} MiB)")
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as err:

@@ -2,13 +2,13 @@
 run's batch script exports."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from megatron_dsv3 import safe_data
 from megatron_dsv3.launch.run import LaunchConfigError
 from megatron_dsv3.pipeline.schedule import get as get_schedule
 from megatron_dsv3.run_config import ParallelSection
@@ -25,7 +25,27 @@ def load_preset(name: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in (launch_dir() / "presets").glob("*.yaml"))
         raise LaunchConfigError(f"launch.env_preset={name!r} has no file {path}; known presets: {', '.join(known)}")
-    return yaml.safe_load(path.read_text())
+    try:
+        preset = safe_data.load_yaml(path.read_text(), f"launch preset {path}")
+    except safe_data.YAMLError as error:
+        raise LaunchConfigError(str(error)) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise LaunchConfigError(f"launch preset {path} cannot be read: {error}") from None
+    gpu = preset.get("gpu") if isinstance(preset, dict) else None
+    problem = ("must hold a mapping" if not isinstance(preset, dict) else
+               "env must be a mapping of variables" if not isinstance(preset.get("env") or {}, dict) else
+               "gpu must be null or a mapping with a model and a finite memory_gib > 0" if gpu is not None and not (
+                   isinstance(gpu, dict) and isinstance(gpu.get("model"), str) and _positive(gpu.get("memory_gib")))
+               else "reserve_gib must be a finite number >= 0" if not _positive(preset.get("reserve_gib", 0), zero=True)
+               else None)
+    if problem:
+        raise LaunchConfigError(f"launch preset {path}: {problem}")
+    return preset
+
+
+def _positive(value: Any, zero: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value >= 0 if zero else value > 0))
 
 
 def gpu_memory_gib(preset: dict[str, Any]) -> Optional[float]:
