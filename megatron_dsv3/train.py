@@ -60,7 +60,7 @@ from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
 from megatron_dsv3.parallel import comm, groups, initialize_parallel
 from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
-from megatron_dsv3.plan import PlanError, RunPlan, choose_device, make_plan
+from megatron_dsv3.plan import PlanError, RunPlan, make_plan
 from megatron_dsv3.run_config import RunConfig, RunConfigError, load_run_config
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -96,10 +96,19 @@ def init_distributed(device: str, save_timeout_s: float = 1800.0) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def world_from_environment() -> int:
+    """The world size torchrun (WORLD_SIZE) or Slurm (SLURM_NTASKS) announces, as `init_distributed`
+    will read it; 1 without either. Known before the process group starts."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env.get("WORLD_SIZE", "1"))
+    return max(1, int(env.get("SLURM_NTASKS", "1")))
+
+
 def ranks_per_node() -> int:
     """From torchrun (LOCAL_WORLD_SIZE) or Slurm (SLURM_NTASKS_PER_NODE, e.g. "8(x2)"); else the world."""
     value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    return int(value) if value else dist.get_world_size()
+    return int(value) if value else world_from_environment()
 
 
 class PreemptionFlag:
@@ -413,17 +422,16 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return exit_status.REFUSED
     cuda = torch.cuda.is_available()
-    try:
-        device = choose_device(run, cuda)
+    try:  # before the process group starts: a rank that refuses must not leave others connecting to it
+        plan = make_plan(run, world_from_environment(), ranks_per_node(), cuda)
+        check_fits(plan, ranks_per_node())
     except refused as error:
         print(f"dsv3-train: {error}", file=sys.stderr)
         return exit_status.REFUSED
-    init_distributed(device, run.checkpoint.save_timeout_s)
+    init_distributed(plan.device, run.checkpoint.save_timeout_s)
     previous_handlers = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
     lock, trainer = None, None
     try:
-        plan = make_plan(run, dist.get_world_size(), ranks_per_node(), cuda)
-        check_fits(plan, ranks_per_node())
         lock = claim_checkpoint_dir(run, plan)
         with cpu_shims() if plan.device == "cpu" else contextlib.nullcontext(), signal_safe_checkpoint_writer():
             trainer = Trainer(run, plan)
