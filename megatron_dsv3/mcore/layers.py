@@ -115,6 +115,10 @@ class _MegatronRouter(Router):
       the aux-loss-free bias step (b_i += rate * sign(mean load - load_i)) to `expert_bias` itself.
     * the sequence-wise balance loss is handed to the MoE adapter (`pending_balance_loss`) instead
       of being attached by DeepSeekMoE, so the adapter can attach it the Megatron way.
+    * tokens are counted, and the balance loss made, only in a forward that records gradients, as
+      Megatron's own router does (`torch.is_grad_enabled()`): under activation recompute
+      (`--recompute-granularity full`, or `mlp` among the selective modules) the first forward runs
+      without gradients and the recomputed one with them, so each micro-batch counts once.
     """
 
     pending_balance_loss: Optional[torch.Tensor] = None
@@ -124,8 +128,10 @@ class _MegatronRouter(Router):
         return self.tokens_per_expert
 
     def forward(self, x_SBH: torch.Tensor) -> Routing:
+        self.count_load = torch.is_grad_enabled()
         routing = super().forward(x_SBH)
-        self.pending_balance_loss, routing.balance_loss = routing.balance_loss, None
+        balance_loss = routing.balance_loss if torch.is_grad_enabled() else None
+        self.pending_balance_loss, routing.balance_loss = balance_loss, None
         return routing
 
 

@@ -22,13 +22,18 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
+from megatron_dsv3.config import ConfigError
 from megatron_dsv3.mcore.config import check_supported, dsv3_config_from_megatron, moe_pattern
 from megatron_dsv3.mcore.layers import (DSV3TransformerLayer, MegatronDeepSeekMoE, MegatronMLA, MegatronRMSNorm,
                                         MegatronSwiGLU)
 from megatron_dsv3 import registry
 
 
-def _layer_submodules(mlp: ModuleSpec) -> TransformerLayerSubmodules:
+def _layer_submodules(mlp: type) -> TransformerLayerSubmodules:
+    # `mlp` is a class, not a ModuleSpec: Megatron-Core 0.16-0.17's TransformerLayer logs "Unknown MLP
+    # type ... Using default kwargs." for every layer whose mlp ModuleSpec names a class it does not
+    # know, and passes no extra arguments to a bare class either.
     return TransformerLayerSubmodules(
         input_layernorm=MegatronRMSNorm,
         # attn_mask_type is read by Megatron's MTP layer (which refuses specs without one); MLA is causal.
@@ -46,8 +51,7 @@ def get_dsv3_layer_spec(config: Optional[TransformerConfig] = None, layer_number
     """
     if moe is None:
         moe = True if config is None or layer_number is None else bool(moe_pattern(config)[layer_number - 1])
-    mlp = ModuleSpec(module=MegatronDeepSeekMoE if moe else MegatronSwiGLU)
-    return ModuleSpec(module=TransformerLayer, submodules=_layer_submodules(mlp))
+    return ModuleSpec(module=TransformerLayer, submodules=_layer_submodules(MegatronDeepSeekMoE if moe else MegatronSwiGLU))
 
 
 def get_dsv3_layer_specs(config: TransformerConfig) -> list[ModuleSpec]:
@@ -95,9 +99,31 @@ def get_dsv3_mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] =
     return block
 
 
+def check_mtp_layers(model: Any) -> None:
+    """Refuse a model whose Multi-Token Prediction layers are not this plugin's, naming what was built
+    instead: Megatron-LM's builders make MTP layers from Megatron's own specs unless told
+    otherwise (`--spec` on 0.19 without patches/megatron-lm-0.19-models_gpt-spec-mtp.patch)."""
+    mtp = getattr(model, "mtp", None)
+    if mtp is None:
+        return
+    for index, layer in enumerate(mtp.layers):
+        inner = getattr(layer, mtp_layer_attribute())
+        found = {"self_attention": inner.self_attention, "mlp": inner.mlp, "enorm": layer.enorm,
+                 "hnorm": layer.hnorm, "final_layernorm": layer.final_layernorm}
+        wanted = {"self_attention": (MegatronMLA,), "mlp": (MegatronDeepSeekMoE, MegatronSwiGLU),
+                  "enorm": (MegatronRMSNorm,), "hnorm": (MegatronRMSNorm,), "final_layernorm": (MegatronRMSNorm,)}
+        foreign = [f"{name}={type(module).__module__}.{type(module).__name__}" for name, module in found.items()
+                   if not isinstance(module, wanted[name])]
+        if foreign:
+            raise ConfigError(f"MTP layer {index} was built from Megatron's own specs, not megatron_dsv3's "
+                              f"({', '.join(foreign)}): build it with mtp_block_spec=get_dsv3_mtp_block_spec(config) "
+                              "(with Megatron-LM: examples/megatron_lm/pretrain_dsv3.py, or pretrain_gpt.py --spec "
+                              "patched by patches/ for your release)")
+
+
 # Megatron-LM: `--spec megatron_dsv3.mcore.specs dsv3_layer_spec` (imported, not called).
-dsv3_layer_spec = ModuleSpec(module=DSV3TransformerLayer, params={"dense_mlp": ModuleSpec(module=MegatronSwiGLU)},
-                             submodules=_layer_submodules(ModuleSpec(module=MegatronDeepSeekMoE)))
+dsv3_layer_spec = ModuleSpec(module=DSV3TransformerLayer, params={"dense_mlp": MegatronSwiGLU},
+                             submodules=_layer_submodules(MegatronDeepSeekMoE))
 
 
 def mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
