@@ -26,7 +26,8 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank
 
-from megatron_dsv3.compat.megatron_api import grow_aux_loss_entry
+from megatron_dsv3.compat.megatron_api import grow_aux_loss_entry, mtp_layer_attribute
+from megatron_dsv3.config import ConfigError
 from megatron_dsv3.mcore.config import check_supported, dsv3_config_from_megatron, moe_pattern
 from megatron_dsv3.model.common import RMSNorm, SwiGLU
 from megatron_dsv3.model.mla import MultiLatentAttention
@@ -155,6 +156,8 @@ class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
         self.per_token_loss = bool(getattr(config, "calculate_per_token_loss", False))
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
         _init_like_megatron(self, config)
+        if config.mtp_num_layers:
+            initialize_mtp_guard()
 
     def set_layer_number(self, layer_number: int) -> None:
         """Called by TransformerLayer with the global 1-based layer number."""
@@ -209,3 +212,62 @@ class DSV3TransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
 
+
+
+# ------------------------------------------------------------------ MTP layers must be ours
+def check_mtp_layer(layer: torch.nn.Module, index: int = 0) -> None:
+    """Refuse a Megatron MultiTokenPredictionLayer not built from megatron_dsv3's specs, naming the
+    modules that are Megatron's own (its attention, MoE and norms, where a builder fell back to
+    Megatron's stock MTP spec)."""
+    inner = getattr(layer, mtp_layer_attribute())
+    found = {"self_attention": inner.self_attention, "mlp": inner.mlp, "enorm": layer.enorm,
+             "hnorm": layer.hnorm, "final_layernorm": layer.final_layernorm}
+    wanted = {"self_attention": (MegatronMLA,), "mlp": (MegatronDeepSeekMoE, MegatronSwiGLU)}
+    foreign = [f"{name}={type(module).__module__}.{type(module).__name__}" for name, module in found.items()
+               if not isinstance(module, wanted.get(name, (MegatronRMSNorm,)))]
+    if foreign:
+        raise ConfigError(f"MTP layer {index} was built from Megatron's own specs, not megatron_dsv3's "
+                          f"({', '.join(foreign)}): pass mtp_block_spec=get_dsv3_mtp_block_spec(config) to GPTModel; "
+                          "with Megatron-LM use examples/megatron_lm/pretrain_dsv3.py, or patch pretrain_gpt.py's "
+                          "builder for your release (patches/README.md)")
+
+
+class _MTPGuard:
+    """A torch global forward pre-hook: at the forward of a GPTModel whose decoder holds our layers,
+    check its MTP layers; removed after the first such model passed. Models without our layers
+    (Megatron's own, built in the same process) are left alone."""
+
+    def __init__(self) -> None:
+        from megatron.core.models.gpt import GPTModel
+
+        self.model_class = GPTModel
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self)
+        self.active = True
+
+    def __call__(self, module: torch.nn.Module, inputs: Any) -> None:
+        mtp = getattr(module, "mtp", None)
+        if not isinstance(module, self.model_class) or mtp is None:
+            return
+        if not any(isinstance(m, (MegatronMLA, MegatronDeepSeekMoE)) for m in module.decoder.modules()):
+            return
+        for index, layer in enumerate(mtp.layers):
+            check_mtp_layer(layer, index)
+        self.handle.remove()
+        self.active = False
+
+
+_mtp_guard: Optional[_MTPGuard] = None
+
+
+def initialize_mtp_guard() -> None:
+    """Check the MTP layers of the first model built from our specs that runs in this process
+    (`check_mtp_layer`), then stop checking.
+
+    Registered by the MoE adapter of a model with MTP layers: a builder that makes the decoder from
+    our specs and the MTP block from Megatron's own (Megatron-LM 0.19's pretrain_gpt.py `--spec`
+    without the patch, with Transformer Engine) would otherwise train Megatron's MTP layer
+    silently; nothing of ours runs after that block is built, so the model's first forward is
+    where it is refused."""
+    global _mtp_guard
+    if _mtp_guard is None or not _mtp_guard.active:
+        _mtp_guard = _MTPGuard()

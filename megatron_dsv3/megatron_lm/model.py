@@ -1,15 +1,15 @@
 """The model chunks `pretrain_dsv3.py` gives Megatron-LM's `get_model`: Megatron's `GPTModel`
 around this project's specs (MLA, DeepSeekMoE, MTP), one chunk per model stage this rank holds.
 
-Which stages a rank holds (`parallel.layout.rank_stages`):
+Which stages a rank holds (`parallel.layout.rank_stages`), in chunk order:
   1f1b         stage r on pipeline rank r (Megatron's own placement)
   interleaved  stages v*PP + r, v < virtual stages (Megatron's own placement)
   dualpipev    stages r and 2PP-1-r: the V, so rank 0 holds the first and the last stage
   dualpipe     stages r and PP-1-r: every stage on two ranks, the two copies' gradients summed
-               (report section 3.2.1)
+               (report section 3.2.1); chunk 0 is the lower stage (`dual_chunk_stages`)
 
 Megatron's `get_model` asks for virtual-pipeline chunk v of rank r and would place model stage
-v*PP + r there. For the dual schedules the builder answers with stage `rank_stages(...)[v]`
+v*PP + r there. For the dual schedules the builder answers with stage `dual_chunk_stages(...)[v]`
 instead, and tells Megatron-Core where that stage's layers sit through
 `config.pipeline_model_parallel_layout` (`DualPipeLayout`): the layer offset of a chunk is the
 first layer of its model stage, so layer numbers, checkpoints' layer keys and the MoE trackers
@@ -47,9 +47,18 @@ def stage_types(schedule: str, num_layers: int, pipeline: int, mtp_layers: int, 
             + [LayerType.mtp] * (mtp_layers * (stage == last)) + [LayerType.loss] * (stage == last))
 
 
+def dual_chunk_stages(schedule: str, pipeline: int, rank: int) -> tuple[int, ...]:
+    """The model stages of pipeline rank `rank`'s two chunks under a dual schedule, in Megatron's
+    virtual-chunk order: `rank_stages`, lower stage first. Megatron-Core builds MTP only in a rank's
+    last virtual chunk (MultiTokenPredictionBlock asserts it), and the last stage, which holds MTP,
+    is the higher of its ranks' two: for DualPipe's ranks >= PP/2 this is the reverse of
+    `rank_stages` (stage PP-1-r, then r)."""
+    return tuple(sorted(rank_stages(schedule, pipeline, rank)))
+
+
 class DualPipeLayout(PipelineParallelLayerLayout):
     """Megatron-Core's custom pipeline layout, with the dual schedules' placement: virtual chunk v of
-    pipeline rank r holds model stage `rank_stages(schedule, PP, r)[v]`, and a chunk's layer offset
+    pipeline rank r holds model stage `dual_chunk_stages(schedule, PP, r)[v]`, and a chunk's layer offset
     is where its stage starts in the whole model (Megatron's own layout counts stages in placement
     order, v*PP + r). `rank`: this process's pipeline rank (the default of every query)."""
 
@@ -60,7 +69,7 @@ class DualPipeLayout(PipelineParallelLayerLayout):
         self.stage_layout = [stage_types(schedule, num_layers, pipeline, mtp_layers, s)
                              for s in range(num_stages(schedule, pipeline))]
         # Megatron's constructor takes the flattened per-(vp, pp) list: index v * PP + r.
-        placed = [self.stage_layout[rank_stages(schedule, pipeline, r)[v]] for v in range(2) for r in range(pipeline)]
+        placed = [self.stage_layout[dual_chunk_stages(schedule, pipeline, r)[v]] for v in range(2) for r in range(pipeline)]
         super().__init__(placed, pipeline)
 
     def __repr__(self) -> str:
@@ -69,7 +78,7 @@ class DualPipeLayout(PipelineParallelLayerLayout):
     def stage(self, vp_stage: Optional[int], pp_rank: Optional[int] = None) -> int:
         """The model stage of virtual chunk `vp_stage` on pipeline rank `pp_rank`."""
         rank = self.rank if pp_rank is None else pp_rank
-        return rank_stages(self.schedule, self.pipeline_model_parallel_size, rank)[vp_stage or 0]
+        return dual_chunk_stages(self.schedule, self.pipeline_model_parallel_size, rank)[vp_stage or 0]
 
     def get_num_layers_to_build(self, layer_type: LayerType = LayerType.decoder, vp_stage: Optional[int] = None,
                                 pp_rank: Optional[int] = None) -> int:
@@ -108,10 +117,10 @@ def transformer_config(args: Any) -> Any:
 
 def chunk_stage(args: Any, pp_rank: int, vp_stage: Optional[int]) -> int:
     """The model stage Megatron asks for as (pipeline rank, virtual chunk): Megatron's own placement
-    v*PP + r, or the dual schedules' (`rank_stages`)."""
+    v*PP + r, or the dual schedules' (`dual_chunk_stages`)."""
     pipeline = args.pipeline_model_parallel_size
     if args.pipeline_schedule in DUAL_SCHEDULES:
-        return rank_stages(args.pipeline_schedule, pipeline, pp_rank)[vp_stage or 0]
+        return dual_chunk_stages(args.pipeline_schedule, pipeline, pp_rank)[vp_stage or 0]
     return (vp_stage or 0) * pipeline + pp_rank
 
 
@@ -124,19 +133,20 @@ def total_stages(args: Any) -> int:
 
 class ChunkBuilder:
     """Megatron-LM's `model_provider` for DeepSeek-V3. Megatron's get_model calls it once per chunk
-    of this rank, in chunk order, after parsing the arguments; the builder keeps the chunks it
-    built and checks their placement (`check_placement`) when the last one is done, before any
-    step runs."""
+    of this rank, in chunk order, after parsing the arguments (`args`: Megatron-LM's, read with
+    `get_args()` when not given); the builder keeps the chunks it built, checks their placement
+    (`check_placement`) when the last one is done, before any step runs, and prints what each
+    chunk holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, args: Any = None) -> None:
+        self.args = args
         self.built: list[GPTModel] = []
 
     def __call__(self, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
                  config: Any = None, pg_collection: Any = None) -> GPTModel:
         from megatron.core import parallel_state
-        from megatron.training import get_args
 
-        args = get_args()
+        args = self.args if self.args is not None else _megatron_args()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         config = config if config is not None else transformer_config(args)
         stage, stages = chunk_stage(args, pp_rank, vp_stage), total_stages(args)
@@ -159,7 +169,17 @@ class ChunkBuilder:
         self.built.append(model)
         if len(self.built) == (args.virtual_pipeline_model_parallel_size or 1):
             check_placement(self.built, args.pipeline_schedule, args.pipeline_model_parallel_size, pp_rank)
+            if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+                for index, chunk in enumerate(self.built):
+                    print(f"> megatron_dsv3: pipeline rank {pp_rank}, chunk {index}: {summary(chunk, stages)}",
+                          flush=True)
         return model
+
+
+def _megatron_args() -> Any:
+    from megatron.training import get_args
+
+    return get_args()
 
 
 def whole_model_name(model: GPTModel, name: str) -> str:
@@ -201,42 +221,57 @@ def initialize_weights(model: GPTModel, seed: int) -> None:
 def describe(model: GPTModel) -> dict[str, Any]:
     """What a chunk holds: its model stage, whether it embeds / computes the loss / runs MTP, and
     its decoder layers (1-based numbers of the whole model)."""
-    layers = [layer.layer_number for layer in model.decoder.layers] if hasattr(model, "decoder") else []
     return {"stage": getattr(model, "dsv3_stage", None), "embedding": bool(model.pre_process),
-            "loss": bool(model.post_process), "mtp": bool(getattr(model, "mtp_process", False)), "layers": layers}
+            "loss": bool(model.post_process), "mtp": bool(getattr(model, "mtp_process", False)),
+            "layers": [layer.layer_number for layer in model.decoder.layers]}
 
 
-def expected(schedule: str, num_layers: int, pipeline: int, mtp_layers: int, rank: int,
-             virtual: Optional[int] = None) -> list[dict[str, Any]]:
-    """`describe` of every chunk pipeline rank `rank` must hold, in chunk order."""
-    if schedule in DUAL_SCHEDULES:
-        stages, cut = list(rank_stages(schedule, pipeline, rank)), stage_cut(schedule, num_layers, pipeline)
-    else:
-        stages = [v * pipeline + rank for v in range(virtual or 1)]
-        cut = tuple(range(s * num_layers // (pipeline * (virtual or 1)), (s + 1) * num_layers // (pipeline * (virtual or 1)))
-                    for s in range(pipeline * (virtual or 1)))
-    last = len(cut) - 1
+def summary(model: GPTModel, stages: int) -> str:
+    """One line: the chunk's stage, decoder layers, ends, and the classes its MTP layers are made of."""
+    held = describe(model)
+    parts = [f"model stage {held['stage']} of {stages}", f"decoder layers {held['layers']}"]
+    parts += [name for name in ("embedding", "loss") if held[name]]
+    if held["mtp"]:
+        from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
+
+        inner = [getattr(layer, mtp_layer_attribute()) for layer in model.mtp.layers]
+        parts.append("MTP " + ", ".join(f"{type(i.self_attention).__name__} + {type(i.mlp).__name__}" for i in inner))
+    return "; ".join(parts)
+
+
+def expected(schedule: str, num_layers: int, pipeline: int, mtp_layers: int, rank: int) -> list[dict[str, Any]]:
+    """`describe` of the chunks pipeline rank `rank` must hold under a dual schedule, in chunk order."""
+    cut, last = stage_cut(schedule, num_layers, pipeline), num_stages(schedule, pipeline) - 1
     return [{"stage": s, "embedding": s == 0, "loss": s == last, "mtp": bool(mtp_layers) and s == last,
-             "layers": [i + 1 for i in cut[s]]} for s in stages]
+             "layers": [i + 1 for i in cut[s]]} for s in dual_chunk_stages(schedule, pipeline, rank)]
 
 
 def check_placement(chunks: list, schedule: str, pipeline: int, rank: int) -> None:
     """Refuse, naming the chunk and what differs, chunks that are not the stages `schedule` needs on
-    pipeline rank `rank` in its order (the dual schedules' V or mirrored order above all)."""
+    pipeline rank `rank` in its order: under the dual schedules the V (or the mirrored pair), each
+    stage's layers, and the embedding, loss and MTP on the first and last stage; under Megatron's
+    own schedules, the order of the stages and where the ends are (Megatron cuts the layers)."""
     from megatron.core.utils import get_attr_wrapped_model
 
     models = [get_attr_wrapped_model(c, "pre_process", return_model_obj=True) for c in chunks]
     config = models[0].config
-    want = expected(schedule, config.num_layers, pipeline, config.mtp_num_layers or 0, rank,
-                    len(models) if schedule == "interleaved" else None)
+    if schedule in DUAL_SCHEDULES:
+        want = expected(schedule, config.num_layers, pipeline, config.mtp_num_layers or 0, rank)
+    else:
+        last = pipeline * len(models) - 1
+        want = [{"stage": s, "embedding": s == 0, "loss": s == last, "mtp": bool(config.mtp_num_layers) and s == last}
+                for s in (v * pipeline + rank for v in range(len(models)))]
     if len(models) != len(want):
         raise PlacementError(f"{schedule}: pipeline rank {rank} holds {len(models)} model chunks, needs "
                              f"{len(want)} (stages {[w['stage'] for w in want]})")
     for index, (model, wanted) in enumerate(zip(models, want)):
         got = describe(model)
-        if schedule not in DUAL_SCHEDULES:  # Megatron's own cut; only the ends and the order are ours to check
-            wanted = {**wanted, "layers": got["layers"]}
-        differs = {k: (got[k], wanted[k]) for k in wanted if got[k] != wanted[k]}
-        if differs:
-            what = "; ".join(f"{k} is {g} where stage {wanted['stage']} needs {w}" for k, (g, w) in differs.items())
-            raise PlacementError(f"{schedule}: pipeline rank {rank}, model chunk {index}: {what}")
+        if any(got[key] != wanted[key] for key in wanted):
+            raise PlacementError(f"{schedule}: pipeline rank {rank}, model chunk {index} holds {_held(got, wanted)}; "
+                                 f"{schedule} needs {_held(wanted, wanted)} there")
+
+
+def _held(held: dict[str, Any], keys: dict[str, Any]) -> str:
+    parts = [f"decoder layers {held['layers']}"] if "layers" in keys else []
+    parts += [name for name in ("embedding", "loss", "mtp") if held[name]]
+    return f"stage {held['stage']} ({', '.join(parts) or 'no ends'})"

@@ -22,7 +22,7 @@ from megatron.training import get_args, get_tokenizer
 from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_dsv3.megatron_lm.arguments import DUAL_SCHEDULES
-from megatron_dsv3.parallel.layout import rank_stages
+from megatron_dsv3.megatron_lm.model import chunk_stage, total_stages
 
 
 def _reads_batch(model: Any) -> bool:
@@ -71,14 +71,7 @@ def _dataset_config(args: Any) -> GPTDatasetConfig:
 
 def builds_data(args: Any, pp_rank: int, vp_stage: Optional[int]) -> bool:
     """Whether pipeline rank `pp_rank`'s chunk `vp_stage` reads batches (see the module docstring)."""
-    from megatron_dsv3.parallel.layout import num_stages
-
-    pipeline, schedule = args.pipeline_model_parallel_size, args.pipeline_schedule
-    if schedule in DUAL_SCHEDULES:
-        stage, last = rank_stages(schedule, pipeline, pp_rank)[vp_stage or 0], num_stages(schedule, pipeline) - 1
-    else:
-        stage, last = (vp_stage or 0) * pipeline + pp_rank, pipeline * (args.virtual_pipeline_model_parallel_size or 1) - 1
-    return stage in (0, last)
+    return chunk_stage(args, pp_rank, vp_stage) in (0, total_stages(args) - 1)
 
 
 def datasets_provider(train_val_test_num_samples: list[int], vp_stage: Optional[int] = None):
