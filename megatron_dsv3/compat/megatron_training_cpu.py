@@ -20,6 +20,8 @@ megatron-core 0.19.2's `megatron.training` (torch 2.14.1, no GPU) and present in
   torch.cuda:stream-stand-ins
       torch.cuda.Stream / current_stream / stream: get_model builds the DDP wrappers inside a side
       stream; DDP's grad buffers wait on the current stream
+  megatron.legacy.fused_kernels:load(no-nvcc)   (0.16 only: Megatron-LM's megatron/legacy)
+      initialize.py loads its fused CUDA kernels through `nvcc -V` on every rank
 and everything of `megatron_cpu.cpu_shims()` (current_device, synchronize, the CPU RNG tracker,
 device="cuda" factories).
 """
@@ -28,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from typing import Any, Callable, Iterator
+import importlib.util
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -130,11 +133,22 @@ def _shim_model_parallel_seed() -> Callable[[], None]:
     return _rebind("megatron.training.initialize", "_set_random_seed", _one_device)
 
 
-_SHIMS: list[tuple[str, Callable[[], Callable[[], None]]]] = [
+def _shim_fused_kernels() -> Optional[Callable[[], None]]:
+    # 0.16's initialize.py `_compile_dependencies` calls megatron.legacy.fused_kernels.load(args), which
+    # runs `nvcc -V` (TypeError without a CUDA toolkit: CUDA_HOME is None); its kernels are CUDA-only.
+    # Later releases load no fused kernels there.
+    if importlib.util.find_spec("megatron.legacy") is None or \
+            importlib.util.find_spec("megatron.legacy.fused_kernels") is None:
+        return None
+    return _rebind("megatron.legacy.fused_kernels", "load", lambda original: lambda args: None)
+
+
+_SHIMS: list[tuple[str, Callable[[], Optional[Callable[[], None]]]]] = [
     ("megatron.training.training:initialize_megatron(allow_no_cuda)", _shim_allow_no_cuda),
     ("megatron.training.initialize:_initialize_distributed(model-parallel-groups)", _shim_model_parallel_init),
     ("megatron.training.initialize:_set_random_seed(model-parallel-rng)", _shim_model_parallel_seed),
     ("torch.cuda:stream-stand-ins", _shim_streams),
+    ("megatron.legacy.fused_kernels:load(no-nvcc)", _shim_fused_kernels),
 ]
 
 
@@ -149,8 +163,10 @@ def training_cpu_shims() -> Iterator[None]:
     try:
         with megatron_cpu.cpu_shims():
             for name, shim in _SHIMS:
-                undo.append((name, shim()))
-                mark(name)
+                restore = shim()
+                if restore is not None:
+                    undo.append((name, restore))
+                    mark(name)
             yield
     finally:
         for name, restore in reversed(undo):

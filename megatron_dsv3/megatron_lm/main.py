@@ -16,6 +16,7 @@ from functools import partial
 
 from megatron_dsv3 import exit_status
 from megatron_dsv3.compat.megatron_api import list_balancing_types, run_pretrain
+from megatron_dsv3.compat.megatron_mtp_recompute import mtp_recompute_padding_mask
 from megatron_dsv3.compat.megatron_training_cpu import training_cpu_shims
 from megatron_dsv3.config import ConfigError
 from megatron_dsv3.megatron_lm import arguments, model, step
@@ -55,7 +56,7 @@ def main() -> int:
     try:
         defaults = arguments.defaults_for(argv)
         schedule = arguments.early_choices(argv).pipeline_schedule
-        with training_cpu_shims():
+        with training_cpu_shims(), mtp_recompute_padding_mask():
             run_pretrain(step.datasets_provider, _Run(), step.forward_step,
                          extra_args_provider=arguments.extra_args_provider(defaults), args_defaults={},
                          get_embedding_ranks=partial(step.embedding_ranks, schedule))
