@@ -172,3 +172,35 @@ def training_cpu_shims() -> Iterator[None]:
         for name, restore in reversed(undo):
             restore()
             unmark(name)
+
+
+def cpu_flags() -> list[str]:
+    """`CPU_FLAGS` as Megatron-LM command-line flags (for scripts that do not set parser defaults)."""
+    spelled = {"distributed_backend": ["--distributed-backend", "gloo"], "use_cpu_initialization":
+               ["--use-cpu-initialization"], "rerun_mode": ["--rerun-mode", "disabled"],
+               "masked_softmax_fusion": ["--no-masked-softmax-fusion"], "bias_gelu_fusion": ["--no-bias-gelu-fusion"],
+               "bias_swiglu_fusion": ["--no-bias-swiglu-fusion"], "bias_dropout_fusion": ["--no-bias-dropout-fusion"],
+               "apply_rope_fusion": ["--no-rope-fusion"], "gradient_accumulation_fusion":
+               ["--no-gradient-accumulation-fusion"]}
+    return [flag for dest in CPU_FLAGS for flag in spelled[dest]]
+
+
+def main() -> None:
+    """`python -m megatron_dsv3.compat.megatron_training_cpu SCRIPT ARGS...`: run a Megatron-LM script
+    (pretrain_gpt.py, ...) as __main__ inside these shims, with `cpu_flags()` appended."""
+    import runpy
+    import sys
+
+    from megatron_dsv3.compat.megatron_training_wheel import prebuilt_dataset_helpers
+
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m megatron_dsv3.compat.megatron_training_cpu SCRIPT [ARGS...]")
+    script = sys.argv[1]
+    sys.argv = [script, *sys.argv[2:], *([] if torch.cuda.is_available() else cpu_flags())]
+    sys.path.insert(0, str(__import__("pathlib").Path(script).resolve().parent))
+    with training_cpu_shims(), prebuilt_dataset_helpers():
+        runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
