@@ -144,17 +144,19 @@ def test_dual_chunk_order_puts_the_mtp_stage_last_as_megatron_requires():
     assert dual_chunk_stages("dualpipev", 4, 1) == (1, 6)
 
 
-def _chunks(schedule: str, tmp_path: Path) -> list[dict]:
-    run_ranks(2, [str(Path(__file__).parent / "megatron_lm_ranks.py"), "chunks", schedule, str(tmp_path)], timeout=240)
-    return [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module", params=["dualpipev", "dualpipe"])
+def dual(request, tmp_path_factory) -> tuple[str, list[dict]]:
+    """(schedule, each rank's record from tests/megatron_lm_ranks.py `chunks` on 2 ranks, PP2)."""
+    out = tmp_path_factory.mktemp(request.param)
+    run_ranks(2, [str(Path(__file__).parent / "megatron_lm_ranks.py"), "chunks", request.param, str(out)], timeout=240)
+    return request.param, [torch.load(out / f"rank-{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
-def test_dual_chunks_built_for_megatron_get_model(schedule, tmp_path):
+def test_dual_chunks_built_for_megatron_get_model(dual):
     """Each rank's two GPTModel chunks hold the stages the schedule needs, with whole-model layer
     numbers; a parameter held by several chunks (DualPipe's copies of a stage, the MTP stage's
     copy of the embedding) starts with the same values in each; chunks out of order are refused."""
-    ranks = _chunks(schedule, tmp_path)
+    schedule, ranks = dual
     held = [[(c["stage"], c["layers"], c["embedding"], c["loss"], c["mtp"]) for c in r["held"]] for r in ranks]
     if schedule == "dualpipev":  # V: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2; one layer each
         assert held == [[(0, [1], True, False, False), (3, [4], False, True, True)],
@@ -176,6 +178,36 @@ def test_dual_chunks_built_for_megatron_get_model(schedule, tmp_path):
     assert ranks[0]["refusal"] == (
         f"{schedule}: pipeline rank 0, model chunk 0 holds stage {held[0][1][0]} (decoder layers {held[0][1][1]}, "
         f"loss, mtp); {schedule} needs stage 0 (decoder layers {held[0][0][1]}, embedding) there")
+
+
+def test_dual_gradient_sums_around_megatrons_finalize(dual):
+    """After Megatron's finalize_model_grads (stood in here), every copy of a parameter holds the sum
+    of all its copies' gradients: the MTP stage's embedding copy and the embedding on rank 0, and
+    under DualPipe each stage's two copies on the mirror ranks, whose router token counts (the
+    expert-bias step's input) are summed first. Other gradients are left alone; DualPipe's second
+    copies (rank 1 of PP2) are marked `shared`, outside Megatron's gradient norm."""
+    schedule, ranks = dual
+    assert all(r["megatron_called"] for r in ranks)
+    before: dict[str, list[torch.Tensor]] = {}
+    for rank in ranks:
+        for chunk in rank["grads_before"]:
+            for name, grad in chunk.items():
+                before.setdefault(name, []).append(grad)
+    for rank in ranks:
+        for chunk in rank["grads_after"]:
+            for name, grad in chunk.items():
+                torch.testing.assert_close(grad, torch.stack(before[name]).sum(dim=0), rtol=1e-6, atol=1e-6)
+    copied = {name for name, grads in before.items() if len(grads) > 1}
+    assert "embedding.word_embeddings.weight" in copied
+    assert (copied == set(before)) == (schedule == "dualpipe")
+    for r, rank in enumerate(ranks):
+        for c, chunk in enumerate(rank["load_after"]):
+            for name, counts in chunk.items():
+                mirrored = [other["load_before"][oc][name] for other in ranks for oc in range(2)
+                            if name in other["load_before"][oc]]
+                assert torch.equal(counts, sum(mirrored) if schedule == "dualpipe" else rank["load_before"][c][name])
+    assert [r["shared"] for r in ranks] == ([[False, False], [True, True]] if schedule == "dualpipe" else
+                                            [[False, False], [False, False]])
 
 
 # ------------------------------------------------------------------ the entry point's flags

@@ -11,6 +11,7 @@ the pipeline schedule chosen by `--pipeline-schedule` (the dual ones through
 """
 from __future__ import annotations
 
+import datetime
 import sys
 from functools import partial
 
@@ -19,13 +20,14 @@ from megatron_dsv3.compat.megatron_api import list_balancing_types, run_pretrain
 from megatron_dsv3.compat.megatron_mtp_recompute import mtp_recompute_padding_mask
 from megatron_dsv3.compat.megatron_training_cpu import training_cpu_shims
 from megatron_dsv3.config import ConfigError
-from megatron_dsv3.megatron_lm import arguments, model, step
+from megatron_dsv3.megatron_lm import arguments, gradients, model, step
+from megatron_dsv3.parallel import groups
 
 
 class _Run:
     """The model provider, plus what runs once Megatron has parsed the arguments (before the first
     chunk is built): the entry point's refusals, a fix to Megatron's parsed arguments
-    (`list_balancing_types`), and installing the schedule."""
+    (`list_balancing_types`), DualPipe's mirror groups, and installing the schedule."""
 
     def __init__(self) -> None:
         self.builder = model.ChunkBuilder()
@@ -43,6 +45,9 @@ class _Run:
                 raise arguments.FlagError(problem)
             list_balancing_types(args)
             schedule = args.pipeline_schedule
+            if schedule == "dualpipe":  # the pairs of ranks holding the same two stages
+                groups.initialize_mirror_groups(args.pipeline_model_parallel_size,
+                                                datetime.timedelta(minutes=args.distributed_timeout_minutes))
             megatron_dsv3.pipeline.install(schedule if schedule in arguments.DUAL_SCHEDULES else "1f1b")
             self.prepared = True
         return self.builder(*positional, **keywords)
@@ -56,7 +61,7 @@ def main() -> int:
     try:
         defaults = arguments.defaults_for(argv)
         schedule = arguments.early_choices(argv).pipeline_schedule
-        with training_cpu_shims(), mtp_recompute_padding_mask():
+        with training_cpu_shims(), mtp_recompute_padding_mask(), gradients.installed(schedule):
             run_pretrain(step.datasets_provider, _Run(), step.forward_step,
                          extra_args_provider=arguments.extra_args_provider(defaults), args_defaults={},
                          get_embedding_ranks=partial(step.embedding_ranks, schedule))

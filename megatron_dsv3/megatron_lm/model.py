@@ -166,6 +166,9 @@ class ChunkBuilder:
         model.dsv3_stage = stage
         check_mtp_layers(model)
         initialize_weights(model, args.seed)
+        if args.pipeline_schedule == "dualpipe" and pp_rank >= args.pipeline_model_parallel_size // 2:
+            for param in model.parameters():  # the second copy of its stage: left out of Megatron's grad norm
+                param.shared = True
         self.built.append(model)
         if len(self.built) == (args.virtual_pipeline_model_parallel_size or 1):
             check_placement(self.built, args.pipeline_schedule, args.pipeline_model_parallel_size, pp_rank)
