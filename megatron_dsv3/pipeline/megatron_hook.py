@@ -15,9 +15,9 @@ What is offered to Megatron-LM: the schedule choice. Our schedules drive whateve
 training loop passes (`model` as a list, one module per chunk, each with `set_input_tensor`),
 so a loop that builds DualPipeV's V-ordered chunks (rank r: stages r and 2PP-1-r, cut by
 `megatron_dsv3.pipeline` as dsv3-train does) runs DualPipeV through Megatron-Core's own call.
-Megatron-LM's `get_model` cannot build those chunks: its virtual pipeline puts stage v*PP+r on
-rank r (interleaved order, the head on the last rank), and it cannot place one stage on two
-ranks as DualPipe's mirrored copies need. docs/megatron-lm.md says what works with which.
+Megatron-LM's own model builders place stage v*PP+r on rank r; `megatron_dsv3.megatron_lm`'s
+model provider (examples/megatron_lm/pretrain_dsv3.py) builds the dual schedules' chunks for
+its `get_model` instead. docs/megatron-lm.md says what works with which.
 """
 from __future__ import annotations
 
