@@ -4,8 +4,9 @@
 - `pretrain()` runs (needs `megatron.training`: the megatron-core 0.17+ wheels ship it, so CI's
   Python 3.12 leg runs these; the 0.16 wheel does not, and they skip): the tiny DeepSeek-V3 (the
   `tiny` preset's shape, 4 layers, MTP) trains 3 steps with evaluation on 1 rank, and on 2 gloo
-  ranks under 1F1B PP2 (with full recompute) and Megatron's interleaved schedule (PP2, two
-  chunks per rank); the logged losses agree within 1e-5, and so does the balance loss.
+  ranks under 1F1B PP2 (with full recompute), Megatron's interleaved schedule (PP2, two chunks
+  per rank) and DP2 x EP2 with the distributed optimizer; the logged losses agree within 1e-5,
+  and so does the balance loss.
 - the dual schedules' chunks (both legs): what each rank builds for DualPipeV and DualPipe on
   PP2, the layer numbers, equal weights of every copy, and the refusal of chunks out of order.
 - each patch with `patch --dry-run` against the file it patches.
@@ -100,6 +101,16 @@ def test_pretrain_interleaved_pp2_logs_the_one_rank_losses(one_rank):
     _agree(logged, one_rank[0])
     assert "pipeline rank 0, chunk 1: model stage 2 of 4; decoder layers [3]" in output
     assert "pipeline rank 1, chunk 1: model stage 3 of 4; decoder layers [4]; loss; MTP" in output
+
+
+@needs_training
+def test_pretrain_dp2_ep2_with_the_distributed_optimizer_logs_the_one_rank_losses(one_rank):
+    """Two data-parallel ranks, the routed experts split over them (EP2), Megatron's DDP and
+    distributed optimizer: the one-rank losses (expert weights are drawn per global expert, and the
+    experts' gradients stay out of the data-parallel reduction: `mark_for_megatron`)."""
+    logged, output = pretrain(2, "--expert-model-parallel-size", "2", "--use-distributed-optimizer")
+    _agree(logged, one_rank[0])
+    assert VALIDATION.findall(output)[0] == VALIDATION.findall(one_rank[1])[0]
 
 
 @needs_training

@@ -34,11 +34,16 @@ from megatron_dsv3.model.mla import MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router, Routing
 from megatron_dsv3.model.rope import rope_frequencies
+from megatron_dsv3.optim.zero1 import mark_for_megatron
 
 
 @torch.no_grad()
 def _init_like_megatron(module: torch.nn.Module, config: TransformerConfig) -> None:
-    """Megatron's init: config.init_method (N(0, init_method_std)) for matrices, ones for norms."""
+    """Megatron's init: config.init_method (N(0, init_method_std)) for matrices, ones for norms; and
+    the attributes Megatron's DDP, optimizer and gradient norm read (`mark_for_megatron`): routed
+    experts in the expert-parallel buffers (reduced over the expert-data-parallel group, not the
+    data-parallel one, where ranks hold other experts), tensor-parallel shards counted on every rank."""
+    mark_for_megatron(module)
     if not config.perform_initialization:
         return
     for param in module.parameters():

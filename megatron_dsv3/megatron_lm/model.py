@@ -198,9 +198,10 @@ def whole_model_name(model: GPTModel, name: str) -> str:
 def initialize_weights(model: GPTModel, seed: int) -> None:
     """Redraw every matrix of `model` with its config's init method (DeepSeek-V3: N(0, init_method_std)),
     from a generator keyed by `seed` and the parameter's whole-model name, so the weights do not
-    depend on how the model is cut into stages or on which rank builds them. Norm weights (ones)
-    and buffers are left as built. Tensor- and expert-parallel shards are drawn per shard (their
-    rank joins the key)."""
+    depend on how the model is cut into pipeline stages, on which rank builds them, or on the
+    expert-parallel size (each routed expert is drawn on its own, keyed by its global index).
+    Norm weights (ones) and buffers are left as built. Tensor-parallel shards are drawn per shard
+    (their rank joins the key)."""
     from megatron.core import parallel_state
 
     config = model.config
@@ -208,17 +209,24 @@ def initialize_weights(model: GPTModel, seed: int) -> None:
         if param.dim() < 2:
             continue
         key = whole_model_name(model, name)
-        if getattr(param, "tensor_model_parallel", False):
-            key += f"@tp{parallel_state.get_tensor_model_parallel_rank()}"
-        if getattr(param, "expert_parallel", False) or not getattr(param, "allreduce", True):
-            key += f"@ep{parallel_state.get_expert_model_parallel_rank()}"
         init = (getattr(config, "embedding_init_method", None) if name.startswith("embedding.") else None) \
             or config.init_method
         value = torch.empty(param.shape, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
-            init(value)
+        if getattr(param, "expert_parallel", False):  # [local experts, ...]: expert e is global e0 + e
+            first = parallel_state.get_expert_model_parallel_rank() * param.shape[0]
+            for expert in range(param.shape[0]):
+                _draw(value[expert], init, seed, f"{key}[{first + expert}]")
+        else:
+            if getattr(param, "tensor_model_parallel", False):
+                key += f"@tp{parallel_state.get_tensor_model_parallel_rank()}"
+            _draw(value, init, seed, key)
         param.copy_(value)
+
+
+def _draw(tensor: torch.Tensor, init: Any, seed: int, key: str) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+        init(tensor)
 
 
 def describe(model: GPTModel) -> dict[str, Any]:
