@@ -184,7 +184,11 @@ class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
         # Megatron sizes each tracker entry on first use; a model with more layers (MTP) built
         # later in the same process would index past it, so grow the entry first.
         grow_aux_loss_entry(BALANCE_LOSS_NAME, self.tracked_layers)
-        save_to_aux_losses_tracker(BALANCE_LOSS_NAME, value, self.layer_number + 1, self.tracked_layers)
+        # Logged as the data-parallel mean, as Megatron's own router logs it (0.16-0.17 average only
+        # over the group given here; every tensor-parallel rank computes the same value).
+        dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+        save_to_aux_losses_tracker(BALANCE_LOSS_NAME, value, self.layer_number + 1, self.tracked_layers,
+                                   avg_group=dp_group)
 
 
 class MegatronSwiGLU(_ShardedByAttributes, SwiGLU):
