@@ -251,6 +251,32 @@ def test_schedule_defaults_and_refusals():
     assert "rounds the correction range" in arguments.check(args(yarn_correction_range_round_to_int=False))
 
 
+@needs_training
+def test_yarn_flags_of_megatron_lm_0_19_reach_mla(monkeypatch):
+    """0.19's --yarn-original-max-position-embeddings / --yarn-beta-fast / --yarn-beta-slow, which
+    Megatron-LM applies only to non-MLA models, set MLA's YaRN here; not rounding the correction
+    range is refused."""
+    from megatron.training.arguments import parse_args, validate_args
+
+    from megatron_dsv3.mcore.config import dsv3_config_from_megatron
+    from megatron_dsv3.megatron_lm.model import transformer_config
+
+    argv = ["--dsv3-preset", "tiny", "--rope-type", "yarn", "--rotary-scaling-factor", "40",
+            "--yarn-original-max-position-embeddings", "2048", "--yarn-beta-fast", "16", "--yarn-beta-slow", "2",
+            "--micro-batch-size", "1", "--seq-length", "32", "--tokenizer-type", "NullTokenizer"]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *argv])
+    args = parse_args(arguments.extra_args_provider(arguments.defaults_for(argv)))
+    if not hasattr(args, "yarn_beta_fast"):
+        pytest.skip("this Megatron-LM has no --yarn-* flags (they arrived in 0.19)")
+    validate_args(args, {})
+    yarn = dsv3_config_from_megatron(transformer_config(args)).yarn
+    assert (yarn.factor, yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow) == (40, 2048, 16, 2)
+    args.yarn_correction_range_round_to_int = False
+    assert "rounds the correction range" in arguments.check(args)
+
+
 # ------------------------------------------------------------------ patches/
 def dry_run(patch: Path, directory: Path) -> bool:
     """Whether `patch` applies exactly (no fuzz) in `directory` (a Megatron-LM tree), changing nothing."""
