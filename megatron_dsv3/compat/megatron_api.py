@@ -8,6 +8,7 @@ version does not know. `config_value` reads a field under either spelling.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any
 
@@ -105,8 +106,7 @@ _MODEL_CONFIG_RECOMMENDATION = r"\s*It is recommended to use a ModelConfig"
 def run_pretrain(datasets_provider: Any, model_provider: Any, forward_step: Any, *, extra_args_provider: Any,
                  args_defaults: dict, get_embedding_ranks: Any) -> Any:
     """Megatron-LM's `pretrain()` with a model provider, as each release from 0.16 to 0.19 takes it."""
-    import inspect
-
+    # Imported here: this module serves the adapters, where megatron.training (Megatron-LM) may be absent.
     from megatron.core.enums import ModelType
     from megatron.training import training
 

@@ -31,12 +31,16 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import runpy
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from megatron_dsv3.compat import megatron_cpu
 from megatron_dsv3.compat.active import mark, unmark
+from megatron_dsv3.compat.megatron_training_wheel import prebuilt_dataset_helpers
 
 # Megatron-LM flag (its argparse `dest`) -> the value a run without CUDA needs.
 CPU_FLAGS: dict[str, Any] = {
@@ -188,16 +192,11 @@ def cpu_flags() -> list[str]:
 def main() -> None:
     """`python -m megatron_dsv3.compat.megatron_training_cpu SCRIPT ARGS...`: run a Megatron-LM script
     (pretrain_gpt.py, ...) as __main__ inside these shims, with `cpu_flags()` appended."""
-    import runpy
-    import sys
-
-    from megatron_dsv3.compat.megatron_training_wheel import prebuilt_dataset_helpers
-
     if len(sys.argv) < 2:
         raise SystemExit("usage: python -m megatron_dsv3.compat.megatron_training_cpu SCRIPT [ARGS...]")
     script = sys.argv[1]
     sys.argv = [script, *sys.argv[2:], *([] if torch.cuda.is_available() else cpu_flags())]
-    sys.path.insert(0, str(__import__("pathlib").Path(script).resolve().parent))
+    sys.path.insert(0, str(Path(script).resolve().parent))
     with training_cpu_shims(), prebuilt_dataset_helpers():
         runpy.run_path(script, run_name="__main__")
 

@@ -247,6 +247,7 @@ class _MTPGuard:
     (Megatron's own, built in the same process) are left alone."""
 
     def __init__(self) -> None:
+        # imported here: the module warns at import that Apex is missing, which `import megatron_dsv3` should not print
         from megatron.core.models.gpt import GPTModel
 
         self.model_class = GPTModel

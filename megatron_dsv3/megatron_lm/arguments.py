@@ -15,10 +15,12 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_dsv3.compat.megatron_training_cpu import CPU_FLAGS
 from megatron_dsv3 import registry
 from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.mcore.config import megatron_config_from_dsv3
 from megatron_dsv3.parallel.layout import num_stages
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
@@ -81,8 +83,6 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def preset_flags(cfg: DSV3Config) -> dict[str, Any]:
     """Megatron-LM flag defaults (argparse dests) describing `cfg`'s architecture."""
-    from megatron_dsv3.mcore.config import megatron_config_from_dsv3
-
     config = megatron_config_from_dsv3(cfg)
     flags = {_DEST_OF_FIELD.get(name, name): getattr(config, name) for name in _PRESET_FIELDS}
     flags.update(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
@@ -133,8 +133,6 @@ def extra_args_provider(defaults: dict[str, Any]) -> Callable[[argparse.Argument
 
 
 def _check_missing_flags(missing: dict[str, Any]) -> None:
-    from megatron.core.transformer.transformer_config import MLATransformerConfig
-
     for dest, value in missing.items():
         field = dest.removeprefix("yarn_")
         default = getattr(MLATransformerConfig, field, None)

@@ -21,6 +21,7 @@ import contextlib
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_dsv3.megatron_lm.arguments import DUAL_SCHEDULES
 from megatron_dsv3.megatron_lm.model import whole_model_name
@@ -28,8 +29,6 @@ from megatron_dsv3.parallel import comm, groups
 
 
 def _unwrapped(chunk: Any) -> Any:
-    from megatron.core.utils import get_attr_wrapped_model
-
     return get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
 
 
@@ -106,7 +105,7 @@ def finalize_model_grads(schedule: str, megatron_finalize: Callable) -> Callable
 def installed(schedule: str) -> Iterator[None]:
     """Make Megatron-LM's `train()` take `finalize_model_grads(schedule, ...)`: it sets
     `config.finalize_model_grads_func` from the name `megatron.training.training` imported."""
-    from megatron.training import training
+    from megatron.training import training  # here: megatron.training is absent where only megatron.core is
 
     original = training.finalize_model_grads
     training.finalize_model_grads = finalize_model_grads(schedule, original)

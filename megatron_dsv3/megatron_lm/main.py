@@ -15,6 +15,9 @@ import datetime
 import sys
 from functools import partial
 
+from megatron.training import get_args
+
+import megatron_dsv3.pipeline
 from megatron_dsv3 import exit_status
 from megatron_dsv3.compat.megatron_api import list_balancing_types, run_pretrain
 from megatron_dsv3.compat.megatron_mtp_recompute import mtp_recompute_padding_mask
@@ -35,10 +38,6 @@ class _Run:
 
     def __call__(self, *positional, **keywords):
         if not self.prepared:
-            from megatron.training import get_args
-
-            import megatron_dsv3.pipeline
-
             args = get_args()
             problem = arguments.check(args)
             if problem:
@@ -55,8 +54,6 @@ class _Run:
 
 def main() -> int:
     """Run Megatron-LM's pretrain() on sys.argv; refusals print one line and return exit_status.REFUSED."""
-    import megatron_dsv3.pipeline
-
     argv = sys.argv[1:]
     try:
         defaults = arguments.defaults_for(argv)

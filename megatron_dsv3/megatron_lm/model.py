@@ -25,9 +25,13 @@ import zlib
 from typing import Any, Optional
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
 
 from megatron_dsv3.mcore.specs import check_mtp_layers, get_dsv3_decoder_block_spec, get_dsv3_mtp_block_spec
 from megatron_dsv3.megatron_lm.arguments import DUAL_SCHEDULES
@@ -106,7 +110,7 @@ YARN_FLAG_FIELDS = {"yarn_original_max_position_embeddings": "original_max_posit
 
 def transformer_config(args: Any) -> Any:
     """Megatron-LM's MLATransformerConfig from its arguments, with the `--yarn-*` flags honoured."""
-    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron.training.arguments import core_transformer_config_from_args  # here: see _megatron_args
 
     config = core_transformer_config_from_args(args)
     for dest, field in YARN_FLAG_FIELDS.items():
@@ -144,8 +148,6 @@ class ChunkBuilder:
 
     def __call__(self, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
                  config: Any = None, pg_collection: Any = None) -> GPTModel:
-        from megatron.core import parallel_state
-
         args = self.args if self.args is not None else _megatron_args()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         config = config if config is not None else transformer_config(args)
@@ -180,6 +182,8 @@ class ChunkBuilder:
 
 
 def _megatron_args() -> Any:
+    # Imported here: megatron.training comes with Megatron-LM (the 0.17+ wheels, or a checkout), and
+    # the chunks can be built without it when the arguments are given.
     from megatron.training import get_args
 
     return get_args()
@@ -202,8 +206,6 @@ def initialize_weights(model: GPTModel, seed: int) -> None:
     expert-parallel size (each routed expert is drawn on its own, keyed by its global index).
     Norm weights (ones) and buffers are left as built. Tensor-parallel shards are drawn per shard
     (their rank joins the key)."""
-    from megatron.core import parallel_state
-
     config = model.config
     for name, param in model.named_parameters():
         if param.dim() < 2:
@@ -243,8 +245,6 @@ def summary(model: GPTModel, stages: int) -> str:
     parts = [f"model stage {held['stage']} of {stages}", f"decoder layers {held['layers']}"]
     parts += [name for name in ("embedding", "loss") if held[name]]
     if held["mtp"]:
-        from megatron_dsv3.compat.megatron_api import mtp_layer_attribute
-
         inner = [getattr(layer, mtp_layer_attribute()) for layer in model.mtp.layers]
         parts.append("MTP " + ", ".join(f"{type(i.self_attention).__name__} + {type(i.mlp).__name__}" for i in inner))
     return "; ".join(parts)
@@ -262,8 +262,6 @@ def check_placement(chunks: list, schedule: str, pipeline: int, rank: int) -> No
     pipeline rank `rank` in its order: under the dual schedules the V (or the mirrored pair), each
     stage's layers, and the embedding, loss and MTP on the first and last stage; under Megatron's
     own schedules, the order of the stages and where the ends are (Megatron cuts the layers)."""
-    from megatron.core.utils import get_attr_wrapped_model
-
     models = [get_attr_wrapped_model(c, "pre_process", return_model_obj=True) for c in chunks]
     config = models[0].config
     if schedule in DUAL_SCHEDULES:

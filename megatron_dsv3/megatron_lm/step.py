@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.utils import get_attr_wrapped_model
@@ -77,8 +78,6 @@ def builds_data(args: Any, pp_rank: int, vp_stage: Optional[int]) -> bool:
 def datasets_provider(train_val_test_num_samples: list[int], vp_stage: Optional[int] = None):
     """Megatron's train/valid/test datasets: its mock dataset (--mock-data) or GPTDataset over
     --data-path (Megatron's indexed format, which `dsv3-prepare` writes)."""
-    from megatron.core import parallel_state
-
     args = get_args()
     built_here = partial(builds_data, args, parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
