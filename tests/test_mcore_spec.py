@@ -236,8 +236,8 @@ def test_megatron_expert_bias_update_matches_ours():
     tokens, _, positions = batch(cfg)
     ours.train()
     model.train()
+    model(tokens, positions, None)  # a training forward (gradients recorded): Megatron's routers count only then
     with torch.no_grad():
-        model(tokens, positions, None)
         ours(tokens)
     _update_router_expert_bias([model], config)
     reset_model_temporary_tensors(config, [model])
@@ -402,15 +402,108 @@ def test_spec_module_builds_its_mtp_block_for_the_patched_gpt_builders():
     assert type(getattr(model.mtp.layers[0], mtp_layer_attribute()).mlp).__name__ == "MegatronDeepSeekMoE"
 
 
-def test_callable_spec_of_megatron_lm_forks():
-    """Forks (slime and others) call a callable `--spec` as spec(args, config, vp_stage)."""
-    builder = import_module(["megatron_dsv3.mcore.specs", "megatron_lm_spec"])
+@pytest.mark.parametrize("call", ["megatron-lm-0.19", "fork"])
+def test_callable_spec_takes_megatron_lm_0_19s_and_the_forks_conventions(call):
+    """Megatron-LM 0.19's models/gpt.py calls a callable `--spec` as spec(config, vp_stage=...), config
+    being its GPTModelConfig (which holds the TransformerConfig as `.transformer`) and only when
+    `vp_stage` is among the parameters; forks (slime and others) as spec(args, config, vp_stage).
+    `dsv3_block_spec` (also named `megatron_lm_spec`) takes both and returns the stage's block."""
+    import inspect
+    from types import SimpleNamespace
+
+    builder = import_module(["megatron_dsv3.mcore.specs", "dsv3_block_spec"])
+    assert builder is import_module(["megatron_dsv3.mcore.specs", "megatron_lm_spec"])
+    assert not isinstance(builder, ModuleSpec) and "vp_stage" in inspect.signature(builder).parameters
     config = mcore_config.megatron_config_from_dsv3(tiny(mtp_num_modules=0), use_cpu_initialization=True)
-    block = builder(None, config, None)
+    block = builder(SimpleNamespace(transformer=config), vp_stage=None) if call == "megatron-lm-0.19" else \
+        builder(None, config, None)
     assert isinstance(block, TransformerBlockSubmodules) and len(block.layer_specs) == 3
     model = GPTModel(config, transformer_layer_spec=block, vocab_size=320, max_sequence_length=64,
                      position_embedding_type="rope")
     assert [type(layer.mlp).__name__ for layer in model.decoder.layers][:2] == ["MegatronSwiGLU", "MegatronDeepSeekMoE"]
+
+
+def test_spec_objects_build_their_mtp_block_for_the_patched_0_19_builder():
+    """patches/megatron-lm-0.19-models_gpt-spec-mtp.patch asks the `--spec` object itself for
+    `mtp_block_spec(config, vp_stage=...)` (0.19 passes its GPTModelConfig)."""
+    from types import SimpleNamespace
+
+    config = mcore_config.megatron_config_from_dsv3(tiny(mtp_num_modules=1), use_cpu_initialization=True)
+    for spec in (specs.dsv3_layer_spec, specs.dsv3_block_spec):
+        block = spec.mtp_block_spec(SimpleNamespace(transformer=config), vp_stage=None)
+        model = GPTModel(config, transformer_layer_spec=specs.get_dsv3_decoder_block_spec(config), mtp_block_spec=block,
+                         vocab_size=320, max_sequence_length=64, position_embedding_type="rope")
+        specs.check_mtp_layers(model)
+        assert type(getattr(model.mtp.layers[0], mtp_layer_attribute()).mlp) is layers.MegatronDeepSeekMoE
+
+
+def test_megatrons_own_mtp_beside_our_decoder_is_refused_by_name():
+    """A builder that takes our decoder spec and Megatron's stock MTP spec (Megatron-LM 0.19's
+    pretrain_gpt.py `--spec` unpatched) would train Megatron's MTP layer: `check_mtp_layers` refuses
+    it, and so does the model's first forward. A model all of Megatron's own is left alone."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    from megatron_dsv3.compat.megatron_local_spec import local_spec_shims
+
+    cfg = tiny(mtp_num_modules=1)
+    config = mcore_config.megatron_config_from_dsv3(cfg, use_cpu_initialization=True)
+    native = native_gpt(cfg)
+    with local_spec_shims():
+        stock = get_gpt_mtp_block_spec(config, native.decoder.submodules.layer_specs[-1], use_transformer_engine=False)
+        mixed = GPTModel(config, transformer_layer_spec=specs.get_dsv3_decoder_block_spec(config), mtp_block_spec=stock,
+                         vocab_size=cfg.vocab_size, max_sequence_length=64, position_embedding_type="rope")
+    with pytest.raises(ConfigError, match=r"MTP layer 0 was built from Megatron's own specs, not megatron_dsv3's "
+                                          r"\(self_attention=megatron\.core\.transformer\.multi_latent_attention\."
+                                          r"MLASelfAttention, mlp=megatron\.core\.transformer\.moe\.moe_layer\.MoELayer"):
+        specs.check_mtp_layers(mixed)
+    tokens, labels, positions = batch(cfg)
+    with torch.no_grad(), local_spec_shims():
+        native(tokens, positions, None, labels=labels)  # Megatron's own model: no refusal
+        with pytest.raises(ConfigError, match="MTP layer 0 was built from Megatron's own specs"):
+            mixed(tokens, positions, None, labels=labels)
+        ours, _ = gpt(cfg)
+        ours(tokens, positions, None, labels=labels)  # ours passes (and the check stops)
+    assert not layers._mtp_guard.active
+
+
+def test_no_unknown_mlp_type_warning_per_layer(caplog):
+    """megatron-core 0.16-0.17 log "Unknown MLP type" for each layer whose mlp ModuleSpec names a
+    class they do not know; our specs name the class itself."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        gpt(tiny(mtp_num_modules=1))
+        GPTModel(mcore_config.megatron_config_from_dsv3(tiny(mtp_num_modules=0), use_cpu_initialization=True),
+                 transformer_layer_spec=specs.dsv3_layer_spec, vocab_size=320, max_sequence_length=64,
+                 position_embedding_type="rope")
+    assert "Unknown MLP type" not in caplog.text
+
+
+def test_full_recompute_counts_tokens_and_logs_the_balance_loss_once():
+    """Megatron's full recompute runs each layer's forward without gradients, then again with them in
+    backward. Like Megatron's own router, ours counts tokens (for the bias update) and makes and logs
+    the balance loss only in the forward that records gradients: once per micro-batch, as without
+    recompute, with the same gradients."""
+    cfg = tiny(mtp_num_modules=0, seq_aux_loss_coeff=0.5)
+    tokens, _, positions = batch(cfg)
+    runs = []
+    for recompute in ({}, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)):
+        torch.manual_seed(3)
+        model, _ = gpt(cfg, **recompute)
+        model.train()
+        _clear_aux_loss_tracker()
+        model(tokens, positions, None).float().pow(2).mean().backward()
+        logged = get_moe_layer_wise_logging_tracker()[layers.BALANCE_LOSS_NAME]["values"].clone()
+        counts = torch.stack([m.router.tokens_per_expert for m in model.modules()
+                              if isinstance(m, layers.MegatronDeepSeekMoE)])
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((logged, counts, grads))
+    (logged, counts, grads), (logged_r, counts_r, grads_r) = runs
+    assert logged[1:3].abs().min() > 0 and torch.equal(logged, logged_r)
+    assert torch.equal(counts, counts_r) and counts.sum(dim=1).tolist() == [tokens.numel() * cfg.num_experts_per_token] * 2
+    assert grads.keys() == grads_r.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-5, atol=1e-7)
 
 
 def test_sharded_state_dict_covers_every_tensor_with_tp_axes():

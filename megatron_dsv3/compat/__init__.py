@@ -8,7 +8,10 @@ Each workaround is scoped and undoable:
         ...                    # build and run Megatron-Core modules on CPU
     assert applied() == []     # everything restored
 
-`megatron_api` holds the API-drift helpers (building configs across Megatron-Core releases).
+`megatron_api` holds the API-drift helpers (building configs across Megatron-Core releases, calling
+Megatron-LM's `pretrain()`). `megatron_training_cpu.training_cpu_shims()` extends `cpu_shims()` to
+Megatron-LM's training loop; `megatron_training_wheel` and `megatron_mtp_recompute` are release
+workarounds that apply with or without CUDA.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ version does not know. `config_value` reads a field under either spelling.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any
 
@@ -94,3 +95,47 @@ def grow_aux_loss_entry(name: str, num_layers: int) -> None:
     entry = get_moe_metrics_tracker().metrics.get(name)
     if entry is not None and entry.values.numel() < num_layers:
         entry.values = torch.nn.functional.pad(entry.values, (0, num_layers - entry.values.numel()))
+
+
+# Megatron-LM's `pretrain()` (megatron/training/training.py) took its arguments' parser hooks up to
+# 0.17; from 0.18 the caller parses them (`parse_and_validate_args`) and passes a config container
+# built from them (`pretrain_cfg_container_from_args`), and 0.19 makes the model provider optional.
+_MODEL_CONFIG_RECOMMENDATION = r"\s*It is recommended to use a ModelConfig"
+
+
+def run_pretrain(datasets_provider: Any, model_provider: Any, forward_step: Any, *, extra_args_provider: Any,
+                 args_defaults: dict, get_embedding_ranks: Any) -> Any:
+    """Megatron-LM's `pretrain()` with a model provider, as each release from 0.16 to 0.19 takes it."""
+    # Imported here: this module serves the adapters, where megatron.training (Megatron-LM) may be absent.
+    from megatron.core.enums import ModelType
+    from megatron.training import training
+
+    from megatron_dsv3.compat.megatron_training_wheel import prebuilt_dataset_helpers
+
+    common = dict(train_valid_test_dataset_provider=datasets_provider, model_provider=model_provider,
+                  model_type=ModelType.encoder_or_decoder, forward_step_func=forward_step,
+                  get_embedding_ranks=get_embedding_ranks)
+    with prebuilt_dataset_helpers():
+        if "cfg_container" not in inspect.signature(training.pretrain).parameters:
+            return training.pretrain(extra_args_provider=extra_args_provider, args_defaults=args_defaults, **common)
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+        with warnings.catch_warnings():  # the container's model config stays None: the provider builds the model
+            warnings.filterwarnings("ignore", message=_MODEL_CONFIG_RECOMMENDATION)
+            container = pretrain_cfg_container_from_args(args)
+        return training.pretrain(cfg_container=container, **common)
+
+
+def list_balancing_types(args: Any) -> None:
+    """Keep Megatron-LM's `--moe-router-load-balancing-type` (and its coefficients) a list.
+
+    validate_args turns a one-element list into a string, and the training log then tests
+    `"aux_loss" in args.moe_router_load_balancing_type` (training.py, 0.16 to 0.19): a substring of
+    "seq_aux_loss", so a `load_balancing_loss` entry nothing records is logged, always 0. As a
+    list, the test is a membership test; Megatron-Core's config accepts lists of both."""
+    if isinstance(args.moe_router_load_balancing_type, str):
+        args.moe_router_load_balancing_type = [args.moe_router_load_balancing_type]
+        coeff = args.moe_aux_loss_coeff
+        args.moe_aux_loss_coeff = list(coeff) if isinstance(coeff, (list, tuple)) else [coeff]

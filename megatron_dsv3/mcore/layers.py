@@ -26,18 +26,24 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank
 
-from megatron_dsv3.compat.megatron_api import grow_aux_loss_entry
+from megatron_dsv3.compat.megatron_api import grow_aux_loss_entry, mtp_layer_attribute
+from megatron_dsv3.config import ConfigError
 from megatron_dsv3.mcore.config import check_supported, dsv3_config_from_megatron, moe_pattern
 from megatron_dsv3.model.common import RMSNorm, SwiGLU
 from megatron_dsv3.model.mla import MultiLatentAttention
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router, Routing
 from megatron_dsv3.model.rope import rope_frequencies
+from megatron_dsv3.optim.zero1 import mark_for_megatron
 
 
 @torch.no_grad()
 def _init_like_megatron(module: torch.nn.Module, config: TransformerConfig) -> None:
-    """Megatron's init: config.init_method (N(0, init_method_std)) for matrices, ones for norms."""
+    """Megatron's init: config.init_method (N(0, init_method_std)) for matrices, ones for norms; and
+    the attributes Megatron's DDP, optimizer and gradient norm read (`mark_for_megatron`): routed
+    experts in the expert-parallel buffers (reduced over the expert-data-parallel group, not the
+    data-parallel one, where ranks hold other experts), tensor-parallel shards counted on every rank."""
+    mark_for_megatron(module)
     if not config.perform_initialization:
         return
     for param in module.parameters():
@@ -115,6 +121,10 @@ class _MegatronRouter(Router):
       the aux-loss-free bias step (b_i += rate * sign(mean load - load_i)) to `expert_bias` itself.
     * the sequence-wise balance loss is handed to the MoE adapter (`pending_balance_loss`) instead
       of being attached by DeepSeekMoE, so the adapter can attach it the Megatron way.
+    * tokens are counted, and the balance loss made, only in a forward that records gradients, as
+      Megatron's own router does (`torch.is_grad_enabled()`): under activation recompute
+      (`--recompute-granularity full`, or `mlp` among the selective modules) the first forward runs
+      without gradients and the recomputed one with them, so each micro-batch counts once.
     """
 
     pending_balance_loss: Optional[torch.Tensor] = None
@@ -124,8 +134,10 @@ class _MegatronRouter(Router):
         return self.tokens_per_expert
 
     def forward(self, x_SBH: torch.Tensor) -> Routing:
+        self.count_load = torch.is_grad_enabled()
         routing = super().forward(x_SBH)
-        self.pending_balance_loss, routing.balance_loss = routing.balance_loss, None
+        balance_loss = routing.balance_loss if torch.is_grad_enabled() else None
+        self.pending_balance_loss, routing.balance_loss = balance_loss, None
         return routing
 
 
@@ -149,6 +161,8 @@ class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
         self.per_token_loss = bool(getattr(config, "calculate_per_token_loss", False))
         self.tracked_layers = config.num_layers + (config.mtp_num_layers or 0)
         _init_like_megatron(self, config)
+        if config.mtp_num_layers:
+            initialize_mtp_guard()
 
     def set_layer_number(self, layer_number: int) -> None:
         """Called by TransformerLayer with the global 1-based layer number."""
@@ -170,7 +184,11 @@ class MegatronDeepSeekMoE(_ShardedByAttributes, DeepSeekMoE):
         # Megatron sizes each tracker entry on first use; a model with more layers (MTP) built
         # later in the same process would index past it, so grow the entry first.
         grow_aux_loss_entry(BALANCE_LOSS_NAME, self.tracked_layers)
-        save_to_aux_losses_tracker(BALANCE_LOSS_NAME, value, self.layer_number + 1, self.tracked_layers)
+        # Logged as the data-parallel mean, as Megatron's own router logs it (0.16-0.17 average only
+        # over the group given here; every tensor-parallel rank computes the same value).
+        dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+        save_to_aux_losses_tracker(BALANCE_LOSS_NAME, value, self.layer_number + 1, self.tracked_layers,
+                                   avg_group=dp_group)
 
 
 class MegatronSwiGLU(_ShardedByAttributes, SwiGLU):
@@ -203,3 +221,63 @@ class DSV3TransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
 
+
+
+# ------------------------------------------------------------------ MTP layers must be ours
+def check_mtp_layer(layer: torch.nn.Module, index: int = 0) -> None:
+    """Refuse a Megatron MultiTokenPredictionLayer not built from megatron_dsv3's specs, naming the
+    modules that are Megatron's own (its attention, MoE and norms, where a builder fell back to
+    Megatron's stock MTP spec)."""
+    inner = getattr(layer, mtp_layer_attribute())
+    found = {"self_attention": inner.self_attention, "mlp": inner.mlp, "enorm": layer.enorm,
+             "hnorm": layer.hnorm, "final_layernorm": layer.final_layernorm}
+    wanted = {"self_attention": (MegatronMLA,), "mlp": (MegatronDeepSeekMoE, MegatronSwiGLU)}
+    foreign = [f"{name}={type(module).__module__}.{type(module).__name__}" for name, module in found.items()
+               if not isinstance(module, wanted.get(name, (MegatronRMSNorm,)))]
+    if foreign:
+        raise ConfigError(f"MTP layer {index} was built from Megatron's own specs, not megatron_dsv3's "
+                          f"({', '.join(foreign)}): pass mtp_block_spec=get_dsv3_mtp_block_spec(config) to GPTModel; "
+                          "with Megatron-LM use examples/megatron_lm/pretrain_dsv3.py, or patch pretrain_gpt.py's "
+                          "builder for your release (patches/README.md)")
+
+
+class _MTPGuard:
+    """A torch global forward pre-hook: at the forward of a GPTModel whose decoder holds our layers,
+    check its MTP layers; removed after the first such model passed. Models without our layers
+    (Megatron's own, built in the same process) are left alone."""
+
+    def __init__(self) -> None:
+        # imported here: the module warns at import that Apex is missing, which `import megatron_dsv3` should not print
+        from megatron.core.models.gpt import GPTModel
+
+        self.model_class = GPTModel
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self)
+        self.active = True
+
+    def __call__(self, module: torch.nn.Module, inputs: Any) -> None:
+        mtp = getattr(module, "mtp", None)
+        if not isinstance(module, self.model_class) or mtp is None:
+            return
+        if not any(isinstance(m, (MegatronMLA, MegatronDeepSeekMoE)) for m in module.decoder.modules()):
+            return
+        for index, layer in enumerate(mtp.layers):
+            check_mtp_layer(layer, index)
+        self.handle.remove()
+        self.active = False
+
+
+_mtp_guard: Optional[_MTPGuard] = None
+
+
+def initialize_mtp_guard() -> None:
+    """Check the MTP layers of the first model built from our specs that runs in this process
+    (`check_mtp_layer`), then stop checking.
+
+    Registered by the MoE adapter of a model with MTP layers: a builder that makes the decoder from
+    our specs and the MTP block from Megatron's own (Megatron-LM 0.19's pretrain_gpt.py `--spec`
+    without the patch, with Transformer Engine) would otherwise train Megatron's MTP layer
+    silently; nothing of ours runs after that block is built, so the model's first forward is
+    where it is refused."""
+    global _mtp_guard
+    if _mtp_guard is None or not _mtp_guard.active:
+        _mtp_guard = _MTPGuard()

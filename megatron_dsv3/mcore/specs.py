@@ -1,10 +1,10 @@
 """Megatron-Core ModuleSpecs of DeepSeek-V3 built from the adapters in `layers.py`.
 
 `get_dsv3_decoder_block_spec` / `get_dsv3_mtp_block_spec` are what a GPTModel takes. For
-Megatron-LM's `--spec MODULE NAME` (which passes the named object to GPTModel without calling
-it) the module-level `dsv3_layer_spec` is a single layer spec whose layer class picks dense or MoE
-from `moe_layer_freq` by its global layer number; `mtp_block_spec` is what the patched
-`gpt_builders.py` (patches/) looks for in the `--spec` module.
+Megatron-LM's `--spec MODULE NAME` the module-level `dsv3_layer_spec` is a single layer spec whose
+layer class picks dense or MoE from `moe_layer_freq` by its global layer number (releases that
+pass the object on uncalled), and `dsv3_block_spec` the per-stage block for releases and forks
+that call it; `mtp_block_spec` is what the patched builders (patches/) use for `--mtp-num-layers`.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_dsv3.mcore.config import check_supported, dsv3_config_from_megatron, moe_pattern
 from megatron_dsv3.mcore.layers import (DSV3TransformerLayer, MegatronDeepSeekMoE, MegatronMLA, MegatronRMSNorm,
-                                        MegatronSwiGLU)
+                                        MegatronSwiGLU, check_mtp_layer)
 from megatron_dsv3 import registry
 
 
-def _layer_submodules(mlp: ModuleSpec) -> TransformerLayerSubmodules:
+def _layer_submodules(mlp: type) -> TransformerLayerSubmodules:
+    # `mlp` is a class, not a ModuleSpec: Megatron-Core 0.16-0.17's TransformerLayer logs "Unknown MLP
+    # type ... Using default kwargs." for every layer whose mlp ModuleSpec names a class it does not
+    # know, and passes no extra arguments to a bare class either.
     return TransformerLayerSubmodules(
         input_layernorm=MegatronRMSNorm,
         # attn_mask_type is read by Megatron's MTP layer (which refuses specs without one); MLA is causal.
@@ -46,8 +49,7 @@ def get_dsv3_layer_spec(config: Optional[TransformerConfig] = None, layer_number
     """
     if moe is None:
         moe = True if config is None or layer_number is None else bool(moe_pattern(config)[layer_number - 1])
-    mlp = ModuleSpec(module=MegatronDeepSeekMoE if moe else MegatronSwiGLU)
-    return ModuleSpec(module=TransformerLayer, submodules=_layer_submodules(mlp))
+    return ModuleSpec(module=TransformerLayer, submodules=_layer_submodules(MegatronDeepSeekMoE if moe else MegatronSwiGLU))
 
 
 def get_dsv3_layer_specs(config: TransformerConfig) -> list[ModuleSpec]:
@@ -95,21 +97,66 @@ def get_dsv3_mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] =
     return block
 
 
-# Megatron-LM: `--spec megatron_dsv3.mcore.specs dsv3_layer_spec` (imported, not called).
-dsv3_layer_spec = ModuleSpec(module=DSV3TransformerLayer, params={"dense_mlp": ModuleSpec(module=MegatronSwiGLU)},
-                             submodules=_layer_submodules(ModuleSpec(module=MegatronDeepSeekMoE)))
+def check_mtp_layers(model: Any) -> None:
+    """Refuse a model whose Multi-Token Prediction layers are not this plugin's, naming what was built
+    instead (`layers.check_mtp_layer`)."""
+    mtp = getattr(model, "mtp", None)
+    for index, layer in enumerate(mtp.layers if mtp is not None else ()):
+        check_mtp_layer(layer, index)
 
 
 def mtp_block_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
-    """The MTP block for Megatron-LM's `gpt_builders.py` patched by patches/megatron-lm-*-gpt_builders-spec-mtp.patch,
-    which looks for `mtp_block_spec` in the `--spec` module when `--mtp-num-layers` is set."""
-    return get_dsv3_mtp_block_spec(config, vp_stage=vp_stage)
+    """The MTP block for Megatron-LM's `gpt_builders.py` (0.16-0.18) patched by
+    patches/megatron-lm-0.16-0.17-gpt_builders-spec-mtp.patch or -0.18-: it looks for `mtp_block_spec`
+    in the `--spec` module when `--mtp-num-layers` is set."""
+    return get_dsv3_mtp_block_spec(_transformer_config(config), vp_stage=vp_stage)
 
 
-def megatron_lm_spec(args: Any, config: TransformerConfig, vp_stage: Optional[int] = None):
-    """For Megatron-LM forks whose model provider calls a callable `--spec` as
-    `spec(args, config, vp_stage)` (slime and others)."""
-    return get_dsv3_decoder_block_spec(config, vp_stage=vp_stage)
+def _transformer_config(config: Any) -> TransformerConfig:
+    # Megatron-LM 0.19's models/gpt.py passes its GPTModelConfig, which holds the TransformerConfig.
+    return getattr(config, "transformer", config)
+
+
+@dataclasses.dataclass
+class DSV3LayerSpec(ModuleSpec):
+    """A layer ModuleSpec (what `--spec` objects that are not called must be) that also builds the
+    MTP block: Megatron-LM 0.19's models/gpt.py patched by patches/megatron-lm-0.19-models_gpt-spec-mtp.patch
+    asks the `--spec` object for `mtp_block_spec(config, vp_stage=...)`."""
+
+    def mtp_block_spec(self, config: Any, vp_stage: Optional[int] = None):
+        return mtp_block_spec(config, vp_stage=vp_stage)
+
+
+class DSV3BlockSpec:
+    """A callable `--spec`: the decoder block of one pipeline stage, in either calling convention,
+
+        spec(config, vp_stage=vp_stage)          Megatron-LM 0.19 (models/gpt.py; config: GPTModelConfig)
+        spec(args, config, vp_stage)             Megatron-LM forks (slime and others)
+
+    and, like `DSV3LayerSpec`, `mtp_block_spec(config, vp_stage=...)` for the patched 0.19 builder."""
+
+    def __call__(self, *arguments: Any, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+        if len(arguments) == 1:
+            config = arguments[0]
+        elif len(arguments) in (2, 3):
+            config = arguments[1]
+            vp_stage = arguments[2] if len(arguments) == 3 else vp_stage
+        else:
+            raise TypeError(f"a --spec block takes (config, vp_stage=...) or (args, config, vp_stage), got "
+                            f"{len(arguments)} positional arguments")
+        return get_dsv3_decoder_block_spec(_transformer_config(config), vp_stage=vp_stage)
+
+    def mtp_block_spec(self, config: Any, vp_stage: Optional[int] = None):
+        return mtp_block_spec(config, vp_stage=vp_stage)
+
+
+# Megatron-LM's `--spec megatron_dsv3.mcore.specs NAME`:
+#   dsv3_layer_spec   imported and passed on uncalled (every release): one layer spec for every layer
+#   dsv3_block_spec   called as spec(config, vp_stage=...) by 0.19, spec(args, config, vp_stage) by forks
+#   megatron_lm_spec  the name forks were told to use; the same object
+dsv3_layer_spec = DSV3LayerSpec(module=DSV3TransformerLayer, params={"dense_mlp": MegatronSwiGLU},
+                                submodules=_layer_submodules(MegatronDeepSeekMoE))
+dsv3_block_spec = megatron_lm_spec = DSV3BlockSpec()
 
 
 registry.register("layer_spec", "megatron-gpt", get_dsv3_decoder_block_spec)

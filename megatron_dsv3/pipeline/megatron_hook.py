@@ -14,11 +14,10 @@ only change, and it is undone exactly (the original functions are kept, not re-i
 What is offered to Megatron-LM: the schedule choice. Our schedules drive whatever chunks the
 training loop passes (`model` as a list, one module per chunk, each with `set_input_tensor`),
 so a loop that builds DualPipeV's V-ordered chunks (rank r: stages r and 2PP-1-r, its descriptor's
-`rank_stages` and `stage_cut`, as dsv3-train builds them) runs DualPipeV through Megatron-Core's
-own call.
-Megatron-LM's `get_model` cannot build those chunks: its virtual pipeline puts stage v*PP+r on
-rank r (interleaved order, the head on the last rank), and it cannot place one stage on two
-ranks as DualPipe's mirrored copies need. docs/megatron-lm.md says what works with which.
+`rank_stages` and `stage_cut`, as dsv3-train builds them) runs DualPipeV through Megatron-Core's own call.
+Megatron-LM's own model builders place stage v*PP+r on rank r; `megatron_dsv3.megatron_lm`'s
+model provider (examples/megatron_lm/pretrain_dsv3.py) builds the dual schedules' chunks for
+its `get_model` instead. docs/megatron-lm.md says what works with which.
 """
 from __future__ import annotations
 
