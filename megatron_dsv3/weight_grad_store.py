@@ -122,3 +122,8 @@ class Linear(nn.Linear):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         return _LinearFn.apply(x, weight, bias)
+
+
+def can_defer(module: nn.Module) -> bool:
+    """Whether any of `module`'s GEMMs defers its weight gradient to a collecting store."""
+    return any(isinstance(m, Linear) for m in module.modules())

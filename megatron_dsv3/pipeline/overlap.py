@@ -171,7 +171,13 @@ class Segmented:
         """The pieces as steps; `prologue` runs before the first (the stage input's arrival) and
         `epilogue(output)` after the last."""
         steps = [Step(piece.kind, lambda piece=piece: self._forward(piece), piece.name) for piece in self.pieces]
-        return _framed(steps, prologue, lambda: epilogue(self.output))
+        return _framed(steps, prologue, lambda: epilogue(self._take_output()))
+
+    def _take_output(self) -> Any:
+        """The output, handed over once: the caller decides what of it to keep (a sent stage output
+        is freed once sent, its graph edge kept)."""
+        output, self.output = self.output, None
+        return output
 
     def _forward(self, piece: Piece) -> None:
         inputs = _Inputs(self, self.streams.stream(piece.kind))
