@@ -121,6 +121,55 @@ def test_one_step_matches_single_process(reference, tmp_path, schedule, pipeline
         assert all(len(r["params"]) < len(ref["params"]) for r in ranks)
 
 
+@pytest.fixture(scope="module")
+def reference_evaluation(reference, tmp_path_factory):
+    """The single-process forward-only passes (Megatron-Core's own schedule) from the reference's
+    initial weights."""
+    out = tmp_path_factory.mktemp("dualpipe_eval_ref")
+    shutil.copy(reference[0] / "state.pt", out / "state.pt")
+    run_ranks(1, [WORKER, "evaluate", str(out), "--layers", str(LAYERS)])
+    return torch.load(out / "eval0.pt"), out / "state.pt"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("schedule,optimizer", [("dualpipe", "local"), ("dualpipev", "distributed")],
+                         ids=["DualPipe-PP2", "DualPipeV-PP2-ZeRO1"])
+def test_forward_only_pass_equals_the_single_process_forward_and_changes_nothing(reference_evaluation, tmp_path,
+                                                                                 schedule, optimizer):
+    """Validation under DualPipe and DualPipeV (`forward_only=True`, what Megatron-LM's evaluate()
+    and dsv3-train's validation call): LM and MTP losses equal the single process's (1e-5), before
+    and after a training step; the pass after the step leaves every parameter, gradient (ZeRO-1:
+    Megatron's main_grad too), buffer and optimizer state bitwise as the step left them."""
+    ref, state = reference_evaluation
+    shutil.copy(state, tmp_path / "state.pt")
+    run_ranks(2, [WORKER, "evaluate", str(tmp_path), "--pipeline", "2", "--schedule", schedule,
+                  "--layers", str(LAYERS), "--optimizer", optimizer], timeout=280)
+    ranks = [torch.load(tmp_path / f"eval{r}.pt") for r in range(2)]
+    assert ref["changed"] == [] and ref["before_step"] != ref["after_step"]  # the step moved the model
+    for got in ranks:
+        assert got["changed"] == [] and got["state"] > 50
+        for when in ("before_step", "after_step"):
+            lm, mtp, balance = got[when]
+            assert lm == pytest.approx(ref[when][0], rel=1e-5) and mtp == pytest.approx(ref[when][1], rel=1e-5)
+            assert lm > 1 and mtp > 1 and balance == 0  # eval mode: no balance loss
+
+
+def test_forward_only_lists_are_each_ranks_forwards_and_never_deadlock():
+    """`simulate.forwards` keeps every forward, on its rank, in its order, and no backward; timed by
+    the simulator (which raises on a deadlock) at every size the rules allow up to PP 8."""
+    for name in ("dualpipe", "dualpipev"):
+        descriptor = get_schedule(name)
+        for pp in (2, 4, 6, 8):
+            for micro in range(2 * pp, 4 * pp + 1, 2):
+                full = descriptor.op_lists(pp, micro)
+                forwards = simulate.forwards(full)
+                for ops, only in zip(full.ranks, forwards.ranks):
+                    assert [op.micro_stages for op in only] == [(op.forward,) for op in ops if op.forward]
+                    assert all(op.kind == "F" for op in only)
+                slots = simulate.simulate(forwards, simulate.Costs())
+                assert len(slots) == micro * full.stages
+
+
 def test_split_backward_defers_the_weight_gradient_and_adds_up_to_the_full_one():
     """ModelChunk's B gives the input gradient with no parameter gradient yet; its W then gives the
     parameters the full backward's gradients."""

@@ -12,6 +12,9 @@ steps through that schedule (DualPipe: gradients summed over the mirror group); 
 where Megatron-LM's training loop does, from Megatron-Core's `get_forward_backward_func()`, after
 `megatron_dsv3.pipeline.install(schedule)`.
 
+`evaluate`: forward-only passes (`forward_only=True`) before and after one training step, recording
+their losses and whatever the second pass changed in parameters, gradients, buffers and optimizer state.
+
 `node_limited`: expert-parallel over every rank, with emulated nodes of `--ranks-per-node`
 ranks; records, for every dispatched token, how many nodes its experts live on.
 
@@ -24,6 +27,7 @@ import argparse
 import datetime
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,8 +49,8 @@ MODEL = dict(seq_aux_loss_coeff=1e-3, mtp_num_modules=1, mtp_loss_weight=0.3, bi
 LR, CLIP = 1e-3, 0.5  # the reference's gradient norm is above CLIP, so clipping is exercised
 
 
-def global_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
+def global_batch(vocab: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     return data[:, :-1], data[:, 1:]
 
 
@@ -65,7 +69,9 @@ def record_dispatch(log: list) -> None:
     dispatch.TokenDispatcher.permute, dispatch.all_to_all = recording_permute, recording_all_to_all
 
 
-def step(args, out: Path) -> None:
+def setup(args, out: Path):
+    """This rank's model (its stages of `--schedule`, the reference's initial weights), its chunks
+    and optimizer, and the mirror group (DualPipe)."""
     layout = initialize_parallel(args.tensor, args.pipeline, args.expert)
     config = DSV3Config.preset("tiny", **MODEL, **({"num_layers": args.layers} if args.layers else {}))
     pp_rank = groups.rank(groups.pp_group())
@@ -79,23 +85,33 @@ def step(args, out: Path) -> None:
         torch.save(model.state_dict(), out / "state.pt")
     else:
         load_full(model, torch.load(out / "state.pt"))
-    log: list = []
-    record_dispatch(log)
-
-    tokens, labels = global_batch(config.vocab_size)
-    per_rank = GLOBAL_BATCH // layout.data
-    dp_rank = groups.rank(groups.dp_group())
-    tokens, labels = (t[dp_rank * per_rank:(dp_rank + 1) * per_rank] for t in (tokens, labels))
-    micro = args.micro  # gradient accumulation over micro-batches of 2 sequences (default)
-    num_micro = per_rank // micro
-    batches = iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
-                    for i in range(num_micro)])
-    # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then the optimizer.
     chunks = [ScheduledModel(model, layout.tensor, layout.pipeline, stage=s) for s in stages]
     if args.optimizer == "distributed":
         optimizer = ZeRO1Optimizer(model, chunks[0].config, lr=LR, clip_grad=CLIP, mirror=mirror)
     else:
         optimizer = LocalOptimizer(model, lr=LR, clip_grad=CLIP, mirror=mirror)
+    return layout, config, model, chunks, optimizer, mirror
+
+
+def micro_batches(config: DSV3Config, layout, micro: int, seed: int = 7) -> tuple[Iterator[dict], int]:
+    """This data-parallel rank's share of the global batch, as micro-batches of `micro` sequences."""
+    tokens, labels = global_batch(config.vocab_size, seed)
+    per_rank = GLOBAL_BATCH // layout.data
+    dp_rank = groups.rank(groups.dp_group())
+    tokens, labels = (t[dp_rank * per_rank:(dp_rank + 1) * per_rank] for t in (tokens, labels))
+    num_micro = per_rank // micro
+    return iter([{"tokens": tokens[i * micro:(i + 1) * micro], "labels": labels[i * micro:(i + 1) * micro]}
+                 for i in range(num_micro)]), num_micro
+
+
+def step(args, out: Path) -> None:
+    layout, config, model, chunks, optimizer, mirror = setup(args, out)
+    descriptor = get_schedule(args.schedule)
+    log: list = []
+    record_dispatch(log)
+    micro = args.micro  # gradient accumulation over micro-batches of 2 sequences (default)
+    batches, num_micro = micro_batches(config, layout, micro)
+    # The path dsv3-train takes: Megatron-Core's schedule (1F1B when pipelined), then the optimizer.
     optimizer.zero_grad()
     schedule = descriptor.forward_backward_func()
     if args.via_megatron_hook:
@@ -124,6 +140,49 @@ def step(args, out: Path) -> None:
     torch.save({"loss": lm, "mtp_loss": mtp, "balance_loss": balance, "grad_norm": grad_norm, "bias": bias,
                 "sent_away": sent_away, "grads": grads, "params": params, "moments": moments},
                out / f"rank{rank}.pt")
+
+
+def state_of(model: torch.nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """Every parameter, gradient (`.grad`, and Megatron DDP's `main_grad`), buffer and optimizer
+    state tensor of this rank, copied."""
+    state = {f"param {n}": p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        for kind in ("grad", "main_grad"):
+            if getattr(p, kind, None) is not None:
+                state[f"{kind} {n}"] = getattr(p, kind).detach().clone()
+    state.update({f"buffer {n}": b.clone() for n, b in model.named_buffers()})
+    for n, moments in optimizer.param_states().items():
+        state.update({f"{m} {n}": t.clone() for m, t in moments.items() if isinstance(t, torch.Tensor)})
+    return state
+
+
+def evaluate(args, out: Path) -> None:
+    """A forward-only pass on held-out micro-batches (the model in eval mode, as an evaluation runs
+    it), then one training step, then the same forward-only pass again; records both passes'
+    losses and what the second pass changed in the rank's training state."""
+    layout, config, model, chunks, optimizer, _ = setup(args, out)
+    schedule = get_schedule(args.schedule).forward_backward_func()
+
+    def validation_losses() -> list[float]:
+        batches, num_micro = micro_batches(config, layout, args.micro, seed=11)
+        model.eval()
+        losses = forward_backward(schedule, chunks, batches, num_micro, args.micro, SEQ, bf16=False,
+                                  forward_only=True)
+        model.train()
+        return reduce_losses(losses)
+
+    before_step = validation_losses()
+    optimizer.zero_grad()
+    batches, num_micro = micro_batches(config, layout, args.micro)
+    forward_backward(schedule, chunks, batches, num_micro, args.micro, SEQ, bf16=False)
+    optimizer.step(LR)
+    state = state_of(model, optimizer)
+    after_step = validation_losses()
+    changed = [name for name, value in state_of(model, optimizer).items()
+               if name not in state or not torch.equal(value, state[name])]
+    changed += [name for name in state if name not in state_of(model, optimizer)]
+    torch.save({"before_step": before_step, "after_step": after_step, "changed": changed, "state": len(state)},
+               out / f"eval{dist.get_rank()}.pt")
 
 
 def node_limited(args, out: Path) -> None:
@@ -179,7 +238,7 @@ def pipeline_bytes(args, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["step", "node_limited", "pipeline_bytes"])
+    parser.add_argument("scenario", choices=["step", "evaluate", "node_limited", "pipeline_bytes"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--pipeline", type=int, default=1)
@@ -197,7 +256,8 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ["DSV3_DIST_TIMEOUT"])))
     try:
         with cpu_shims():
-            {"step": step, "node_limited": node_limited, "pipeline_bytes": pipeline_bytes}[args.scenario](args, args.out)
+            {"step": step, "evaluate": evaluate, "node_limited": node_limited,
+             "pipeline_bytes": pipeline_bytes}[args.scenario](args, args.out)
     finally:
         dist.destroy_process_group()
 
