@@ -83,16 +83,59 @@ def owners(op_lists: simulate.OpLists) -> dict[simulate.MicroStage, int]:
     return {op.forward: rank for rank, ops in enumerate(op_lists.ranks) for op in ops if op.forward is not None}
 
 
-def messages(op_lists: simulate.OpLists, src: int, dst: int) -> list[tuple[str, simulate.MicroStage]]:
-    """What pipeline rank `src` sends to `dst`, in its order: ("F", (mb, s)) the output of stage s
-    (for stage s+1), ("B", (mb, s)) the input gradient of stage s (for stage s-1)."""
+Message = tuple[str, simulate.MicroStage]  # ("F", (mb, s)): stage s's output; ("B", (mb, s)): its input's gradient
+
+
+def sends(op_lists: simulate.OpLists, src: int, dst: int) -> list[tuple[Message, int]]:
+    """What pipeline rank `src` sends to `dst`, in its order, each with the index of the op that sends
+    it: ("F", (mb, s)) the output of stage s (for stage s+1), ("B", (mb, s)) the input gradient of
+    stage s (for stage s-1)."""
     owner, last, sent = owners(op_lists), op_lists.stages - 1, []
-    for op in op_lists.ranks[src]:
+    for index, op in enumerate(op_lists.ranks[src]):
         if op.forward is not None and op.forward[1] < last and owner[op.forward[0], op.forward[1] + 1] == dst:
-            sent.append(("F", op.forward))
+            sent.append((("F", op.forward), index))
         if op.kind in ("B", "BW", "F&B") and op.backward[1] > 0 and owner[op.backward[0], op.backward[1] - 1] == dst:
-            sent.append(("B", op.backward))
+            sent.append((("B", op.backward), index))
     return sent
+
+
+def messages(op_lists: simulate.OpLists, src: int, dst: int) -> list[Message]:
+    """What pipeline rank `src` sends to `dst`, in its order."""
+    return [message for message, _ in sends(op_lists, src, dst)]
+
+
+def receives_posted(op_lists: simulate.OpLists, src: int, dst: int) -> dict[Message, int]:
+    """The op of `dst` at whose start its `Transport` posts the receive of each message from `src`:
+    the first op that needs it or a later one of `src`'s (receives are posted in the sender's order)."""
+    owner, last, rank_of = owners(op_lists), op_lists.stages - 1, {}
+    queue = messages(op_lists, src, dst)
+    for index, op in enumerate(op_lists.ranks[dst]):
+        needed = []
+        if op.forward is not None and op.forward[1] > 0:
+            needed.append(("F", (op.forward[0], op.forward[1] - 1)))
+        if op.kind in ("B", "BW", "F&B") and op.backward[1] < last:
+            needed.append(("B", (op.backward[0], op.backward[1] + 1)))
+        for message in needed:
+            if owner[message[1]] == src and message not in rank_of:
+                while message not in rank_of:
+                    rank_of[queue.pop(0)] = index
+    return rank_of
+
+
+def send_releases(op_lists: simulate.OpLists, rank: int) -> dict[Message, list[Message]]:
+    """For each message `rank` receives, its own sends to that peer that have completed by the time it
+    arrives: the peer sent it at or after the op where it posted their receives, so a wait on them
+    returns at once (on any backend; gloo reports a send complete only once waited)."""
+    release: dict[Message, list[Message]] = {}
+    for peer in range(len(op_lists.ranks)):
+        if peer == rank:
+            continue
+        posted, theirs = receives_posted(op_lists, rank, peer), sends(op_lists, peer, rank)
+        for message in messages(op_lists, rank, peer):
+            after = [key for key, index in theirs if index >= posted[message]]
+            if after:
+                release.setdefault(after[0], []).append(message)
+    return release
 
 
 class Transport:
@@ -104,9 +147,10 @@ class Transport:
         self.global_ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.shape, self.dtype, self.device = shape, dtype, device
         self.expected = {src: messages(op_lists, src, rank) for src in range(len(op_lists.ranks)) if src != rank}
-        self.posted: dict[tuple[str, simulate.MicroStage], tuple[torch.Tensor, list]] = {}
-        self.local: dict[tuple[str, simulate.MicroStage], torch.Tensor] = {}
-        self.pending_sends: list[tuple[list, torch.Tensor]] = []  # sends not known to have completed
+        self.releases = send_releases(op_lists, rank)
+        self.posted: dict[Message, tuple[torch.Tensor, list]] = {}
+        self.local: dict[Message, torch.Tensor] = {}
+        self.pending_sends: dict[Message, tuple[list, torch.Tensor]] = {}  # sent, not yet known complete
 
     def _p2p(self, peer: int, send: Optional[torch.Tensor] = None, recv: Optional[torch.Tensor] = None) -> list:
         peer = self.global_ranks[peer]
@@ -114,21 +158,29 @@ class Transport:
                                 tensor_recv_next=recv, group=self.group, prev_pipeline_rank=peer,
                                 next_pipeline_rank=peer)
 
-    def send(self, key: tuple[str, simulate.MicroStage], tensor: torch.Tensor, dst: int) -> None:
+    def send(self, key: Message, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.detach().to(self.dtype).contiguous()
         if dst == self.rank:  # DualPipeV's turn of the V: stage PP-1 -> PP on one rank
             self.local[key] = tensor
             return
         self.release_completed()
-        self.pending_sends.append((self._p2p(dst, send=tensor), tensor))
+        self.pending_sends[key] = (self._p2p(dst, send=tensor), tensor)
 
     def release_completed(self) -> None:
-        """Drop the sends that have completed, and with them the last reference to what they sent
-        (a query of each request's state: no wait, and no host sync under NCCL)."""
-        self.pending_sends = [(requests, tensor) for requests, tensor in self.pending_sends
-                              if not all(request.is_completed() for request in requests)]
+        """Drop the sends that report completion, and with them the last reference to what they
+        sent (a query of each request's state: no wait, and no host sync under NCCL)."""
+        for key in [key for key, (requests, _) in self.pending_sends.items()
+                    if all(request.is_completed() for request in requests)]:
+            del self.pending_sends[key]
 
-    def post(self, key: tuple[str, simulate.MicroStage], src: int) -> Arrival:
+    def _arrived(self, key: Message) -> None:
+        """`key` arrived: wait for (at once) and drop the sends it shows complete (`send_releases`)."""
+        for sent in self.releases.get(key, ()):
+            if sent in self.pending_sends:
+                for request in self.pending_sends.pop(sent)[0]:
+                    request.wait()
+
+    def post(self, key: Message, src: int) -> Arrival:
         """Post the receive of `key` from `src` (and of what `src` sends before it) without waiting;
         the returned function waits for it (under NCCL: the current stream waits) and returns it."""
         if src == self.rank:
@@ -145,15 +197,16 @@ class Transport:
         def arrive() -> torch.Tensor:
             for request in requests:
                 request.wait()
+            self._arrived(key)
             return buffer
 
         return arrive
 
-    def recv(self, key: tuple[str, simulate.MicroStage], src: int) -> torch.Tensor:
+    def recv(self, key: Message, src: int) -> torch.Tensor:
         return self.post(key, src)()
 
     def finish(self) -> None:
-        for requests, _ in self.pending_sends:
+        for requests, _ in self.pending_sends.values():
             for request in requests:
                 request.wait()
         self.pending_sends.clear()
@@ -259,7 +312,9 @@ class ModelChunk:
         self.forward_only, self.collect_non_loss_data = forward_only, collect_non_loss_data
         self.set_input_tensor = get_attr_wrapped_model(chunk, "set_input_tensor")
         self.config = _wrapped_attr(chunk, "config") or _MEGATRON_DEFAULTS
-        module = getattr(chunk, "module", chunk)
+        module = chunk
+        while hasattr(module, "module"):  # the model under its wrappers (ScheduledModel, DDP, Float16Module)
+            module = module.module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.defers = isinstance(module, torch.nn.Module) and can_defer(module)
         self.streams = streams or Streams(torch.device("cpu"))

@@ -15,6 +15,9 @@ where Megatron-LM's training loop does, from Megatron-Core's `get_forward_backwa
 `evaluate`: forward-only passes (`forward_only=True`) before and after one training step, recording
 their losses and whatever the second pass changed in parameters, gradients, buffers and optimizer state.
 
+`activations`: one training step with the activation bytes this rank holds measured (peak, and one
+micro-batch's forward of each of its stages alone), beside the simulator's micro-batches in flight.
+
 `node_limited`: expert-parallel over every rank, with emulated nodes of `--ranks-per-node`
 ranks; records, for every dispatched token, how many nodes its experts live on.
 
@@ -39,7 +42,7 @@ from megatron_dsv3.optim import LocalOptimizer
 from megatron_dsv3.parallel import groups, initialize_parallel
 from megatron_dsv3.parallel.sharding import gather_full, gather_like, load_full
 from megatron_dsv3.optim.zero1 import ZeRO1Optimizer
-from megatron_dsv3.pipeline import get_schedule
+from megatron_dsv3.pipeline import get_schedule, simulate
 from megatron_dsv3.pipeline.dualpipe import mark_mirror_copies
 from megatron_dsv3.pipeline.stages import ScheduledModel, forward_backward, reduce_losses
 from megatron_dsv3.compat.megatron_cpu import cpu_shims
@@ -185,6 +188,58 @@ def evaluate(args, out: Path) -> None:
                out / f"eval{dist.get_rank()}.pt")
 
 
+def activations(args, out: Path) -> None:
+    """One training step under `--schedule` with the activation bytes this rank holds measured
+    (tests/helpers/activation_memory.py): the peak, the bytes held as each deferred W starts, and what
+    one micro-batch's forward of each of its stages holds (what autograd saves, and the output until
+    it is sent). The executor's records (stage runners, transport) are found by recording the
+    instances it makes."""
+    from megatron_dsv3.pipeline import dualpipe
+
+    from activation_memory import ActivationBytes, tensors_in
+
+    layout, config, model, chunks, optimizer, _ = setup(args, out)
+    made: dict[str, list] = {"runners": [], "transports": [], "at_w": []}
+    for cls, kind in ((dualpipe.ModelChunk, "runners"), (dualpipe.Transport, "transports")):
+        def recording_init(self, *a, init=cls.__init__, kind=kind, **k):
+            init(self, *a, **k)
+            made[kind].append(self)
+        cls.__init__ = recording_init
+
+    def weight_grad(self, mb, run=dualpipe.ModelChunk.weight_grad):  # what a deferred W finds held
+        made["at_w"].append(tracker.sample())
+        run(self, mb)
+    dualpipe.ModelChunk.weight_grad = weight_grad
+
+    def held() -> list[torch.Tensor]:
+        records = [[r.saved, r.deferred] for r in made["runners"]]
+        records += [[t.pending_sends, t.local] for t in made["transports"]]
+        return list(tensors_in(records))
+
+    micro, params = args.micro, list(model.parameters())
+    per_stage = {}
+    for chunk in chunks:  # one micro-batch's forward of each stage, alone
+        batches, _ = micro_batches(config, layout, micro)
+        batch = next(batches)
+        model.input_hidden = None if chunk.stage == 0 else torch.randn(micro, SEQ, config.hidden_size,
+                                                                       requires_grad=True)
+        with ActivationBytes(params) as one:
+            output = model(batch["tokens"], labels=batch["labels"], stage=chunk.stage)
+        sent = output.untyped_storage().nbytes() if isinstance(output, torch.Tensor) else 0  # held until sent
+        per_stage[chunk.stage] = one.now() + sent
+        del output
+        model.input_hidden = None
+    batches, num_micro = micro_batches(config, layout, micro)
+    schedule = get_schedule(args.schedule)
+    optimizer.zero_grad()
+    with ActivationBytes(params, held) as tracker:
+        forward_backward(schedule.forward_backward_func(), chunks, batches, num_micro, micro, SEQ, bf16=False)
+    pp_rank = groups.rank(groups.pp_group())
+    in_flight = simulate.peak_activations(schedule.op_lists(layout.pipeline, num_micro).ranks[pp_rank])
+    torch.save({"peak": tracker.peak, "per_stage": per_stage, "in_flight": in_flight, "after": tracker.now(),
+                "at_w": made["at_w"], "grad_norm": optimizer.step(LR)}, out / f"activations{pp_rank}.pt")
+
+
 def node_limited(args, out: Path) -> None:
     initialize_parallel(1, 1, dist.get_world_size())
     results = {}
@@ -238,7 +293,7 @@ def pipeline_bytes(args, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["step", "evaluate", "node_limited", "pipeline_bytes"])
+    parser.add_argument("scenario", choices=["step", "evaluate", "activations", "node_limited", "pipeline_bytes"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--pipeline", type=int, default=1)
@@ -256,7 +311,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ["DSV3_DIST_TIMEOUT"])))
     try:
         with cpu_shims():
-            {"step": step, "evaluate": evaluate, "node_limited": node_limited,
+            {"step": step, "evaluate": evaluate, "activations": activations, "node_limited": node_limited,
              "pipeline_bytes": pipeline_bytes}[args.scenario](args, args.out)
     finally:
         dist.destroy_process_group()
