@@ -107,7 +107,7 @@ def rank_main(args) -> None:
               f"ratio {overlapped_s / plain_s:.3f} (per repeat: "
               + ", ".join(f"{o / p:.3f}" for o, p in zip(times["overlapped"], times["plain"])) + ")")
         split_s = statistics.median(times["split"])
-        print(f"backward split into B and deferred W (W walks each piece's graph again): {split_s * 1e3:.1f} ms, "
+        print(f"backward split into B and deferred W (W runs the GEMMs B stored): {split_s * 1e3:.1f} ms, "
               f"ratio to the overlapped step {split_s / overlapped_s:.3f}")
         print(f"activation bytes after one forward: plain {memory['plain'] / 2**20:.2f} MiB, cut into pieces "
               f"{memory['cut'] / 2**20:.2f} MiB, ratio {memory['cut'] / memory['plain']:.3f}")

@@ -317,9 +317,9 @@ def test_without_overlap_runs_each_f_and_b_pair_as_forward_then_backward():
 
 
 # ----------------------------------------------------------------------------- memory (issue 24)
-def _tiny_runner(stage: int, stages: int, segmented: bool):
-    """A ModelChunk over the tiny model's `stage` of `stages` (MoE and MTP on), driven as
-    stages.forward_backward drives it, with one micro-batch."""
+def _tiny_runner(stage: int, stages: int, segmented: bool, recompute: str = "none"):
+    """A ModelChunk over the tiny model's `stage` of `stages` (MoE and MTP on, `recompute`), driven
+    as stages.forward_backward drives it, with one micro-batch."""
     from megatron_dsv3 import DSV3Config, build_model
     from megatron_dsv3.pipeline.dualpipe import ModelChunk
     from megatron_dsv3.pipeline.pieces import stage_pieces
@@ -327,6 +327,7 @@ def _tiny_runner(stage: int, stages: int, segmented: bool):
 
     config = DSV3Config.preset("tiny", mtp_num_modules=1, mtp_loss_weight=0.3, seq_aux_loss_coeff=0.01)
     model = build_model(config, seed=1, stages=(stage,), num_stages=stages)
+    model.recompute = recompute
     data = torch.randint(0, config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
     tokens, labels = data[:, :-1], data[:, 1:]
 
@@ -349,16 +350,19 @@ def _tiny_runner(stage: int, stages: int, segmented: bool):
     return model, runner, config
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("segmented", [False, True], ids=["whole", "pieces"])
-def test_a_split_backward_frees_the_graph_and_keeps_only_what_w_needs(segmented):
+def test_a_split_backward_frees_the_graph_and_keeps_only_what_w_needs(segmented, recompute):
     """B of a micro-batch on the last stage: its input gradient now, no GEMM weight gradient; the bytes
-    it still holds afterwards are its W store's alone (each GEMM's input and output gradient), well
-    under what the forward saved; W then frees them and gives the unsplit backward's gradients."""
+    it still holds afterwards are its W store's alone (each GEMM's input and output gradient), without
+    recomputation well under what the forward saved; W then frees them and gives the unsplit
+    backward's gradients. Under recomputation B replays the layers once and W replays nothing (the
+    store then holds more than the checkpoints the forward kept)."""
     from helpers.activation_memory import ActivationBytes, tensors_in
 
     gradients = {}
     for split in (False, True):
-        model, runner, config = _tiny_runner(1, 2, segmented)
+        model, runner, config = _tiny_runner(1, 2, segmented, recompute)
         tracker = ActivationBytes(model.parameters(), lambda: tensors_in([runner.saved, runner.deferred]))
         x = torch.randn(16, 1, config.hidden_size, generator=torch.Generator().manual_seed(2))
         with tracker:
@@ -371,10 +375,15 @@ def test_a_split_backward_frees_the_graph_and_keeps_only_what_w_needs(segmented)
                 store = getattr(stored, "store", stored)
                 assert len(store) > 10 and after_b == sum(
                     {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in store.tensors()}.values())
-                assert 0 < after_b < 0.8 * forward
+                assert 0 < after_b < (0.8 if recompute == "none" else 1.1) * forward
                 deferred = {n for n, p in model.named_parameters() if p.grad is None}
                 assert any(".experts." in n for n in deferred) and "lm_head.weight" in deferred
+                replays = []
+                hooks = [layer.register_forward_hook(lambda *_: replays.append(1)) for layer in model.layers.values()]
                 runner.weight_grad(0)
+                assert not replays
+                for hook in hooks:
+                    hook.remove()
             assert tracker.now() == 0 and not runner.saved and not runner.deferred
         gradients[split] = (dx, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     torch.testing.assert_close(gradients[True][0], gradients[False][0], rtol=0, atol=0)

@@ -15,14 +15,26 @@ with deferred weight gradients) are named in `simulate._dual_rank`.
 `run_ops` drives abstract stages (`StageRunner`: forward, backward with the input gradient only or
 in full, deferred weight gradient), so synthetic stages of fixed cost run through the same code
 (scripts/bench_pipeline.py). `ModelChunk` runs a Megatron-style model chunk (one model stage's
-module on this rank) through `forward_step_func`.
+module on this rank, wrapped or not: `set_input_tensor` and `config` are reached through
+Megatron's DDP / Float16Module as Megatron's own schedules reach them) through `forward_step_func`
+and Megatron-Core's `forward_step_calc_loss`. Before the first operation the chunks' order is
+checked where they tell their stage (`check_chunk_order`).
 
-B and W (zero-bubble): a "B" op computes only the gradient of the stage's input (piece by piece,
-`torch.autograd.grad(..., retain_graph=True)`), which the previous stage waits for; its "W" op
-later runs the backward into the parameters (`torch.autograd.backward(..., inputs=params)`) over
-the retained graphs. This defers every weight gradient, expert GEMMs included, with no change to
-the layers, at the price of walking the graph twice (a GEMM-level store, as DeepSeek's reference
-does with its linear layers, would not).
+B and W (zero-bubble): a "B" op computes the gradient of the stage's input, which the previous
+stage waits for, while the weight-gradient GEMMs of the model's linears, FP8 GEMMs and routed
+experts go to a `WeightGradStore` with their inputs and output gradients
+(`weight_grad_store.py`, as DeepSeek's reference does); B frees the micro-batch's graph (norms,
+the embedding and the router get their gradients there). The "W" op runs the store and hands each
+weight gradient to the weight's autograd edge, so Megatron's DDP hooks see it as they would see
+autograd's. A chunk with none of these GEMMs (a model of other layers) splits by retaining its
+graph for W instead.
+
+Memory, as Megatron's `deallocate_output_tensor` and DeepSeek's `_free_tensors` free it: after a
+forward a chunk keeps the stage input and its output's graph edge; the output's data lives only
+as long as its send (`Transport`). Forward-only (evaluation, `forward_only=True`): each rank's
+forwards in the schedule's order (`simulate.forwards`, which cannot deadlock where the schedule
+does not), under torch.no_grad, keeping nothing; the return value is Megatron's: on the last
+pipeline rank each micro-batch's loss report, in order (`on_last_rank`).
 
 F&B: the forward of one micro-batch paired with the backward of another, interleaved piece by
 piece (attention, dispatch, experts, combine) so that each one's communication runs behind the
@@ -35,8 +47,10 @@ Megatron's pipeline group). Its public p2p helpers are shaped for 1F1B's neighbo
 previous and one next rank, one tensor each way per call); DualPipe sends both ways to both
 neighbours out of order, so each message is posted on its own. Receives are posted in the
 sender's send order (known from its operation list), which is what NCCL's ordered matching
-needs, and waited only where the data is used (`Transport.post`); sends are non-blocking and
-waited at the end of the step.
+needs, and waited only where the data is used (`Transport.post`). Sends are non-blocking; each is
+dropped, with the tensor it sent, once it reports completion (a query) or once a message from the
+peer shows that the peer has posted its receive (`send_releases`: a wait that returns at once;
+gloo reports a send complete only when waited); the rest are waited at the end of the step.
 """
 from __future__ import annotations
 
