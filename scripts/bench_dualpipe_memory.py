@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_dsv3.pipeline.dualpipe import DUALPIPE, DUALPIPEV
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "helpers" / "parallel_worker.py"
-CASES = (("dualpipe", 2), ("dualpipev", 2), ("dualpipe", 4), ("dualpipev", 4))
+CASES = ((DUALPIPE.name, 2), (DUALPIPEV.name, 2), (DUALPIPE.name, 4), (DUALPIPEV.name, 4))
 LAYERS = "8"
 
 
