@@ -148,6 +148,11 @@ def test_forward_only_pass_equals_the_single_process_forward_and_changes_nothing
                   "--layers", str(LAYERS), "--optimizer", optimizer], timeout=280)
     ranks = [torch.load(tmp_path / f"eval{r}.pt") for r in range(2)]
     assert ref["changed"] == [] and ref["before_step"] != ref["after_step"]  # the step moved the model
+    # Megatron's return value: every micro-batch's report, in order, on the last pipeline rank only
+    assert ranks[0]["reports"] == [] and len(ranks[1]["reports"]) == len(ref["reports"]) == 4
+    for got, expected in zip(ranks[1]["reports"], ref["reports"]):
+        assert torch.equal(got["tokens"], expected["tokens"])
+        torch.testing.assert_close(got["lm loss"], expected["lm loss"], rtol=1e-5, atol=0)
     for got in ranks:
         assert got["changed"] == [] and got["state"] > 50
         for when in ("before_step", "after_step"):

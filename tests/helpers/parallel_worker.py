@@ -175,6 +175,7 @@ def evaluate(args, out: Path) -> None:
         return reduce_losses(losses)
 
     before_step = validation_losses()
+    reports = loss_reports(schedule, chunks, config, layout, args.micro)
     optimizer.zero_grad()
     batches, num_micro = micro_batches(config, layout, args.micro)
     forward_backward(schedule, chunks, batches, num_micro, args.micro, SEQ, bf16=False)
@@ -184,8 +185,27 @@ def evaluate(args, out: Path) -> None:
     changed = [name for name, value in state_of(model, optimizer).items()
                if name not in state or not torch.equal(value, state[name])]
     changed += [name for name in state if name not in state_of(model, optimizer)]
-    torch.save({"before_step": before_step, "after_step": after_step, "changed": changed, "state": len(state)},
-               out / f"eval{dist.get_rank()}.pt")
+    torch.save({"before_step": before_step, "after_step": after_step, "changed": changed, "state": len(state),
+                "reports": reports}, out / f"eval{dist.get_rank()}.pt")
+
+
+def loss_reports(schedule, chunks, config: DSV3Config, layout, micro: int) -> list:
+    """What the schedule itself returns for a forward-only pass, as Megatron-LM's evaluate() reads
+    it: here each micro-batch's loss_func reports its LM loss and its first tokens."""
+    batches, num_micro = micro_batches(config, layout, micro, seed=11)
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        out = chunk.module(batch["tokens"], labels=batch["labels"], stage=chunk.stage)
+        report = {"lm loss": out.lm_loss, "tokens": batch["tokens"][0, :4]} if chunk.last_stage else None
+        return (out if chunk.last_stage else out.transpose(0, 1).contiguous()), lambda output: (output.loss, report)
+
+    chunks[0].module.eval()
+    with torch.no_grad():
+        reports = schedule(forward_step_func=forward_step, data_iterator=batches, model=list(chunks),
+                           num_microbatches=num_micro, seq_length=SEQ, micro_batch_size=micro, forward_only=True)
+    chunks[0].module.train()
+    return reports
 
 
 def activations(args, out: Path) -> None:
