@@ -414,20 +414,11 @@ def test_a_sent_stage_output_keeps_only_its_graph_edge():
 
     runner.forward_step_func = recording_step
     sent = runner.forward(0, None)
-    storage = sent.untyped_storage().data_ptr()
     _, root, _ = runner.saved[0]
     assert isinstance(root[0], torch.autograd.graph.GradientEdge) and outputs[0]() is None
-    held = {t.untyped_storage().data_ptr() for t in _held_tensors(runner)}
-    assert storage not in held
     del sent
     runner.backward(0, torch.ones(16, 1, config.hidden_size), split=False)
     assert all(p.grad is not None for n, p in model.named_parameters() if "layers.0." in n)
-
-
-def _held_tensors(runner) -> list[torch.Tensor]:
-    from helpers.activation_memory import tensors_in
-
-    return list(tensors_in([runner.saved, runner.deferred]))
 
 
 @pytest.mark.slow

@@ -486,7 +486,8 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         return {key: _map_tensors(value, fn) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(value, fn) for value in obj)
+        values = [_map_tensors(value, fn) for value in obj]
+        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)  # a namedtuple, or not
     return obj
 
 
