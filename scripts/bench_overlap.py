@@ -4,7 +4,10 @@ overlapped step (F0; F1 interleaved with B0 piece by piece; B1), median of --rep
 same run. On a GPU the same pieces put the all-to-alls on their own stream; here the ratio is the
 price of the cuts (a view and an autograd call per piece), what the overlap must win back. Also:
 the same backwards split into B and deferred W (DualPipe's cool-down), and the activation bytes
-kept after one forward, plain and cut.
+kept after one forward, plain and cut. Wall time and, less sensitive to a loaded machine, rank 0's
+CPU time. And the same model as a last pipeline stage, each micro-batch's backward whole or split
+into B and W, W from the weight-gradient store or walking the graph B retained (the store's cost
+against what DualPipe ran before it).
 
     .venv/bin/python scripts/bench_overlap.py --preset tiny --repeats 7
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import subprocess
@@ -30,6 +34,7 @@ def rank_main(args) -> None:
     from megatron_dsv3.parallel import initialize_parallel
     from megatron_dsv3.pipeline.overlap import Segmented, Streams, run_chain, run_pair
     from megatron_dsv3.pipeline.pieces import stage_pieces
+    from megatron_dsv3.weight_grad_store import WeightGradStore
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     initialize_parallel(1, 1, 2)
@@ -70,6 +75,28 @@ def rank_main(args) -> None:
             run_chain(backward(i, split=True), cpu)
             passes[i].weight_grad()
 
+    # The same model as a last pipeline stage (its input a received hidden state), one backward per
+    # micro-batch: whole, or split into B (the input's gradient) and W, W either from the store of
+    # deferred GEMMs (what DualPipe runs) or by walking the graph B retained (what it ran before).
+    last = build_model(config, seed=1, stages=(1,), num_stages=2)
+    last_params = [p for p in last.parameters() if p.requires_grad]
+    hidden = [torch.randn(args.batch, args.seq, config.hidden_size, generator=g) for _ in range(2)]
+
+    def last_stage(mode: str) -> None:
+        for (tokens, labels), h in zip(data, hidden):
+            last.input_hidden = x = h.clone().requires_grad_()
+            loss = last(tokens, labels=labels, stage=1).loss
+            if mode == "whole":
+                loss.backward()
+            elif mode == "store":
+                store = WeightGradStore()
+                with store.collecting():
+                    loss.backward()
+                store.flush()
+            else:
+                torch.autograd.grad(loss, x, retain_graph=True)
+                torch.autograd.backward(loss, inputs=last_params)
+
     # Activation memory after one forward: what autograd saved plus what is still referenced (the
     # output; the pieces' state, which the cut pass clears), distinct storages, parameters excluded.
     params_at = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -85,21 +112,26 @@ def rank_main(args) -> None:
         return sum((bytes_of(saved) | bytes_of(held)).values())
 
     def cut_forward() -> list:
-        segmented = Segmented(stage_pieces(model, data[0][0], labels=data[0][1]), cpu)
-        run_chain(segmented.forward_steps(lambda: None, lambda out: None), cpu)
-        return [segmented.output.loss, *(v for v in segmented.state.values() if isinstance(v, torch.Tensor))]
+        segmented, output = Segmented(stage_pieces(model, data[0][0], labels=data[0][1]), cpu), []
+        run_chain(segmented.forward_steps(lambda: None, output.append), cpu)
+        return [output[0].loss, *(v for v in segmented.state.values() if isinstance(v, torch.Tensor))]
 
     memory = {"plain": kept_after(lambda: [model(data[0][0], labels=data[0][1]).loss]), "cut": kept_after(cut_forward)}
-    times = {"plain": [], "overlapped": [], "split": []}
+    times = {"plain": [], "overlapped": [], "split": [], "whole": [], "store": [], "retained": []}
+    cpu_times = {name: [] for name in times}  # this rank's CPU time: less sensitive to a loaded machine
     for repeat in range(args.repeats + 1):  # the first of each is a warm-up
-        for name, step in (("plain", plain), ("overlapped", overlapped), ("split", split)):
+        for name, step in (("plain", plain), ("overlapped", overlapped), ("split", split),
+                           *((mode, functools.partial(last_stage, mode)) for mode in ("whole", "store", "retained"))):
             model.zero_grad(set_to_none=True)
+            last.zero_grad(set_to_none=True)
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
+            cpu_s = time.process_time() - cpu_start
             dist.barrier()
             if repeat:
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(cpu_s)
     if dist.get_rank() == 0:
         plain_s, overlapped_s = statistics.median(times["plain"]), statistics.median(times["overlapped"])
         print(f"preset {args.preset}, EP2 on gloo, 2 micro-batches of {args.batch}x{args.seq}, "
@@ -107,8 +139,18 @@ def rank_main(args) -> None:
               f"ratio {overlapped_s / plain_s:.3f} (per repeat: "
               + ", ".join(f"{o / p:.3f}" for o, p in zip(times["overlapped"], times["plain"])) + ")")
         split_s = statistics.median(times["split"])
-        print(f"backward split into B and deferred W (W walks each piece's graph again): {split_s * 1e3:.1f} ms, "
+        print(f"backward split into B and deferred W (W runs the GEMMs B stored): {split_s * 1e3:.1f} ms, "
               f"ratio to the overlapped step {split_s / overlapped_s:.3f}")
+        median = {name: statistics.median(values) for name, values in cpu_times.items()}
+        print(f"rank 0 CPU time, median: plain {median['plain'] * 1e3:.1f} ms, overlapped "
+              f"{median['overlapped'] * 1e3:.1f} ms, split {median['split'] * 1e3:.1f} ms; split / overlapped "
+              f"{median['split'] / median['overlapped']:.3f}")
+        print(f"last stage, forward + backward of both micro-batches, rank 0 CPU time, median: whole "
+              f"{median['whole'] * 1e3:.1f} ms; split, W from the store {median['store'] * 1e3:.1f} ms "
+              f"({median['store'] / median['whole']:.3f}); split, W walking the retained graph "
+              f"{median['retained'] * 1e3:.1f} ms ({median['retained'] / median['whole']:.3f}); store / retained "
+              f"{median['store'] / median['retained']:.3f} (per repeat: " + ", ".join(
+                  f"{a / b:.3f}" for a, b in zip(cpu_times["store"], cpu_times["retained"])) + ")")
         print(f"activation bytes after one forward: plain {memory['plain'] / 2**20:.2f} MiB, cut into pieces "
               f"{memory['cut'] / 2**20:.2f} MiB, ratio {memory['cut'] / memory['plain']:.3f}")
     dist.destroy_process_group()

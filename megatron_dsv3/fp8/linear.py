@@ -5,16 +5,20 @@ Dgrad  dx = dy W  : dy in 1x128 tiles along out_features, W^T reuses W's blocks 
                     block grid is its own transpose, so W is not re-quantised).
 Wgrad  dW = dy^T x: both operands in 1x128 tiles along the token dimension.
 The activation kept for Wgrad is FP8 (section 3.3.3): x^T tiled along tokens plus its scales;
-the high-precision x is not saved. Master weights stay in their own dtype.
+the high-precision x is not saved. Master weights stay in their own dtype. Wgrad goes through
+`weight_grad_store.weight_grad`, so DualPipe's W can defer it (it then keeps x^T's FP8 tiles and dy).
 NaN/Inf met by a quantiser are recorded on the device and raised, naming the GEMM operand, by
 `raise_deferred_overflow()` once per step: no host sync per quantisation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
 from torch import nn
+
+from megatron_dsv3.weight_grad_store import Linear, weight_grad
 
 from .backends import (current_backend, expert_gemm_rows, gemm_uses_kernel, scaled_gemm, te_fp8_autocast,
                        te_linear_sharing)
@@ -43,18 +47,23 @@ class _Fp8MatmulFn(torch.autograd.Function):
     def backward(ctx, dy):
         xt_fp8, xt_scales, w_fp8, w_scales = ctx.saved_tensors  # [..., K, M], [..., K, M/128], [..., N, K], blocks
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        dx = dw = db = None
+        dx = db = None
         if ctx.needs_input_grad[0]:
             # 1x128 tiles along N
             dy_fp8, dy_scales = quantize_tiles(dy, name=f"{ctx.label} output gradient", deferred_check=True)
             dx = scaled_gemm(dy_fp8, dy_scales, w_fp8.transpose(-1, -2), w_scales.transpose(-1, -2)).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            dyt_fp8, dyt_scales = quantize_tiles(dy.transpose(-1, -2), name=f"{ctx.label} output gradient",
-                                                 deferred_check=True)
-            dw = scaled_gemm(dyt_fp8, dyt_scales, xt_fp8, xt_scales).to(w_dtype)  # [..., N, K]
+        dw = weight_grad(ctx, 1, functools.partial(_wgrad, dy, xt_fp8, xt_scales, w_dtype, ctx.label),
+                         dy, xt_fp8, xt_scales)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.float().flatten(0, -2).sum(0).to(b_dtype)
         return dx, dw, db, None, None
+
+
+def _wgrad(dy: torch.Tensor, xt_fp8: torch.Tensor, xt_scales: torch.Tensor, w_dtype: torch.dtype,
+           label: str) -> torch.Tensor:
+    """Wgrad dW = dy^T x [..., N, K], both operands in 1x128 tiles along the tokens."""
+    dyt_fp8, dyt_scales = quantize_tiles(dy.transpose(-1, -2), name=f"{label} output gradient", deferred_check=True)
+    return scaled_gemm(dyt_fp8, dyt_scales, xt_fp8, xt_scales).to(w_dtype)
 
 
 def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None = None,
@@ -86,7 +95,7 @@ class ExpertFp8Matmul:
 fp8_batched_matmul = ExpertFp8Matmul()
 
 
-class Fp8Linear(nn.Linear):
+class Fp8Linear(Linear):
     """Drop-in nn.Linear whose three GEMMs run in FP8 with tile/block scaling.
 
     power_of_two: round activation scales up to powers of two (the report does this for the

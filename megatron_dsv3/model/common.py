@@ -1,5 +1,6 @@
 """Pieces shared by every block: RMSNorm, tensor-parallel linears, the SwiGLU feed-forward, and
-the helper of selective recomputation.
+the helper of selective recomputation. Every linear of the model is a `Linear`
+(`weight_grad_store.py`): an nn.Linear whose weight gradient DualPipe's W can defer.
 
 Parameters carry their sharding as attributes, read by checkpointing and weight conversion:
 `tensor_parallel_dim` (dim split over tensor-parallel ranks, absent = replicated) and
@@ -16,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel.collectives import copy_to_group, reduce_from_group
+from megatron_dsv3.weight_grad_store import Linear
 
 
 class RMSNorm(nn.Module):
@@ -40,16 +42,16 @@ def recomputed(enabled: bool, fn: Callable[..., torch.Tensor], *inputs: torch.Te
     return fn(*inputs)
 
 
-def column_parallel_linear(in_features: int, out_features: int, tp_size: int) -> nn.Linear:
+def column_parallel_linear(in_features: int, out_features: int, tp_size: int) -> Linear:
     """Output features split over tensor-parallel ranks."""
-    linear = nn.Linear(in_features, out_features // tp_size, bias=False)
+    linear = Linear(in_features, out_features // tp_size, bias=False)
     linear.weight.tensor_parallel_dim = 0
     return linear
 
 
-def row_parallel_linear(in_features: int, out_features: int, tp_size: int) -> nn.Linear:
+def row_parallel_linear(in_features: int, out_features: int, tp_size: int) -> Linear:
     """Input features split over tensor-parallel ranks; the caller sums the partial outputs."""
-    linear = nn.Linear(in_features // tp_size, out_features, bias=False)
+    linear = Linear(in_features // tp_size, out_features, bias=False)
     linear.weight.tensor_parallel_dim = 1
     return linear
 

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv3.config import RECOMPUTE_MODES, DSV3Config
 from megatron_dsv3.fp8 import apply_fp8
-from megatron_dsv3.model.common import RMSNorm
+from megatron_dsv3.model.common import Linear, RMSNorm
 from megatron_dsv3.model.mla import InferenceCache
 from megatron_dsv3.model.moe.layer import DeepSeekMoE
 from megatron_dsv3.model.moe.router import Router
@@ -101,7 +101,7 @@ class DSV3Model(nn.Module):
         self.layers = nn.ModuleDict({str(i): build_module(layer_spec(config, i))
                                      for s in sorted(self.stages) for i in self.stage_layer_ids[s]})
         self.norm = RMSNorm(config.hidden_size, config.norm_eps) if self.last_stage else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.last_stage else None
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if self.last_stage else None
         self.mtp = nn.ModuleList(MTPModule(config, layer_spec(config, config.num_layers + k))
                                  for k in range(config.mtp_num_modules if self.last_stage else 0))
         self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.yarn)

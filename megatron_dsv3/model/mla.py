@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.model.common import RMSNorm, column_parallel_linear, row_parallel_linear
+from megatron_dsv3.model.common import Linear, RMSNorm, column_parallel_linear, row_parallel_linear
 from megatron_dsv3.model.rope import apply_rope
 from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel.collectives import copy_to_group, reduce_from_group
@@ -60,12 +60,12 @@ class MultiLatentAttention(nn.Module):
         self.local_heads = config.num_attention_heads // tp
         h, c = config.hidden_size, config.qk_head_dim
         if config.q_lora_rank > 0:
-            self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(h, config.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.norm_eps)
             self.q_b_proj = column_parallel_linear(config.q_lora_rank, config.num_attention_heads * c, tp)
         else:
             self.q_proj = column_parallel_linear(h, config.num_attention_heads * c, tp)
-        self.kv_a_proj_with_mqa = nn.Linear(h, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.norm_eps)
         self.kv_b_proj = column_parallel_linear(
             config.kv_lora_rank, config.num_attention_heads * (config.qk_nope_head_dim + config.v_head_dim), tp)

@@ -21,7 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.model.common import RMSNorm
+from megatron_dsv3.model.common import Linear, RMSNorm
 
 
 class MTPModule(nn.Module):
@@ -29,7 +29,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.layer = build_module(layer_spec)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         # [loss sum, losses added, top-1 hits, targets] since the last `take_stats`

@@ -15,14 +15,26 @@ with deferred weight gradients) are named in `simulate._dual_rank`.
 `run_ops` drives abstract stages (`StageRunner`: forward, backward with the input gradient only or
 in full, deferred weight gradient), so synthetic stages of fixed cost run through the same code
 (scripts/bench_pipeline.py). `ModelChunk` runs a Megatron-style model chunk (one model stage's
-module on this rank) through `forward_step_func`.
+module on this rank, wrapped or not: `set_input_tensor` and `config` are reached through
+Megatron's DDP / Float16Module as Megatron's own schedules reach them) through `forward_step_func`
+and Megatron-Core's `forward_step_calc_loss`. Before the first operation the chunks' order is
+checked where they tell their stage (`check_chunk_order`).
 
-B and W (zero-bubble): a "B" op computes only the gradient of the stage's input (piece by piece,
-`torch.autograd.grad(..., retain_graph=True)`), which the previous stage waits for; its "W" op
-later runs the backward into the parameters (`torch.autograd.backward(..., inputs=params)`) over
-the retained graphs. This defers every weight gradient, expert GEMMs included, with no change to
-the layers, at the price of walking the graph twice (a GEMM-level store, as DeepSeek's reference
-does with its linear layers, would not).
+B and W (zero-bubble): a "B" op computes the gradient of the stage's input, which the previous
+stage waits for, while the weight-gradient GEMMs of the model's linears, FP8 GEMMs and routed
+experts go to a `WeightGradStore` with their inputs and output gradients
+(`weight_grad_store.py`, as DeepSeek's reference does); B frees the micro-batch's graph (norms,
+the embedding and the router get their gradients there). The "W" op runs the store and hands each
+weight gradient to the weight's autograd edge, so Megatron's DDP hooks see it as they would see
+autograd's. A chunk with none of these GEMMs (a model of other layers) splits by retaining its
+graph for W instead.
+
+Memory, as Megatron's `deallocate_output_tensor` and DeepSeek's `_free_tensors` free it: after a
+forward a chunk keeps the stage input and its output's graph edge; the output's data lives only
+as long as its send (`Transport`). Forward-only (evaluation, `forward_only=True`): each rank's
+forwards in the schedule's order (`simulate.forwards`, which cannot deadlock where the schedule
+does not), under torch.no_grad, keeping nothing; the return value is Megatron's: on the last
+pipeline rank each micro-batch's loss report, in order (`on_last_rank`).
 
 F&B: the forward of one micro-batch paired with the backward of another, interleaved piece by
 piece (attention, dispatch, experts, combine) so that each one's communication runs behind the
@@ -35,24 +47,32 @@ Megatron's pipeline group). Its public p2p helpers are shaped for 1F1B's neighbo
 previous and one next rank, one tensor each way per call); DualPipe sends both ways to both
 neighbours out of order, so each message is posted on its own. Receives are posted in the
 sender's send order (known from its operation list), which is what NCCL's ordered matching
-needs, and waited only where the data is used (`Transport.post`); sends are non-blocking and
-waited at the end of the step.
+needs, and waited only where the data is used (`Transport.post`). Sends are non-blocking; each is
+dropped, with the tensor it sent, once it reports completion (a query) or once a message from the
+peer shows that the peer has posted its receive (`send_releases`: a wait that returns at once;
+gloo reports a send complete only when waited); the rest are waited at the end of the step.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from typing import Any, Callable, Iterator, Optional, Protocol
+import types
+from typing import Any, Callable, Iterator, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.p2p_communication import _batched_p2p_ops
+from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+from megatron.core.utils import get_attr_wrapped_model
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from megatron_dsv3 import registry
 from megatron_dsv3.parallel import comm, groups
 from megatron_dsv3.pipeline import simulate
 from megatron_dsv3.pipeline.overlap import Segmented, Step, Streams, run_chain, run_pair
 from megatron_dsv3.pipeline.pieces import COMPUTE, cuttable
-from megatron_dsv3.pipeline.schedule import ForwardBackward, Schedule, ScheduleRefused, get, register
+from megatron_dsv3.pipeline.schedule import ForwardBackward, Schedule, ScheduleRefused, register
+from megatron_dsv3.weight_grad_store import WeightGradStore, can_defer
 
 Arrival = Callable[[], Optional[torch.Tensor]]  # waits for a received tensor and returns it
 
@@ -77,16 +97,59 @@ def owners(op_lists: simulate.OpLists) -> dict[simulate.MicroStage, int]:
     return {op.forward: rank for rank, ops in enumerate(op_lists.ranks) for op in ops if op.forward is not None}
 
 
-def messages(op_lists: simulate.OpLists, src: int, dst: int) -> list[tuple[str, simulate.MicroStage]]:
-    """What pipeline rank `src` sends to `dst`, in its order: ("F", (mb, s)) the output of stage s
-    (for stage s+1), ("B", (mb, s)) the input gradient of stage s (for stage s-1)."""
+Message = tuple[str, simulate.MicroStage]  # ("F", (mb, s)): stage s's output; ("B", (mb, s)): its input's gradient
+
+
+def sends(op_lists: simulate.OpLists, src: int, dst: int) -> list[tuple[Message, int]]:
+    """What pipeline rank `src` sends to `dst`, in its order, each with the index of the op that sends
+    it: ("F", (mb, s)) the output of stage s (for stage s+1), ("B", (mb, s)) the input gradient of
+    stage s (for stage s-1)."""
     owner, last, sent = owners(op_lists), op_lists.stages - 1, []
-    for op in op_lists.ranks[src]:
+    for index, op in enumerate(op_lists.ranks[src]):
         if op.forward is not None and op.forward[1] < last and owner[op.forward[0], op.forward[1] + 1] == dst:
-            sent.append(("F", op.forward))
+            sent.append((("F", op.forward), index))
         if op.kind in ("B", "BW", "F&B") and op.backward[1] > 0 and owner[op.backward[0], op.backward[1] - 1] == dst:
-            sent.append(("B", op.backward))
+            sent.append((("B", op.backward), index))
     return sent
+
+
+def messages(op_lists: simulate.OpLists, src: int, dst: int) -> list[Message]:
+    """What pipeline rank `src` sends to `dst`, in its order."""
+    return [message for message, _ in sends(op_lists, src, dst)]
+
+
+def receives_posted(op_lists: simulate.OpLists, src: int, dst: int) -> dict[Message, int]:
+    """The op of `dst` at whose start its `Transport` posts the receive of each message from `src`:
+    the first op that needs it or a later one of `src`'s (receives are posted in the sender's order)."""
+    owner, last, rank_of = owners(op_lists), op_lists.stages - 1, {}
+    queue = messages(op_lists, src, dst)
+    for index, op in enumerate(op_lists.ranks[dst]):
+        needed = []
+        if op.forward is not None and op.forward[1] > 0:
+            needed.append(("F", (op.forward[0], op.forward[1] - 1)))
+        if op.kind in ("B", "BW", "F&B") and op.backward[1] < last:
+            needed.append(("B", (op.backward[0], op.backward[1] + 1)))
+        for message in needed:
+            if owner[message[1]] == src and message not in rank_of:
+                while message not in rank_of:
+                    rank_of[queue.pop(0)] = index
+    return rank_of
+
+
+def send_releases(op_lists: simulate.OpLists, rank: int) -> dict[Message, list[Message]]:
+    """For each message `rank` receives, its own sends to that peer that have completed by the time it
+    arrives: the peer sent it at or after the op where it posted their receives, so a wait on them
+    returns at once (on any backend; gloo reports a send complete only once waited)."""
+    release: dict[Message, list[Message]] = {}
+    for peer in range(len(op_lists.ranks)):
+        if peer == rank:
+            continue
+        posted, theirs = receives_posted(op_lists, rank, peer), sends(op_lists, peer, rank)
+        for message in messages(op_lists, rank, peer):
+            after = [key for key, index in theirs if index >= posted[message]]
+            if after:
+                release.setdefault(after[0], []).append(message)
+    return release
 
 
 class Transport:
@@ -98,9 +161,10 @@ class Transport:
         self.global_ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.shape, self.dtype, self.device = shape, dtype, device
         self.expected = {src: messages(op_lists, src, rank) for src in range(len(op_lists.ranks)) if src != rank}
-        self.posted: dict[tuple[str, simulate.MicroStage], tuple[torch.Tensor, list]] = {}
-        self.local: dict[tuple[str, simulate.MicroStage], torch.Tensor] = {}
-        self.pending_sends: list = []
+        self.releases = send_releases(op_lists, rank)
+        self.posted: dict[Message, tuple[torch.Tensor, list]] = {}
+        self.local: dict[Message, torch.Tensor] = {}
+        self.pending_sends: dict[Message, tuple[list, torch.Tensor]] = {}  # sent, not yet known complete
 
     def _p2p(self, peer: int, send: Optional[torch.Tensor] = None, recv: Optional[torch.Tensor] = None) -> list:
         peer = self.global_ranks[peer]
@@ -108,14 +172,29 @@ class Transport:
                                 tensor_recv_next=recv, group=self.group, prev_pipeline_rank=peer,
                                 next_pipeline_rank=peer)
 
-    def send(self, key: tuple[str, simulate.MicroStage], tensor: torch.Tensor, dst: int) -> None:
+    def send(self, key: Message, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.detach().to(self.dtype).contiguous()
         if dst == self.rank:  # DualPipeV's turn of the V: stage PP-1 -> PP on one rank
             self.local[key] = tensor
             return
-        self.pending_sends.append((self._p2p(dst, send=tensor), tensor))
+        self.release_completed()
+        self.pending_sends[key] = (self._p2p(dst, send=tensor), tensor)
 
-    def post(self, key: tuple[str, simulate.MicroStage], src: int) -> Arrival:
+    def release_completed(self) -> None:
+        """Drop the sends that report completion, and with them the last reference to what they
+        sent (a query of each request's state: no wait, and no host sync under NCCL)."""
+        for key in [key for key, (requests, _) in self.pending_sends.items()
+                    if all(request.is_completed() for request in requests)]:
+            del self.pending_sends[key]
+
+    def _arrived(self, key: Message) -> None:
+        """`key` arrived: wait for (at once) and drop the sends it shows complete (`send_releases`)."""
+        for sent in self.releases.get(key, ()):
+            if sent in self.pending_sends:
+                for request in self.pending_sends.pop(sent)[0]:
+                    request.wait()
+
+    def post(self, key: Message, src: int) -> Arrival:
         """Post the receive of `key` from `src` (and of what `src` sends before it) without waiting;
         the returned function waits for it (under NCCL: the current stream waits) and returns it."""
         if src == self.rank:
@@ -132,15 +211,16 @@ class Transport:
         def arrive() -> torch.Tensor:
             for request in requests:
                 request.wait()
+            self._arrived(key)
             return buffer
 
         return arrive
 
-    def recv(self, key: tuple[str, simulate.MicroStage], src: int) -> torch.Tensor:
+    def recv(self, key: Message, src: int) -> torch.Tensor:
         return self.post(key, src)()
 
     def finish(self) -> None:
-        for requests, _ in self.pending_sends:
+        for requests, _ in self.pending_sends.values():
             for request in requests:
                 request.wait()
         self.pending_sends.clear()
@@ -207,11 +287,31 @@ def run_ops(op_lists: simulate.OpLists, rank: int, runners: dict[int, StageRunne
     transport.finish()
 
 
+# What Megatron-Core's forward_step_calc_loss reads of a chunk's config, for a chunk without one (a
+# bare module): its defaults.
+_MEGATRON_DEFAULTS = types.SimpleNamespace(timers=None, calculate_per_token_loss=False, grad_scale_func=None)
+
+# Where a backward starts: a sent stage output's graph edge and its dtype (the tensor itself is
+# freed), or the last stage's loss.
+Root = Union[tuple[GradientEdge, torch.dtype], torch.Tensor]
+
+
 class ModelChunk:
-    """A Megatron-style model chunk (`set_input_tensor`, called through `forward_step_func(data_iterator,
-    chunk)` -> (output, loss_func)) as the `StageRunner` of model stage `stage` of `stages`. The last stage's
-    loss is divided by the micro-batch count, as Megatron's schedules do; `losses` collects what
-    its loss_func reports.
+    """A Megatron-style model chunk (`set_input_tensor`, reached through wrappers as Megatron's
+    schedules reach it, called through `forward_step_func(data_iterator, chunk)` -> (output,
+    loss_func)) as the `StageRunner` of model stage `stage` of `stages`. Each output goes through
+    Megatron-Core's `forward_step_calc_loss`, as in its own schedules: on the last stage the loss is
+    divided by the micro-batch count (or the token count), and `reports` collects, per micro-batch,
+    what loss_func reported (with `collect_non_loss_data`, what it returns for
+    `non_loss_data=True`); the MoE and MTP auxiliary-loss scales are set.
+
+    Training keeps, per micro-batch until its backward, the stage input and the output's graph edge:
+    the output's data is freed once sent, as Megatron's `deallocate_output_tensor` does. A split
+    backward (B) defers the weight GEMMs to a `WeightGradStore` and frees the graph; `weight_grad`
+    (W) runs the store. A chunk none of whose GEMMs can defer (no `Linear` of this project: a model
+    of other layers) splits by retaining its graph for W instead.
+
+    `forward_only`: no graph, nothing kept (evaluation, under torch.no_grad).
 
     `segmented`: `pieces.stage_pieces` can cut the chunk's model and `forward_step_func` takes
     `return_schedule_plan=True` (Megatron-Core's keyword for its own overlapped 1F1B), returning
@@ -219,17 +319,30 @@ class ModelChunk:
     (`overlap.Segmented`) and F&B pairs interleave."""
 
     def __init__(self, chunk: Any, stage: int, stages: int, forward_step_func: Callable, data: Iterator,
-                 num_microbatches: int, streams: Optional[Streams] = None):
+                 num_microbatches: int, streams: Optional[Streams] = None, forward_only: bool = False,
+                 collect_non_loss_data: bool = False):
         self.chunk, self.stage, self.last = chunk, stage, stage == stages - 1
         self.forward_step_func, self.data, self.num_microbatches = forward_step_func, data, num_microbatches
-        module = getattr(chunk, "module", chunk)
+        self.forward_only, self.collect_non_loss_data = forward_only, collect_non_loss_data
+        self.set_input_tensor = get_attr_wrapped_model(chunk, "set_input_tensor")
+        self.config = _wrapped_attr(chunk, "config") or _MEGATRON_DEFAULTS
+        module = chunk
+        while hasattr(module, "module"):  # the model under its wrappers (ScheduledModel, DDP, Float16Module)
+            module = module.module
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.defers = isinstance(module, torch.nn.Module) and can_defer(module)
         self.streams = streams or Streams(torch.device("cpu"))
-        self.segmented = (cuttable(module)
+        self.segmented = (not forward_only and cuttable(module)
                           and "return_schedule_plan" in inspect.signature(forward_step_func).parameters)
-        self.saved: dict[int, tuple[Optional[torch.Tensor], torch.Tensor, Optional[Segmented]]] = {}
-        self.deferred: dict[int, Any] = {}
-        self.losses: list[Any] = []
+        self.saved: dict[int, tuple[Optional[torch.Tensor], Root, Optional[Segmented]]] = {}
+        self.deferred: dict[int, Callable[[], None]] = {}  # micro-batch -> its W
+        self.reports: list[tuple[int, Any]] = []  # (micro-batch, what loss_func reported) on the last stage
+        self.token_counts: list[torch.Tensor] = []  # loss_func's token counts (Megatron's 3-tuple), last stage
+
+    @property
+    def losses(self) -> list[Any]:
+        """What loss_func reported, in the order the micro-batches ran."""
+        return [report for _, report in self.reports]
 
     def forward(self, mb: int, input_sbh: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         steps, output = self.forward_steps(mb, lambda: input_sbh)
@@ -246,22 +359,32 @@ class ModelChunk:
         tensors: dict[str, Any] = {}  # the stage input x and output y, once the steps ran
 
         def receive(segmented: Optional[Segmented] = None) -> None:
+            if self.config.timers is not None:  # stopped in forward_step_calc_loss, as Megatron's forward_step does
+                self.config.timers("forward-compute", log_level=2).start()
             received = arrival()
-            x = None if received is None else received.detach().requires_grad_()
+            x = None if received is None or self.forward_only else received.detach().requires_grad_()
             if segmented is not None and x is not None:
                 segmented.external.append(x)
             tensors["x"] = x
-            self.chunk.set_input_tensor([x])
+            self.set_input_tensor([received if self.forward_only else x])
 
         def finish(output: Any, loss_func: Callable, segmented: Optional[Segmented]) -> None:
-            if self.last:  # loss_func gives (loss, report) or, in newer Megatron releases, (loss, tokens, report)
-                result = loss_func(output)
-                self.losses.append(result[-1])
-                self.saved[mb] = (tensors["x"], result[0] / self.num_microbatches, segmented)
-                tensors["y"] = None
-            else:
+            reported: list[Any] = []
+            output, num_tokens = forward_step_calc_loss(
+                self.chunk, output, loss_func, self.config, None, self.collect_non_loss_data, self.num_microbatches,
+                reported, cp_group_size=1, is_last_stage=self.last)
+            self.reports += [(mb, report) for report in reported]
+            if self.last:
+                self.token_counts.append(num_tokens)
+            tensors["y"] = None if self.last else output.detach()
+            if self.forward_only:
+                return
+            if self.last:
+                if self.config.grad_scale_func is not None:  # as Megatron's backward_step scales the loss
+                    output = self.config.grad_scale_func(output)
                 self.saved[mb] = (tensors["x"], output, segmented)
-                tensors["y"] = output.detach()
+            else:  # keep what autograd needs of the output, not its data
+                self.saved[mb] = (tensors["x"], (get_gradient_edge(output), output.dtype), segmented)
 
         if not self.segmented:
             def run() -> None:
@@ -271,47 +394,116 @@ class ModelChunk:
             return [Step(COMPUTE, run, "forward")], lambda: tensors["y"]
         stage_pieces, loss_func = self.forward_step_func(self.data, self.chunk, return_schedule_plan=True)
         segmented = Segmented(stage_pieces, self.streams)
+        loss_func = _scalable(loss_func)
         steps = segmented.forward_steps(lambda: receive(segmented), lambda output: finish(output, loss_func, segmented))
         return steps, lambda: tensors["y"]
 
     def backward_steps(self, mb: int, arrival: Arrival, split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
         """Micro-batch `mb`'s backward as steps; `arrival` gives its output's gradient (None on the
         last stage). `split`: the weight gradients wait for `weight_grad`."""
-        x, y, segmented = self.saved.pop(mb)
+        x, root, segmented = self.saved.pop(mb)
         input_grad: dict[str, Any] = {}
 
-        def root() -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        def start() -> tuple[torch.Tensor | GradientEdge, Optional[torch.Tensor]]:
             grad = arrival()
-            return y, None if grad is None else grad.to(y.dtype)
+            if isinstance(root, torch.Tensor):  # the last stage's loss
+                return root, grad
+            edge, dtype = root
+            return edge, grad.to(dtype)
 
         if segmented is None:
             def run() -> None:
-                input_grad["dx"] = self._backward_whole(mb, x, *root(), split)
+                input_grad["dx"] = self._backward_whole(mb, x, *start(), split)
 
             return [Step(COMPUTE, run, "backward")], lambda: input_grad["dx"]
         if split:
-            self.deferred[mb] = segmented
-        steps = segmented.backward_steps(root, self.params, split,
+            self.deferred[mb] = segmented.weight_grad
+        steps = segmented.backward_steps(start, self.params, split,
                                          lambda: input_grad.update(dx=None if x is None else segmented.input_grad(x)))
         return steps, lambda: input_grad["dx"]
 
-    def _backward_whole(self, mb: int, x: Optional[torch.Tensor], y: torch.Tensor, grad: Optional[torch.Tensor],
-                        split: bool) -> Optional[torch.Tensor]:
-        if not split:
-            torch.autograd.backward(y, grad)
-            return None if x is None else x.grad
-        self.deferred[mb] = (y, grad)
-        if x is None:
-            return None
-        (dx,) = torch.autograd.grad(y, x, grad, retain_graph=True)
-        return dx
+    def _backward_whole(self, mb: int, x: Optional[torch.Tensor], root: torch.Tensor | GradientEdge,
+                        grad: Optional[torch.Tensor], split: bool) -> Optional[torch.Tensor]:
+        if split and not self.defers:  # W walks the retained graph
+            self.deferred[mb] = functools.partial(torch.autograd.backward, root, grad, inputs=self.params)
+            return None if x is None else torch.autograd.grad(root, x, grad, retain_graph=True)[0]
+        store = WeightGradStore()
+        with store.collecting() if split else contextlib.nullcontext():
+            torch.autograd.backward(root, grad)
+        if split:
+            self.deferred[mb] = store.flush
+        return None if x is None else x.grad
 
     def weight_grad(self, mb: int) -> None:
-        deferred = self.deferred.pop(mb)
-        if isinstance(deferred, Segmented):
-            deferred.weight_grad()
-        else:
-            torch.autograd.backward(deferred[0], deferred[1], inputs=self.params)
+        self.deferred.pop(mb)()
+
+
+def _scalable(loss_func: Optional[Callable]) -> Optional[Callable]:
+    """`loss_func` whose loss Megatron-Core may scale in place: the pieces' output reads the state
+    through views that autograd forbids modifying (`overlap._Cut`), so the loss is copied (a scalar)."""
+    if loss_func is None:
+        return None
+
+    def scalable(output: Any, *args: Any, **kwargs: Any) -> Any:
+        result = loss_func(output, *args, **kwargs)
+        if kwargs.get("non_loss_data") or not isinstance(result, tuple):
+            return result
+        return (result[0].clone(), *result[1:])
+
+    return scalable
+
+
+def _wrapped_attr(chunk: Any, name: str) -> Any:
+    """`name` of `chunk` or of the module it wraps (Megatron's DDP, Float16Module), else None."""
+    try:
+        return get_attr_wrapped_model(chunk, name)
+    except RuntimeError:
+        return None
+
+
+def check_chunk_order(schedule: Schedule, pipeline: int, rank: int, model: list) -> None:
+    """Refuse, before any operation, chunks that are not in `schedule.rank_stages` order, where the
+    chunks tell which stage they run: a `stage` attribute (dsv3-train's `ScheduledModel`), Megatron's
+    `pre_process` (the first stage: it embeds the tokens) and `post_process` (the last: the loss)."""
+    stages, last = schedule.rank_stages(pipeline, rank), schedule.num_stages(pipeline) - 1
+    if len(model) != len(stages):
+        raise ValueError(f"{schedule.name}: rank {rank} needs its {len(stages)} model chunks (stages {stages}), "
+                         f"got {len(model)}")
+    for index, (chunk, stage) in enumerate(zip(model, stages)):
+        expected = {"stage": stage, "pre_process": stage == 0, "post_process": stage == last}
+        told = {name: value for name in expected if (value := _wrapped_attr(chunk, name)) is not None}
+        wrong = [f"{name}={told[name]!r}" for name in told if told[name] != expected[name]]
+        if wrong:
+            should = ", ".join(f"{name}={expected[name]!r}" for name in told)
+            raise ValueError(f"{schedule.name}: pipeline rank {rank} runs stages {stages} of 0..{last}, so its chunk "
+                             f"{index} must run stage {stage} ({should}), but it has {', '.join(wrong)}: pass the "
+                             f"rank's chunks in the order {stages}")
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {key: _map_tensors(value, fn) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        values = [_map_tensors(value, fn) for value in obj]
+        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)  # a namedtuple, or not
+    return obj
+
+
+def on_last_rank(reports: list[tuple[int, Any]], group: Optional[dist.ProcessGroup], device: torch.device) -> list:
+    """Megatron-Core's return value: on the last pipeline rank every micro-batch's report in
+    micro-batch order, elsewhere []. DualPipeV computes the loss on rank 0 and DualPipe on ranks 0
+    and PP-1, so the reports travel there (their tensors through the host: one object gather over the
+    pipeline group at the end of the step)."""
+    pipeline, rank = groups.size(group), groups.rank(group)
+    if pipeline > 1:
+        sent = [(mb, _map_tensors(report, lambda t: t.detach().cpu())) for mb, report in reports]
+        gathered = comm.all_gather_object([] if rank == pipeline - 1 else sent, group)
+        if rank != pipeline - 1:
+            return []
+        reports = reports + [(mb, _map_tensors(report, lambda t: t.to(device))) for part in gathered for mb, report in part]
+    return [report for _, report in sorted(reports, key=lambda item: item[0])]
 
 
 def make_forward_backward(schedule: Schedule) -> ForwardBackward:
@@ -324,27 +516,37 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
                          first_val_step: Optional[bool] = None, adjust_tensor_shapes_fn: Optional[Callable] = None,
                          p2p_communicator=None, pg_collection=None, force_all_reduce: Optional[bool] = False) -> list:
         """One step over `num_microbatches` micro-batches; `model` is this rank's two chunks in
-        `schedule.rank_stages` order. Returns what the last stage's loss_func reported per
-        micro-batch. The keywords are those Megatron-Core 0.16-0.19 pass to a schedule; any other
-        is refused by name (TypeError). Not used here: first_val_step (validation only),
-        p2p_communicator and pg_collection (the pipeline group is `groups.pp_group()`), and
-        force_all_reduce (the optimizer reduces the gradients)."""
-        if forward_only and not schedule.forward_only:
-            evaluating = [name for name in registry.names("schedule") if get(name).forward_only]
-            raise ValueError(f"parallel.schedule={schedule.name!r} trains only (forward_only=True is not supported): "
-                             f"evaluate with {' or '.join(evaluating)}")
+        `schedule.rank_stages` order (wrapped or not). Returns, as Megatron-Core's schedules do, on
+        the last pipeline rank what the last stage's loss_func reported per micro-batch, in order
+        (`on_last_rank`), and [] on the others. Training ends with the chunks' config's
+        `finalize_model_grads_func`, where one is set (Megatron-LM's loop sets it).
+
+        `forward_only` (evaluation): each rank's forwards in the schedule's order
+        (`simulate.forwards`), under torch.no_grad, keeping no graph and no output;
+        `collect_non_loss_data` (with it): loss_func(output, non_loss_data=True) is reported.
+
+        The keywords are those Megatron-Core 0.16-0.19 pass to a schedule; any other is refused by
+        name (TypeError). Not used here: first_val_step (Transformer Engine's FP8 weight caching),
+        p2p_communicator (the pipeline group is `groups.pp_group()`)."""
         if adjust_tensor_shapes_fn is not None or decoder_seq_length not in (None, seq_length):
             raise ValueError(f"{schedule.name} sends [seq_length, micro_batch_size, hidden] tensors only: "
                              f"adjust_tensor_shapes_fn={adjust_tensor_shapes_fn!r} and decoder_seq_length="
                              f"{decoder_seq_length!r} (seq_length {seq_length}) are not supported")
+        if collect_non_loss_data and not forward_only:
+            raise ValueError(f"{schedule.name}: collect_non_loss_data=True needs forward_only=True (it reports "
+                             "data, not a loss to train on)")
         group = groups.pp_group()
         pp, rank = groups.size(group), groups.rank(group)
         model = model if isinstance(model, list) else [model]
-        stages = schedule.rank_stages(pp, rank)
-        if len(model) != len(stages):
-            raise ValueError(f"{schedule.name}: rank {rank} needs its {len(stages)} model chunks (stages {stages}), "
-                             f"got {len(model)}")
+        check_chunk_order(schedule, pp, rank, model)
+        config = get_attr_wrapped_model(model[0], "config")
+        if getattr(config, "context_parallel_size", 1) > 1:
+            raise ValueError(f"{schedule.name} does not support context parallelism (context_parallel_size="
+                             f"{config.context_parallel_size})")
         op_lists = schedule.op_lists(pp, num_microbatches)
+        if forward_only:
+            op_lists = simulate.forwards(op_lists)
+        stages = schedule.rank_stages(pp, rank)
         order = {s: [op.forward[0] for op in op_lists.ranks[rank] if op.forward is not None and op.forward[1] == s]
                  for s in stages}
         if isinstance(data_iterator, list):  # Megatron's virtual pipeline: one iterator per chunk
@@ -355,13 +557,21 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         device = comm.device_of(group) if group is not None else torch.device("cpu")
         streams = Streams(device)
         total = schedule.num_stages(pp)
-        runners = {s: ModelChunk(c, s, total, forward_step_func, data[s], num_microbatches, streams)
+        runners = {s: ModelChunk(c, s, total, forward_step_func, data[s], num_microbatches, streams,
+                                 forward_only=forward_only, collect_non_loss_data=collect_non_loss_data)
                    for s, c in zip(stages, model)}
-        config = model[0].config
         shape = (seq_length, micro_batch_size, config.hidden_size)
         dtype = getattr(config, "pipeline_dtype", None) or torch.float32
-        run_ops(op_lists, rank, runners, Transport(op_lists, rank, group, shape, dtype, device), streams=streams)
-        return [loss for runner in runners.values() for loss in runner.losses]
+        with torch.no_grad() if forward_only else contextlib.nullcontext():
+            run_ops(op_lists, rank, runners, Transport(op_lists, rank, group, shape, dtype, device), streams=streams)
+        if not forward_only and getattr(config, "finalize_model_grads_func", None) is not None:
+            num_tokens = None
+            if config.calculate_per_token_loss:  # Megatron reads it on the last pipeline rank: every rank sums
+                counts = [count.to(device) for r in runners.values() for count in r.token_counts]
+                num_tokens = comm.all_reduce(sum(counts, torch.zeros((), dtype=torch.int, device=device)), group)
+            config.finalize_model_grads_func(model, num_tokens, pg_collection=pg_collection,
+                                             force_all_reduce=force_all_reduce)
+        return on_last_rank([item for runner in runners.values() for item in runner.reports], group, device)
 
     forward_backward.__name__ = forward_backward.__qualname__ = f"{schedule.name}_forward_backward"
     return forward_backward
@@ -405,14 +615,14 @@ def dual_bubble(stages: int, c: simulate.Costs) -> float:
 DUALPIPE = register(Schedule(
     "dualpipe", executor=lambda: make_forward_backward(DUALPIPE), build_ops=simulate.dualpipe,
     stages_per_rank=2, model_copies=2, rank_stages=lambda pipeline, rank: (rank, pipeline - 1 - rank),
-    micro_batch_rule=dualpipe_rule, side_streams=True, report_bubble=dual_bubble))
+    micro_batch_rule=dualpipe_rule, forward_only=True, side_streams=True, report_bubble=dual_bubble))
 
 # DualPipeV on PP ranks: 2 PP stages in a V, rank r holds stage r and 2PP-1-r; no copies.
 DUALPIPEV = register(Schedule(
     "dualpipev", executor=lambda: make_forward_backward(DUALPIPEV),
     build_ops=lambda pipeline, micro_batches: simulate.dualpipev(2 * pipeline, micro_batches),
     stages_per_rank=2, rank_stages=lambda pipeline, rank: (rank, 2 * pipeline - 1 - rank),
-    micro_batch_rule=dualpipev_rule, side_streams=True, report_bubble=dual_bubble))
+    micro_batch_rule=dualpipev_rule, forward_only=True, side_streams=True, report_bubble=dual_bubble))
 
 
 def mark_mirror_copies(model: torch.nn.Module, copy: int) -> None:

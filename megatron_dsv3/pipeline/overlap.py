@@ -26,8 +26,9 @@ order in which a value's gradients from several readers are summed.
 
 Each piece's autograd graph is cut at what it reads (`_Cut`, `Segmented`): backward walks the
 pieces in reverse, taking the gradient of each piece's inputs (B) and, at once or deferred, of its
-weights (W). The cuts keep no tensor alive: activations live as long as autograd saves them, as in
-the plain forward (`tests/test_overlap.py` checks it).
+weights (W). A deferred W keeps only what its weight GEMMs need (`weight_grad_store.py`): B frees
+each piece's graph as the plain backward does. The cuts keep no tensor alive: activations live as
+long as autograd saves them, as in the plain forward (`tests/test_overlap.py` checks it).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from megatron_dsv3.pipeline.pieces import COMM, COMPUTE, Piece, StagePieces, fuse
+from megatron_dsv3.weight_grad_store import WeightGradStore
+
+Root = Callable[[], tuple[torch.Tensor | GradientEdge, Optional[torch.Tensor]]]
 
 
 @dataclass
@@ -145,8 +149,9 @@ class Segmented:
 
     Each piece's graph starts at `_Cut`s of what it read and ends at what it wrote; records keep
     only the graph edges of the outputs, so activations live exactly as long as autograd saves
-    them (as in the plain forward). A piece's B runs its graph down to its cuts, which pass the
-    gradients to the pieces that wrote those values; its W runs the same graph into the weights."""
+    them (as in the plain forward). A piece's backward runs its graph down to its cuts, which pass
+    the gradients to the pieces that wrote those values. Split (B), the weight GEMMs go to `store`
+    and the graph is freed as it goes; `weight_grad` (W) runs the store."""
 
     def __init__(self, stage_pieces: StagePieces, streams: Streams):
         self.stage_pieces, self.streams = stage_pieces, streams
@@ -159,14 +164,20 @@ class Segmented:
         self.records: list[_Record] = []
         self.output: Any = None
         self.output_read = False  # whether the output read a cut (the seed then runs)
-        self.deferred: list[tuple[list[GradientEdge], list[torch.Tensor]]] = []
+        self.store = WeightGradStore()  # the weight GEMMs a split backward defers
         self.external: list[torch.Tensor] = []  # leaves the pieces read from outside the state (the stage input)
 
     def forward_steps(self, prologue: Callable[[], None], epilogue: Callable[[Any], None]) -> list[Step]:
         """The pieces as steps; `prologue` runs before the first (the stage input's arrival) and
         `epilogue(output)` after the last."""
         steps = [Step(piece.kind, lambda piece=piece: self._forward(piece), piece.name) for piece in self.pieces]
-        return _framed(steps, prologue, lambda: epilogue(self.output))
+        return _framed(steps, prologue, lambda: epilogue(self._take_output()))
+
+    def _take_output(self) -> Any:
+        """The output, handed over once: the caller decides what of it to keep (a sent stage output
+        is freed once sent, its graph edge kept)."""
+        output, self.output = self.output, None
+        return output
 
     def _forward(self, piece: Piece) -> None:
         inputs = _Inputs(self, self.streams.stream(piece.kind))
@@ -189,19 +200,16 @@ class Segmented:
             self.output_read = bool(output_inputs.cuts)
             self.state.clear()  # from here on only autograd's saved tensors hold the activations
 
-    def backward_steps(self, root: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]], params: list[torch.Tensor],
-                       split: bool, epilogue: Callable[[], None]) -> list[Step]:
-        """Steps from the last piece back to the first. `root()` gives the tensor backward starts
-        from (the stage's output, or its loss) and its gradient (None for a scalar loss); it is a
-        function of the output, without weights of its own. `split`: defer the weight gradients."""
+    def backward_steps(self, root: Root, params: list[torch.Tensor], split: bool,
+                       epilogue: Callable[[], None]) -> list[Step]:
+        """Steps from the last piece back to the first. `root()` gives where backward starts (the
+        stage's output or its graph edge, or its loss) and its gradient (None for a scalar loss); it
+        is a function of the output, without weights of its own. `split`: defer the weight GEMMs to
+        `weight_grad`."""
         self._root, self._params, self._split = root, params, split
         steps = [Step(rec.piece.kind, lambda rec=rec: self._backward(rec), rec.piece.name)
                  for rec in reversed(self.records)]
-        return _framed(steps, self._seed, lambda: (epilogue(), None if split else self._release()))
-
-    def _release(self) -> None:
-        """Drop the pieces' graph edges once no backward or W needs them."""
-        self.records.clear()
+        return _framed(steps, self._seed, lambda: (epilogue(), self.records.clear()))
 
     def _seed(self) -> None:
         """Gradients of the state values the output read, from the root (the output holds no weights)."""
@@ -220,12 +228,12 @@ class Segmented:
                 grads.append(g)
         if not edges:
             return
-        cuts = [self.anchor, *self.external]
+        inputs = [self.anchor, *self.external, *self._params]
         if self._split:
-            torch.autograd.backward(edges, grads, inputs=cuts, retain_graph=True)
-            self.deferred.append((edges, grads))
+            with self.store.collecting():
+                torch.autograd.backward(edges, grads, inputs=inputs)
         else:
-            torch.autograd.backward(edges, grads, inputs=[*cuts, *self._params])
+            torch.autograd.backward(edges, grads, inputs=inputs)
 
     def input_grad(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         """The gradient that reached `tensor`, one of `external`."""
@@ -233,11 +241,8 @@ class Segmented:
         return grad
 
     def weight_grad(self) -> None:
-        """The deferred weight gradients, every piece's, in the order backward reached them."""
-        for edges, grads in self.deferred:
-            torch.autograd.backward(edges, grads, inputs=self._params)
-        self.deferred.clear()
-        self._release()
+        """The deferred weight GEMMs, every piece's, in the order backward reached them."""
+        self.store.flush()
 
 
 def _framed(steps: list[Step], before: Callable[[], Any], after: Callable[[], Any]) -> list[Step]:

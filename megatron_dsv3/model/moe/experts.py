@@ -9,6 +9,7 @@ costs the FLOPs and activations of its tokens, not of E x the largest segment.
   segments (found by feature: `F.grouped_mm` or `torch._grouped_mm`), with the segment ends
   computed on the device, so no host sync; otherwise one GEMM per segment written in place (on
   CPU torch's grouped matmul is no faster and its FP32 backward refuses stride-0 gradients).
+  Both are autograd functions whose weight gradients DualPipe's W can defer (`weight_grad_store.py`).
 - A matmul with `grouped(x, w, rows_per_expert)` and a `row_multiple` (the FP8 one) gets each
   expert's rows zero-padded to that multiple (128, the kernel's tile), never to the largest count.
 - Any other `x [E, C, K] @ w [E, N, K]^T` callable runs once per segment.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_dsv3.model.common import recomputed
+from megatron_dsv3.weight_grad_store import weight_grad
 
 BatchedMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,16 +48,39 @@ class _SegmentMatmulFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_MN):
         x_MK, w_ENK = ctx.saved_tensors
-        dx_MK = dw_ENK = None
-        segments = list(zip(x_MK.split(ctx.counts), dy_MN.split(ctx.counts)))
+        dx_MK = None
         if ctx.needs_input_grad[0]:
             dx_MK = torch.empty_like(x_MK)
-            for (_, dy_e), dx_e, w_e in zip(segments, dx_MK.split(ctx.counts), w_ENK):
+            for dy_e, dx_e, w_e in zip(dy_MN.split(ctx.counts), dx_MK.split(ctx.counts), w_ENK):
                 torch.mm(dy_e, w_e, out=dx_e)
-        if ctx.needs_input_grad[1]:
-            dw_ENK = torch.empty_like(w_ENK)
-            for (x_e, dy_e), dw_e in zip(segments, dw_ENK):
-                torch.mm(dy_e.t(), x_e, out=dw_e)  # an empty segment writes zeros
+        counts_E, shape_ENK = ctx.counts, w_ENK.shape
+        dw_ENK = weight_grad(ctx, 1, lambda: _segment_weight_grad(x_MK, dy_MN, counts_E, shape_ENK), x_MK, dy_MN)
+        return dx_MK, dw_ENK, None
+
+
+def _segment_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: list[int],
+                         shape_ENK: torch.Size) -> torch.Tensor:
+    """dw[e] = dy[s_e:s_{e+1}]^T x[s_e:s_{e+1}] for each expert; an empty segment writes zeros."""
+    dw_ENK = x_MK.new_empty(shape_ENK)
+    for x_e, dy_e, dw_e in zip(x_MK.split(counts_E), dy_MN.split(counts_E), dw_ENK):
+        torch.mm(dy_e.t(), x_e, out=dw_e)
+    return dw_ENK
+
+
+class _GroupedMatmulFn(torch.autograd.Function):
+    """torch's grouped matmul over the segments ending at `ends_E`, with the products autograd
+    forms for it (the same calls, so the same bits); its weight gradient through `weight_grad`."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_ENK, ends_E):
+        ctx.save_for_backward(x_MK, w_ENK, ends_E)
+        return _grouped_mm_op()(x_MK, w_ENK.transpose(1, 2), offs=ends_E)
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        x_MK, w_ENK, ends_E = ctx.saved_tensors
+        dx_MK = _grouped_mm_op()(dy_MN, w_ENK, offs=ends_E) if ctx.needs_input_grad[0] else None
+        dw_ENK = weight_grad(ctx, 1, lambda: _grouped_mm_op()(dy_MN.t(), x_MK, offs=ends_E), x_MK, dy_MN)
         return dx_MK, dw_ENK, None
 
 
@@ -73,7 +98,7 @@ class SegmentMatmul:
         x_MK, w_ENK = x_MK.to(dtype), w_ENK.to(dtype)  # autocast's cast for mm, done here for both paths
         if self.uses_grouped_mm(x_MK, w_ENK):
             ends_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # on the device: no host sync
-            return _grouped_mm_op()(x_MK, w_ENK.transpose(1, 2), offs=ends_E)
+            return _GroupedMatmulFn.apply(x_MK, w_ENK, ends_E)
         with torch.autocast(x_MK.device.type, enabled=False):
             return _SegmentMatmulFn.apply(x_MK, w_ENK, counts_E.tolist())  # the GEMM sizes: one sync per call
 
