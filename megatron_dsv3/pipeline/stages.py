@@ -15,6 +15,7 @@ its buffers for (`pipeline_dtype`). Inside a stage the model keeps [batch, seq, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any, Iterator, Optional
@@ -57,13 +58,15 @@ class ScheduledModel:
 
 def forward_backward(schedule, chunks: list[ScheduledModel], batches: Iterator[dict[str, torch.Tensor]],
                      num_micro: int, micro_batch_size: int, seq_length: int, bf16: bool,
-                     mtp_loss_weight: Optional[float] = None) -> list[float]:
+                     mtp_loss_weight: Optional[float] = None, forward_only: bool = False) -> list[float]:
     """One step's forward and backward over `num_micro` micro-batches with `schedule` (Megatron's
     forward_backward_func). Every stage reads each batch: the first embeds its tokens, the last
     needs the labels and, for MTP, the tokens ahead. Returns this stage's [lm, mtp, balance] losses
     averaged over the micro-batches (lm and mtp are zero before the last stage). `mtp_loss_weight`
     is this step's lambda (None: the model config's). `chunks`: this rank's model chunks (two under
-    DualPipe/DualPipeV, over one module)."""
+    DualPipe/DualPipeV, over one module). `forward_only` (evaluation): the schedule's forward-only pass
+    (`forward_only=True`) under torch.no_grad, no backward; put the model in eval mode first, so that
+    its routers and MTP modules count nothing and no balance loss is added."""
     model = chunks[0].module
     device = next(model.parameters()).device
     sums = [0.0, 0.0, 0.0]
@@ -98,8 +101,9 @@ def forward_backward(schedule, chunks: list[ScheduledModel], batches: Iterator[d
                                balance_loss_scale=1.0 / num_micro)
         return stage_output(out), loss_func
 
-    schedule(forward_step_func=forward_step, data_iterator=batches, model=list(chunks), num_microbatches=num_micro,
-             seq_length=seq_length, micro_batch_size=micro_batch_size)
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        schedule(forward_step_func=forward_step, data_iterator=batches, model=list(chunks), num_microbatches=num_micro,
+                 seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only)
     return sums
 
 
