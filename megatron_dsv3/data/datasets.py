@@ -17,7 +17,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron_dsv3.data.corpus import ensure_default_dataset
 from megatron_dsv3.data.dali import dali_batches
 from megatron_dsv3.parallel import comm
-from megatron_dsv3.data.indexed import DataError, validate_prefix
+from megatron_dsv3.data.indexed import DataError, open_prefix, validate_prefix
 from megatron_dsv3.data.tokenizer import load_tokenizer
 
 def _is_weight(item) -> bool:
@@ -116,12 +116,30 @@ def _build(data, prefixes, weights, seq_length, num_samples, seed, valid_samples
     has_valid = config.split_matrix[1] is not None
     valid_samples = valid_samples or data.valid_samples or max(1, num_samples // 10)
     sizes = [num_samples, valid_samples if has_valid else 0, 0]
+    _check_split_parts(data.split, config.split_matrix, prefixes, sizes)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     with _single_process_rank():
         train, valid, _ = builder.build()
     if train is None or len(train) == 0:
         raise DataError(f"data.split {data.split!r} leaves no training samples")
     return train, valid
+
+
+def _check_split_parts(split: str, split_matrix, prefixes: list[str], sizes: list[int]) -> None:
+    """Refuse a split part that is asked for samples but gets no token of a prefix (Megatron's index
+    builder would repeat its empty epochs forever): the documents [round(begin * n), round(end * n))
+    of each prefix's n, as Megatron cuts them."""
+    for prefix in prefixes:
+        dataset = open_prefix(prefix)  # kept while its memory-mapped lengths are read
+        lengths = dataset.sequence_lengths
+        for name, part, size in zip(("training", "validation", "test"), split_matrix, sizes):
+            if part is None or not size:
+                continue
+            begin, end = (int(round(bound * float(len(lengths)))) for bound in part)
+            if int(lengths[begin:end].sum()) == 0:
+                raise DataError(f"data.split {split!r} leaves no {name} samples: its {name} part of {prefix!r} "
+                                f"(documents {begin}..{end} of {len(lengths)}) holds no token; give that part more "
+                                "weight or more documents")
 
 
 def micro_batch_indices(
@@ -214,8 +232,7 @@ def build_iterators(
     if eval_iters <= 0:
         return batches, None
     if valid is None or len(valid) == 0:
-        raise DataError(f"data.split {data.split!r} leaves no validation samples of {seq_length} tokens: give the "
-                        "valid split more weight (the second number) or more data")
+        raise DataError(f"data.split {data.split!r} leaves no validation samples: give its second number weight")
     micro_batches = eval_iters * global_batch_size // (micro_batch_size * dp_size)
 
     def valid_index_fn(n):
