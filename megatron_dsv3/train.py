@@ -160,10 +160,11 @@ def check_same_model(saved: dict, config, path: Path) -> list[str]:
                              "checkpoint.resume=false or another checkpoint.dir")
     if all(saved.get(key) == now.get(key) for key in CONTEXT_EXTENSION_CHANGES):
         return []
-    yarn = now["yarn"]
+    yarn, before = now["yarn"], saved.get("yarn")
+    was = f"factor {before['factor']:g} over {before['original_max_position_embeddings']}" if before else "none"
     return [f"context extension: max_position_embeddings {saved.get('max_position_embeddings')} -> "
             f"{now['max_position_embeddings']}, YaRN factor {yarn['factor']:g} over "
-            f"{yarn['original_max_position_embeddings']} positions (was {saved.get('yarn')})"]
+            f"{yarn['original_max_position_embeddings']} positions (YaRN before: {was})"]
 
 
 class Trainer:
