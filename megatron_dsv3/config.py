@@ -140,8 +140,8 @@ class DSV3Config:
         need(self.fp8 in FP8_MODES, f"fp8={self.fp8!r} is not one of {FP8_MODES}")
         if self.yarn is not None:
             need(self.yarn.factor >= 1, f"yarn.factor must be >= 1, got {self.yarn.factor}")
-            need(self.yarn.original_max_position_embeddings >= 1,
-                 f"yarn.original_max_position_embeddings must be positive, got {self.yarn.original_max_position_embeddings}")
+            need(self.yarn.original_max_position_embeddings >= 1, "yarn.original_max_position_embeddings must be "
+                 f"positive, got {self.yarn.original_max_position_embeddings}")
             need(self.yarn.beta_slow > 0, f"yarn.beta_slow must be positive, got {self.yarn.beta_slow}")
             need(self.yarn.mscale_all_dim >= 0, f"yarn.mscale_all_dim must be >= 0, got {self.yarn.mscale_all_dim}")
             need(self.yarn.beta_fast > self.yarn.beta_slow,
@@ -167,15 +167,12 @@ class DSV3Config:
         read from it (`scoring_func` "sigmoid", `topk_method` "noaux_tc"). `dtype` ("bfloat16",
         "float32") is written as `torch_dtype` and `dtype`; `token_ids` (bos/eos/pad_token_id) come
         from the run's tokenizer; `fp8` adds the `quantization_config` of 128x128 block scales."""
-        yarn = None
-        if self.yarn is not None:
-            yarn = {"factor": self.yarn.factor, "original_max_position_embeddings": self.yarn.original_max_position_embeddings,
-                    "beta_fast": self.yarn.beta_fast, "beta_slow": self.yarn.beta_slow, "mscale": self.yarn.mscale,
-                    "mscale_all_dim": self.yarn.mscale_all_dim}
+        yarn = dataclasses.asdict(self.yarn) if self.yarn is not None else None
         values: dict[str, Any] = {
             "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "intermediate_size": self.dense_ffn_hidden_size,
-            "moe_intermediate_size": self.moe_ffn_hidden_size, "num_hidden_layers": self.num_layers,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.dense_ffn_hidden_size, "moe_intermediate_size": self.moe_ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
             "first_k_dense_replace": self.first_k_dense_layers, "moe_layer_freq": 1,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_attention_heads,
             "q_lora_rank": self.q_lora_rank or None, "kv_lora_rank": self.kv_lora_rank,
@@ -190,7 +187,8 @@ class DSV3Config:
             "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
             "initializer_range": self.init_std, "tie_word_embeddings": False, "use_cache": True,
             "rope_theta": self.rope_theta, "rope_scaling": None if yarn is None else {"type": "yarn", **yarn},
-            "rope_parameters": {"rope_type": "yarn" if yarn else "default", "rope_theta": self.rope_theta, **(yarn or {})},
+            "rope_parameters": {"rope_type": "yarn" if yarn else "default", "rope_theta": self.rope_theta,
+                                **(yarn or {})},
             "rope_interleave": True,
         }
         if dtype is not None:

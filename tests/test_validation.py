@@ -110,7 +110,8 @@ def _training_state(trainer) -> dict:
     state = {f"param {n}": p.detach().clone() for n, p in model.named_parameters()}
     state |= {f"grad {n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     state |= {f"buffer {n}": b.clone() for n, b in model.named_buffers()}
-    state |= {f"{m} {n}": v.clone() for n, moments in trainer.optimizer.param_states().items() for m, v in moments.items()}
+    state |= {f"{m} {n}": v.clone() for n, moments in trainer.optimizer.param_states().items()
+              for m, v in moments.items()}
     state |= {f"entropy {i}": r.routing_entropy.clone() for i, r in enumerate(model.routers())}
     state["rng"] = torch.get_rng_state()
     state["other"] = (trainer.optimizer.step_count, trainer.step, trainer.consumed_samples, model.training,
@@ -141,8 +142,8 @@ def test_an_evaluation_leaves_the_training_state_bitwise_unchanged_and_is_logged
         metrics = evaluate(self)
         after = _training_state(self)
         assert before.keys() == after.keys()
-        changed = [key for key in before if not (torch.equal(before[key], after[key]) if isinstance(before[key], torch.Tensor)
-                                                 else before[key] == after[key])]
+        same = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b  # noqa: E731
+        changed = [key for key in before if not same(before[key], after[key])]
         assert not changed, changed
         seen.append((self.step, metrics))
         return metrics
@@ -176,7 +177,8 @@ def test_an_evaluation_leaves_the_training_state_bitwise_unchanged_and_is_logged
     assert [e.value for e in scalars] == pytest.approx([m["valid/mtp_loss"] for _, m in seen])
 
     markdown = report.build_report(str(run / "metrics.jsonl"))
-    assert f"| valid/loss | {seen[0][1]['valid/loss']:.4g} (step 3) | {seen[1][1]['valid/loss']:.4g} (step 4)" in markdown
+    first, last = seen[0][1]["valid/loss"], seen[1][1]["valid/loss"]
+    assert f"| valid/loss | {first:.4g} (step 3) | {last:.4g} (step 4)" in markdown
     page = report.build_html(str(run / "metrics.jsonl"))
     assert f'data-metric="valid/loss" data-last="{seen[1][1]["valid/loss"]!r}"' in page
 
