@@ -220,3 +220,25 @@ def test_a_missing_tokenizer_is_said_and_a_bad_tokenizer_option_refused(run, tmp
     code, out, err = _convert(capsys, "dist-to-hf", str(checkpoint), str(tmp_path / "hf2"), "--tokenizer",
                               str(tmp_path / "nope.json"))
     assert code == 2 and "tokenizer file not found" in err and not (tmp_path / "hf2").exists(), err
+
+
+# ----------------------------------------------------------------------------- FP8 and transformers
+def test_transformers_dequantises_partial_blocks_wrongly_without_the_shim_and_right_with_it():
+    """The README's caveat: a [192, 256] FP8 weight (2 x 2 scale blocks, the last row of blocks 64
+    rows deep) is read by transformers 5.x in 96-row blocks without a word; inside
+    fp8_partial_blocks() it is read in DeepSeek's 128 x 128 blocks."""
+    from megatron_dsv3.compat.transformers_fp8 import fp8_partial_blocks
+    from megatron_dsv3.fp8 import dequantize_blocks, quantize_blocks
+
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    weight = torch.randn(192, 256, generator=torch.Generator().manual_seed(1))
+    weight[128:] *= 8  # the edge blocks' scale differs from the first row of blocks'
+    q, scale = quantize_blocks(weight)
+    right = dequantize_blocks(q, scale)
+    reader = object.__new__(fp8.Fp8Dequantize)
+    if not hasattr(reader, "_dequantize_one"):
+        pytest.skip("this transformers has no Fp8Dequantize._dequantize_one")
+    wrong = reader._dequantize_one(q, scale, output_dtype=torch.float32)
+    assert (wrong - right).norm() / right.norm() > 0.1
+    with fp8_partial_blocks():
+        assert torch.equal(reader._dequantize_one(q, scale, output_dtype=torch.float32), right)
