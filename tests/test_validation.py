@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers.rank_server import RankServer
-from megatron_dsv3.monitor import wandb_log
+from helpers.wandb_history import history as wandb_history
 from megatron_dsv3.run_config import RunConfigError, load_run_config
 
 # 4 layers (DualPipeV on 2 ranks cuts 4 stages), 4 micro-batches of 2 x 32 tokens a step; 2 held-out
@@ -163,11 +163,7 @@ def test_an_evaluation_leaves_the_training_state_bitwise_unchanged_and_is_logged
     assert {s: (r["valid/loss"], r["valid/mtp_loss"]) for s, r in records.items()} == \
         {s: (m["valid/loss"], m["valid/mtp_loss"]) for s, m in seen}
     (wandb_file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history = {}
-    for rec in wandb_log.read_records(wandb_file):
-        if rec.WhichOneof("record_type") == "history":
-            history[rec.history.step.num] = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                             for item in rec.history.item}
+    history = wandb_history(wandb_file)
     assert [history[s]["valid/loss"] for s in (3, 4)] == pytest.approx([m["valid/loss"] for _, m in seen])
     assert "train/loss" in history[4] and "valid/loss" not in history[2]
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})

@@ -168,18 +168,9 @@ def _megatron_batches(dataset, index_fn) -> Iterator[dict]:
         n += 1
 
 
-def build_train_iterator(
-    data,
-    seq_length: int,
-    micro_batch_size: int,
-    global_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-    seed: int,
-    vocab_size: int,
-    start_sample: int = 0,
-    num_samples: Optional[int] = None,
-) -> Iterator[dict]:
+def build_train_iterator(data, seq_length: int, micro_batch_size: int, global_batch_size: int, dp_rank: int,
+                         dp_size: int, seed: int, vocab_size: int, start_sample: int = 0,
+                         num_samples: Optional[int] = None) -> Iterator[dict]:
     """Endless `{"tokens", "labels"}` LongTensor[mbs, seq] micro-batches of the `data` section
     (`run_config.DataSection`) for one DP rank.
 
