@@ -140,6 +140,10 @@ class DSV3Config:
         need(self.fp8 in FP8_MODES, f"fp8={self.fp8!r} is not one of {FP8_MODES}")
         if self.yarn is not None:
             need(self.yarn.factor >= 1, f"yarn.factor must be >= 1, got {self.yarn.factor}")
+            need(self.yarn.original_max_position_embeddings >= 1, "yarn.original_max_position_embeddings must be "
+                 f"positive, got {self.yarn.original_max_position_embeddings}")
+            need(self.yarn.beta_slow > 0, f"yarn.beta_slow must be positive, got {self.yarn.beta_slow}")
+            need(self.yarn.mscale_all_dim >= 0, f"yarn.mscale_all_dim must be >= 0, got {self.yarn.mscale_all_dim}")
             need(self.yarn.beta_fast > self.yarn.beta_slow,
                  f"yarn.beta_fast={self.yarn.beta_fast} must exceed yarn.beta_slow={self.yarn.beta_slow}")
         need(min(tensor_parallel_size, expert_parallel_size, pipeline_parallel_size) >= 1, "parallel sizes must be >= 1")
@@ -155,46 +159,63 @@ class DSV3Config:
         return self
 
     # ------------------------------------------------------------ Hugging Face
+    def to_hf_dict(self, dtype: Optional[str] = None, token_ids: Optional[dict[str, Optional[int]]] = None,
+                   fp8: bool = False) -> dict[str, Any]:
+        """The fields of a Hugging Face `config.json` for this architecture: every field of DeepSeek-V3's
+        release config, RoPE in the release's form (`rope_theta`, `rope_scaling` with "type") beside
+        transformers 5's `rope_parameters`, and the routing that vLLM, SGLang and DeepSeek's reference
+        read from it (`scoring_func` "sigmoid", `topk_method` "noaux_tc"). `dtype` ("bfloat16",
+        "float32") is written as `torch_dtype` and `dtype`; `token_ids` (bos/eos/pad_token_id) come
+        from the run's tokenizer; `fp8` adds the `quantization_config` of 128x128 block scales."""
+        yarn = dataclasses.asdict(self.yarn) if self.yarn is not None else None
+        values: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.dense_ffn_hidden_size, "moe_intermediate_size": self.moe_ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "first_k_dense_replace": self.first_k_dense_layers, "moe_layer_freq": 1,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank or None, "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim, "attention_bias": False, "attention_dropout": 0.0,
+            "n_routed_experts": self.num_routed_experts, "n_shared_experts": self.num_shared_experts,
+            "num_experts_per_tok": self.num_experts_per_token, "n_group": self.num_expert_groups,
+            "topk_group": self.num_limited_groups, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+            "norm_topk_prob": True, "routed_scaling_factor": self.routed_scaling_factor, "ep_size": 1,
+            "seq_aux": True, "aux_loss_alpha": self.seq_aux_loss_coeff,
+            "num_nextn_predict_layers": self.mtp_num_modules, "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
+            "initializer_range": self.init_std, "tie_word_embeddings": False, "use_cache": True,
+            "rope_theta": self.rope_theta, "rope_scaling": None if yarn is None else {"type": "yarn", **yarn},
+            "rope_parameters": {"rope_type": "yarn" if yarn else "default", "rope_theta": self.rope_theta,
+                                **(yarn or {})},
+            "rope_interleave": True,
+        }
+        if dtype is not None:
+            values["torch_dtype"] = values["dtype"] = dtype
+        values.update(token_ids or {})
+        if fp8:
+            values["quantization_config"] = dict(HF_FP8_QUANTIZATION)
+        return values
+
     def to_hf(self):
-        """A transformers DeepseekV3Config with the same architecture."""
+        """A transformers DeepseekV3Config with the same architecture (`to_hf_dict`'s fields)."""
         from transformers import DeepseekV3Config  # optional dependency (a test extra), needed here only
 
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.yarn is not None:
-            rope = {"rope_type": "yarn", "rope_theta": self.rope_theta, "factor": self.yarn.factor,
-                    "original_max_position_embeddings": self.yarn.original_max_position_embeddings,
-                    "beta_fast": self.yarn.beta_fast, "beta_slow": self.yarn.beta_slow,
-                    "mscale": self.yarn.mscale, "mscale_all_dim": self.yarn.mscale_all_dim}
-        return DeepseekV3Config(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.dense_ffn_hidden_size,
-            moe_intermediate_size=self.moe_ffn_hidden_size, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_attention_heads,
-            n_shared_experts=self.num_shared_experts, n_routed_experts=self.num_routed_experts,
-            routed_scaling_factor=self.routed_scaling_factor, kv_lora_rank=self.kv_lora_rank,
-            q_lora_rank=self.q_lora_rank or None, qk_rope_head_dim=self.qk_rope_head_dim,
-            v_head_dim=self.v_head_dim, qk_nope_head_dim=self.qk_nope_head_dim, n_group=self.num_expert_groups,
-            topk_group=self.num_limited_groups, num_experts_per_tok=self.num_experts_per_token,
-            first_k_dense_replace=self.first_k_dense_layers, norm_topk_prob=True,
-            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.norm_eps,
-            initializer_range=self.init_std, rope_parameters=rope, rope_interleave=True,
-            tie_word_embeddings=False, num_mtp_layers=self.mtp_num_modules, num_nextn_predict_layers=self.mtp_num_modules,
-        )
+        return DeepseekV3Config.from_dict(self.to_hf_dict())
 
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides: Any) -> "DSV3Config":
-        """Build from a transformers DeepseekV3Config (or any object with its attribute names)."""
+        """Build from a transformers DeepseekV3Config or a config.json's fields (any object with their
+        attribute names); RoPE from `rope_parameters`, from `rope_theta` + `rope_scaling`, or both when
+        they agree. Routing other than DeepSeek-V3's (softmax scores, another top-k method,
+        unnormalised gates) is refused by name."""
         get = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
-        rope = get("rope_parameters") or get("rope_scaling") or {}
-        theta = rope.get("rope_theta", get("rope_theta", 10000.0))
-        yarn = None
-        if rope.get("rope_type", rope.get("type", "default")) == "yarn":
-            yarn = YarnConfig(
-                factor=rope["factor"],
-                original_max_position_embeddings=rope.get("original_max_position_embeddings", 4096),
-                beta_fast=rope.get("beta_fast", 32.0), beta_slow=rope.get("beta_slow", 1.0),
-                mscale=rope.get("mscale", 1.0), mscale_all_dim=rope.get("mscale_all_dim", 0.0))
-        if get("norm_topk_prob", True) is False:
-            raise ConfigError("norm_topk_prob=False is not DeepSeek-V3 routing; only normalised gates are supported")
+        for name, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("norm_topk_prob", True)):
+            if get(name) is not None and get(name) != want:
+                raise ConfigError(f"{name}={get(name)!r} is not DeepSeek-V3 routing ({name}={want!r}); only "
+                                  "sigmoid scores with the bias-corrected top-k and normalised gates are supported")
+        theta, yarn = _rope_from_hf(get)
         mtp = get("num_nextn_predict_layers", None)
         if mtp is None:
             mtp = get("num_mtp_layers", 0)
@@ -224,6 +245,44 @@ class DSV3Config:
         return cls(**_fields(cls, values, "model config")).validate()
 
 
+HF_FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [128, 128]}  # DeepSeek-V3's release: 128x128 weight_scale_inv
+ROPE_TYPES = ("default", "yarn")
+
+
+def _rope_form(rope: Any, key: str, theta: Any) -> tuple[Any, Optional[YarnConfig]]:
+    """(theta, YaRN) of one RoPE mapping (`key` names it in errors); `theta` when it has none."""
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{key} must be a mapping, got {rope!r}"[:300])
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{key} type {kind!r} is not supported (one of {', '.join(ROPE_TYPES)})")
+    theta = rope.get("rope_theta", theta)
+    if kind == "default":
+        return theta, None
+    if "factor" not in rope:
+        raise ConfigError(f"{key} is YaRN without a factor")
+    return theta, YarnConfig(
+        factor=rope["factor"], original_max_position_embeddings=rope.get("original_max_position_embeddings", 4096),
+        beta_fast=rope.get("beta_fast", 32.0), beta_slow=rope.get("beta_slow", 1.0), mscale=rope.get("mscale", 1.0),
+        mscale_all_dim=rope.get("mscale_all_dim", 0.0))
+
+
+def _rope_from_hf(get) -> tuple[Any, Optional[YarnConfig]]:
+    """(rope_theta, YaRN) from transformers 5's `rope_parameters` and/or the release form (`rope_theta`
+    + `rope_scaling`, its "type" key); ConfigError when both are given and disagree."""
+    theta = get("rope_theta", 10000.0)
+    forms = []
+    if get("rope_parameters") is not None:
+        forms.append(("rope_parameters", _rope_form(get("rope_parameters"), "rope_parameters", theta)))
+    if get("rope_scaling") is not None or not forms:
+        forms.append(("rope_scaling", _rope_form(get("rope_scaling") or {}, "rope_scaling", theta)))
+    (first, read), (second, other) = forms[0], forms[-1]
+    if read != other:
+        raise ConfigError(f"{first} and {second} (with rope_theta) disagree: {read} vs {other}")
+    return read
+
+
 MAX_SIZE = 2**31 - 1  # sizes, counts and dimensions: what an index into one tensor dimension may be
 
 
@@ -234,6 +293,13 @@ def _fields(cls: type, values: dict[str, Any], what: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown {what} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     values = dict(values)
+    for f in dataclasses.fields(cls):  # floats as floats: 4 -> 4.0; YAML 1.1 reads 1e-3 or 1.0e30 as text
+        value = values.get(f.name)
+        if f.type == "float" and (isinstance(value, str) or type(value) is int):
+            try:
+                values[f.name] = float(value)
+            except (ValueError, OverflowError):
+                pass  # refused by name in validate
     if isinstance(values.get("yarn"), dict):
         values["yarn"] = YarnConfig(**_fields(YarnConfig, values["yarn"], "yarn"))
     elif values.get("yarn") is not None and not isinstance(values["yarn"], YarnConfig):

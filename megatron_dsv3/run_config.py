@@ -147,6 +147,12 @@ def split_weights(key: str, value: Any) -> str:
     return value
 
 
+def valid_weight(split: str) -> float:
+    """The validation weight of a checked `data.split` (its second number; 0 when absent)."""
+    weights = [float(part) for part in re.split(r"[,/]", split)]
+    return weights[1] if len(weights) > 1 else 0.0
+
+
 def optional(inner: Check) -> Check:
     def check(key: str, value: Any) -> Any:
         return None if value is None else inner(key, value)
@@ -292,6 +298,11 @@ class TrainSection:
     bias_update_rate_schedule: Optional[list] = setting(None, value_schedule)
     mtp_loss_weight_schedule: Optional[list] = setting(None, value_schedule)
     max_loss: float = setting(1.0e3, number(0, low_open=True))  # a loss above this (or NaN) stops the run
+    # Validation (Trainer.evaluate): the LM and MTP loss on the held-out split (data.split's second
+    # weight) every eval_interval steps and at the end, over its first eval_iters global batches
+    # (the same ones each time), through the schedule's forward-only pass. 0: never.
+    eval_interval: int = setting(0, integer(0))
+    eval_iters: int = setting(10, integer(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +453,18 @@ class RunConfig:
         if train.param_dtype == "bfloat16" and parallel.distributed_optimizer is False:
             raise RunConfigError("train.param_dtype=bfloat16 keeps the FP32 master weights in Megatron's distributed "
                                  "optimizer, and parallel.distributed_optimizer is false")
+        if train.eval_interval and not valid_weight(self.data.split):
+            raise RunConfigError(f"train.eval_interval={train.eval_interval} evaluates on the validation split, and "
+                                 f"data.split={self.data.split!r} gives it no weight (e.g. data.split=98,2,0)")
+        if train.eval_interval and not registry.get("schedule", parallel.schedule).forward_only:
+            evaluating = [name for name in registry.names("schedule") if registry.get("schedule", name).forward_only]
+            raise RunConfigError(f"train.eval_interval={train.eval_interval} evaluates through the schedule's "
+                                 f"forward-only pass, which parallel.schedule={parallel.schedule!r} does not have: "
+                                 f"evaluate with {' or '.join(evaluating)}, or set train.eval_interval=0")
+        if train.eval_interval and (self.data.valid_samples or math.inf) < train.eval_iters * train.global_batch_size:
+            raise RunConfigError(f"data.valid_samples={self.data.valid_samples} is less than the train.eval_iters x "
+                                 f"train.global_batch_size = {train.eval_iters * train.global_batch_size} samples one "
+                                 "evaluation reads")
         model = self.model_config()
         if train.seq_length <= model.mtp_num_modules:
             raise RunConfigError(f"train.seq_length={train.seq_length} leaves the deepest of the model's "

@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 4 -m megatron_dsv3.train parallel.tensor=2 parallel.expert=2
 
 `Trainer.train` is the loop, in named phases: build, resume, then per step `train_step`,
-`check`, `log`, `save`, and `stop` on preemption or Ctrl-C.
+`check`, `log`, `evaluate` (every `train.eval_interval` steps and at the end), `save`, and `stop`
+on preemption or Ctrl-C.
 
 Before it builds anything the run checks that the plan's memory estimate fits the device
 (`capacity.py`) and claims `checkpoint.dir` (`checkpoint/lock.py`): writable, room for one
@@ -48,7 +49,7 @@ from megatron_dsv3.cli.guard import entry_point
 from megatron_dsv3.compat.megatron_checkpoint import signal_safe_checkpoint_writer
 from megatron_dsv3.compat.megatron_cpu import cpu_shims
 from megatron_dsv3.config import ConfigError
-from megatron_dsv3.data import DataError, build_train_iterator
+from megatron_dsv3.data import DataError, build_iterators
 from megatron_dsv3.data.tokenizer import TokenizerError
 from megatron_dsv3.fp8 import FP8RangeError, Fp8Linear, describe_backend, raise_deferred_overflow
 from megatron_dsv3.model.gpt import build_model
@@ -67,6 +68,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 HANDLED_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)  # while training; restored when main returns
 # Model settings that schedules or the FP8 switch change between runs: not a change of model.
 RESUMABLE_MODEL_CHANGES = ("mtp_loss_weight", "bias_update_rate", "fp8")
+# The long-context stages (report section 4.3) resume the pretrained model with YaRN and a longer context.
+CONTEXT_EXTENSION_CHANGES = ("yarn", "max_position_embeddings")
 
 
 class TrainingDiverged(RuntimeError):
@@ -150,20 +153,32 @@ class StepResult:
     mtp_loss_weight: float
 
 
-def check_same_model(saved: dict, config, path: Path) -> None:
-    """Refuse to resume a checkpoint saved with another model, naming every differing field."""
+def check_same_model(saved: dict, config, path: Path) -> list[str]:
+    """Refuse to resume a checkpoint saved with another model, naming every differing field. A
+    context extension (report section 4.3: YaRN and max_position_embeddings changed, the new model
+    with YaRN) is allowed; returns a line describing it (empty otherwise)."""
     now = config.to_dict()
+    allowed = RESUMABLE_MODEL_CHANGES + (CONTEXT_EXTENSION_CHANGES if now.get("yarn") is not None else ())
     differing = [f"{key}: {saved.get(key)!r} saved, {now.get(key)!r} now" for key in sorted(set(saved) | set(now))
-                 if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != now.get(key)]
+                 if key not in allowed and saved.get(key) != now.get(key)]
     if differing:
-        raise RunConfigError(f"checkpoint {path} was saved with another model ({'; '.join(differing)}): resume it "
-                             "with the model settings it was saved with, or start a fresh run with "
+        hint = (" (a context extension changes only yarn and max_position_embeddings, and keeps YaRN on)"
+                if any(saved.get(key) != now.get(key) for key in CONTEXT_EXTENSION_CHANGES) else "")
+        raise RunConfigError(f"checkpoint {path} was saved with another model ({'; '.join(differing)}){hint}: resume "
+                             "it with the model settings it was saved with, or start a fresh run with "
                              "checkpoint.resume=false or another checkpoint.dir")
+    if all(saved.get(key) == now.get(key) for key in CONTEXT_EXTENSION_CHANGES):
+        return []
+    yarn, before = now["yarn"], saved.get("yarn")
+    was = f"factor {before['factor']:g} over {before['original_max_position_embeddings']}" if before else "none"
+    return [f"context extension: max_position_embeddings {saved.get('max_position_embeddings')} -> "
+            f"{now['max_position_embeddings']}, YaRN factor {yarn['factor']:g} over "
+            f"{yarn['original_max_position_embeddings']} positions (YaRN before: {was})"]
 
 
 class Trainer:
     """One run of the plan. Phases: `build`, `resume`, then per step `train_step`, `check`, `log`,
-    `save`; `stop` on preemption, `finish` at the end."""
+    `evaluate` when due, `save`; `stop` on preemption, `finish` at the end."""
 
     def __init__(self, run: RunConfig, plan: RunPlan):
         self.run, self.plan = run, plan
@@ -187,12 +202,15 @@ class Trainer:
         if self.resumed_from is not None:
             path = ckpt.checkpoint_path(self.ckpt_dir, self.resumed_from)
             saved = ckpt.load_common(path)
-            check_same_model(saved["model_config"], plan.model, path)
+            for note in check_same_model(saved["model_config"], plan.model, path):
+                _log(note)
             self.consumed_samples = saved["consumed_samples"]
         train = run.train
-        self.batches = build_train_iterator(run.data, train.seq_length, train.micro_batch_size,
-                                            train.global_batch_size, groups.rank(groups.dp_group()), layout.data,
-                                            train.seed, plan.model.vocab_size, start_sample=self.consumed_samples)
+        # the training micro-batches, and a function giving the held-out ones of an evaluation
+        self.batches, self.valid_batches = build_iterators(
+            run.data, train.seq_length, train.micro_batch_size, train.global_batch_size,
+            groups.rank(groups.dp_group()), layout.data, train.seed, plan.model.vocab_size,
+            start_sample=self.consumed_samples, eval_iters=train.eval_iters if train.eval_interval else 0)
         torch.manual_seed(train.seed)
         # This rank's model stages (two under DualPipe/DualPipeV) in one module, a chunk per stage.
         pp_rank = groups.rank(groups.pp_group())
@@ -329,6 +347,37 @@ class Trainer:
             "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": tokens_per_s,
             "bias_update_rate": result.bias_update_rate, "mtp_loss_weight": result.mtp_loss_weight, **mtp})
 
+    # ------------------------------------------------------------------ validation
+    def evaluation_due(self) -> bool:
+        every = self.run.train.eval_interval
+        return bool(every) and (self.step % every == 0 or self.step == self.run.train.steps)
+
+    def evaluate(self) -> dict[str, float]:
+        """The LM loss and the MTP loss on the held-out split (`train.eval_iters` global batches, the
+        same at every evaluation), logged as valid/loss and valid/mtp_loss, and returned. The schedule
+        runs its forward-only pass (`forward_backward(..., forward_only=True)`, under no_grad) with
+        the model in eval mode: its routers count no validation token into the bias update or the
+        expert-load monitor, its MTP modules none into their statistics, no balance loss is formed,
+        and no parameter, gradient or optimizer state changes."""
+        train, model = self.run.train, self.plan.model
+        batches = self.valid_batches()
+        sums = [0.0, 0.0, 0.0]
+        self.model.eval()
+        try:
+            for _ in range(train.eval_iters):
+                losses = forward_backward(self.forward_backward_func, self.chunks, batches, self.plan.micro_batches,
+                                          train.micro_batch_size, train.seq_length, train.bf16, forward_only=True)
+                sums = [total + loss / train.eval_iters for total, loss in zip(sums, losses)]
+        finally:
+            self.model.train()
+        lm, mtp, _ = reduce_losses(sums)
+        metrics = {"valid/loss": lm}
+        if model.mtp_num_modules and model.mtp_loss_weight > 0:  # the model config's lambda > 0: MTP ran
+            metrics["valid/mtp_loss"] = mtp
+        if self.logger is not None:
+            self.logger.log(self.step, metrics)
+        return metrics
+
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         common = {"step": self.step, "optimizer_steps": self.optimizer.step_count,
@@ -374,6 +423,10 @@ class Trainer:
                     tokens = window_steps * self.run.train.global_batch_size * self.run.train.seq_length
                     self.log(result, tokens / (time.perf_counter() - window_start))
                     window_start, window_steps = time.perf_counter(), 0
+                if self.evaluation_due():
+                    began = time.perf_counter()
+                    self.evaluate()
+                    window_start += time.perf_counter() - began  # not counted in the training throughput
                 saved = self.save() if every and self.step % every == 0 and self.step < steps else None
                 code = self.preemption.agreed()
                 if code is not None:

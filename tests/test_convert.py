@@ -51,15 +51,23 @@ def reference() -> DeepseekV3ForCausalLM:
         for layer in model.model.layers[CONFIG.first_k_dense_layers:]:
             layer.mlp.gate.weight.normal_(0, 0.15)
             layer.mlp.gate.e_score_correction_bias.normal_(-0.6, 0.2)
-        for tensor in model.state_dict().values():  # BF16 values: the BF16 checkpoint holds exactly this model
-            tensor.copy_(tensor.bfloat16().float())
+        for name, tensor in model.state_dict().items():  # BF16 values: the BF16 checkpoint holds exactly this model
+            if not name.endswith("e_score_correction_bias"):  # which keeps its routing bias in FP32, as DeepSeek's
+                tensor.copy_(tensor.bfloat16().float())
     return model.eval()
 
 
 @pytest.fixture(scope="module")
 def hf_bf16(tmp_path_factory, reference) -> Path:
+    """DeepSeek's layout: BF16 weights, the routing bias in FP32 (values BF16 cannot hold)."""
     path = tmp_path_factory.mktemp("hf_bf16")
-    copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(path, max_shard_size=SHARD)
+    model = copy.deepcopy(reference).to(torch.bfloat16)
+    for ours, theirs in zip(model.model.layers[CONFIG.first_k_dense_layers:],
+                            reference.model.layers[CONFIG.first_k_dense_layers:]):
+        bias = theirs.mlp.gate.e_score_correction_bias
+        assert not torch.equal(bias.bfloat16().float(), bias)
+        ours.mlp.gate.register_buffer("e_score_correction_bias", bias.clone())
+    model.save_pretrained(path, max_shard_size=SHARD)
     assert len(list(path.glob("*.safetensors"))) > 2
     return path
 
@@ -128,8 +136,9 @@ def test_bf16_round_trip_is_exact_and_transformers_loads_it(hf_bf16, dist_bf16, 
     back = _tensors(tmp_path / "back")
     assert len(list((tmp_path / "back").glob("*.safetensors"))) > 1
     assert set(back) == set(source)
-    for name, tensor in source.items():
+    for name, tensor in source.items():  # the routing bias in FP32, bitwise
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    assert source["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
     exported = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32,
                                                      attn_implementation="eager").eval()
@@ -164,6 +173,8 @@ def test_fp8_round_trip_within_quantisation_error(hf_fp8, tmp_path):
         assert torch.equal(back[weight].view(torch.uint8), source[weight].view(torch.uint8)), weight
     assert json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]["weight_block_size"] \
         == [128, 128]
+    bias = "model.layers.2.mlp.gate.e_score_correction_bias"
+    assert back[bias].dtype == source[bias].dtype == torch.float32 and torch.equal(back[bias], source[bias])
 
     # transformers dequantises FP8 checkpoints to BF16 on a CPU: the export and the source give the
     # same logits; against the FP32 dequantised weights they differ by BF16 rounding only.

@@ -470,7 +470,7 @@ CONVERT: dict[str, tuple[Callable[[Path, Path, Path], list[str]], int, str]] = {
     "hidden-size-string": (lambda t, h, c: ["hf-to-dist", _hf_copy(h, t, lambda f: _config(f, hidden_size="128")),
                                             str(t / "o")], 2, r"hidden_size must be an integer in .*got '128'"),
     "rope-not-an-object": (lambda t, h, c: ["hf-to-dist", _hf_copy(h, t, lambda f: _config(
-        f, rope_parameters=[1], rope_scaling=None)), str(t / "o")], 2, r"rope_parameters / rope_scaling must be an object"),
+        f, rope_parameters=[1], rope_scaling=None)), str(t / "o")], 2, r"config\.json: rope_parameters must be a mapping, got \[1\]"),
     "index-not-json": (lambda t, h, c: ["hf-to-dist", _hf_copy(h, t, lambda f: _index(f).write_text("{")),
                                         str(t / "o")], 2, r"model\.safetensors\.index\.json is not JSON"),
     "index-without-weight-map": (lambda t, h, c: ["hf-to-dist", _hf_copy(h, t, lambda f: _index(f).write_text("{}")),

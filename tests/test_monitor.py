@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.wandb_history import history as wandb_history
 from megatron_dsv3.cli import report
 from megatron_dsv3.run_config import LoggingSection, RunConfig, RunConfigError
 from megatron_dsv3.monitor import (ConsoleSink, ExpertLoadTracker, JsonlSink, MetricsLogger, WandbSink,
@@ -620,11 +621,7 @@ def test_a_tiny_run_logs_to_wandb_and_tensorboard_what_the_routers_chose(tmp_pat
 
     # wandb: grouped keys, the heatmap images, and the table's per-expert counts
     (wandb_file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history = {}
-    for rec in wandb_log.read_records(wandb_file):
-        if rec.WhichOneof("record_type") == "history":
-            history[rec.history.step.num] = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                             for item in rec.history.item}
+    history = wandb_history(wandb_file)
     media = Path(wandb_file).parent / "files"
     for logged in (2, 4):
         row = history[logged]

@@ -1,7 +1,7 @@
 """dsv3-convert: bring your own weights into dsv3-train's checkpoints, and take them back out.
 
     dsv3-convert hf-to-dist HF_DIR OUT [--dtype fp32|bf16] [--tensor T --pipeline P --expert E]
-    dsv3-convert dist-to-hf CKPT OUT [--fp8] [--dtype bf16|fp32]
+    dsv3-convert dist-to-hf CKPT OUT [--fp8] [--dtype bf16|fp32] [--tokenizer PATH|byte]
     dsv3-convert mcore-to-dist NATIVE_CKPT OUT --model-config config.json [--dtype fp32|bf16]
     dsv3-convert dist-to-mcore CKPT OUT [--te] [--dtype fp32|bf16]
     ... [--replace]        # OUT may hold files: they are removed once the new output is complete
@@ -10,7 +10,9 @@ hf-to-dist reads a Hugging Face DeepseekV3 folder (config.json, safetensors shar
 with weight_scale_inv) one tensor at a time and writes a layout-free distributed checkpoint;
 start training from it with `checkpoint.load_weights=OUT` (weights only: a fresh optimizer and
 step 0). --tensor/--pipeline/--expert only check that the model splits that way. dist-to-hf
-writes shards, their index and config.json that transformers' from_pretrained loads.
+writes shards, their index and config.json that transformers' from_pretrained loads (DeepSeek-V3's
+release fields; the routing bias in FP32), the run's tokenizer files (or a note, for the byte
+tokenizer) and a README.md.
 mcore-to-dist / dist-to-mcore convert distributed checkpoints of a GPTModel built from
 Megatron-Core's own MLA + MoE specs (local or Transformer Engine names) to ours and back.
 
@@ -48,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("checkpoint", help="a checkpoint folder (iter_NNNNNNN or hf-to-dist's OUT)")
     to_hf.add_argument("out")
     to_hf.add_argument("--fp8", action="store_true", help="projection weights as FP8 with 128x128 weight_scale_inv")
-    to_hf.add_argument("--dtype", choices=DTYPES, default="bf16", help="the other tensors' dtype (default bf16)")
+    to_hf.add_argument("--dtype", choices=DTYPES, default="bf16",
+                       help="the other tensors' dtype (default bf16; the routing bias is always fp32)")
+    to_hf.add_argument("--tokenizer", metavar="PATH|byte",
+                       help="the run's tokenizer (default: data.tokenizer of the run_config.yaml beside the checkpoint)")
     for parser_ in (to_dist, to_hf):
         parser_.add_argument("--max-file-gb", type=float, default=4.0, help="size of each output file (default 4)")
     from_mcore = sub.add_parser("mcore-to-dist", help="native Megatron-Core checkpoint -> ours")
@@ -93,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_dsv3.convert.output import OutputWriteError
     from megatron_dsv3.convert.safetensors_io import SafetensorsError
     from megatron_dsv3.convert.hf import HFWeightError
+    from megatron_dsv3.data.tokenizer import TokenizerError
 
     log = lambda message: print(f"dsv3-convert: {message}", flush=True)  # noqa: E731
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -106,8 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{len(done.mtp_copies_checked)} MTP copies checked; train from it with "
                 f"checkpoint.load_weights={done.path}")
         elif args.command == "dist-to-hf":
-            files = dist_to_hf(args.checkpoint, args.out, args.fp8, dtype, max_bytes, log, replace=args.replace)
-            log(f"wrote {len(files)} shards, model.safetensors.index.json and config.json into {args.out}")
+            files = dist_to_hf(args.checkpoint, args.out, args.fp8, dtype, max_bytes, log, replace=args.replace,
+                               tokenizer=args.tokenizer)
+            log(f"wrote {len(files)} shards, model.safetensors.index.json, config.json and README.md into {args.out}")
         elif args.command == "mcore-to-dist":
             from megatron_dsv3.convert.mcore import mcore_to_dist, read_model_config  # Megatron-Core only when asked
 
@@ -121,8 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OutputWriteError as error:
         print(f"dsv3-convert: error: {error}", file=sys.stderr)
         return exit_status.WRITE_FAILED
-    except (ConfigError, HFWeightError, DistCheckpointError, SafetensorsError, NativeNameError, FileNotFoundError,
-            FileExistsError, pickle.UnpicklingError) as error:
+    except (ConfigError, HFWeightError, DistCheckpointError, SafetensorsError, NativeNameError, TokenizerError,
+            FileNotFoundError, FileExistsError, pickle.UnpicklingError) as error:
         print(f"dsv3-convert: error: {error}", file=sys.stderr)
         return exit_status.REFUSED
     except OSError as error:  # reading an input: a folder where a file belongs, no permission, an I/O error

@@ -24,7 +24,8 @@ from megatron_dsv3.cli.guard import entry_point
 from megatron_dsv3.monitor import plots
 from megatron_dsv3.monitor.logger import METRICS_FILENAME
 
-TRAIN_KEYS = ("loss", "mtp_loss", "mtp/acceptance", "balance_loss", "grad_norm", "lr", "tokens_per_s")
+TRAIN_KEYS = ("loss", "mtp_loss", "valid/loss", "valid/mtp_loss", "mtp/acceptance", "balance_loss", "grad_norm", "lr",
+              "tokens_per_s")  # valid/*: the held-out split's, at each evaluation (train.eval_interval)
 SPARK = " .:-=+*#%@"  # 0 .. 2x the balanced load, one character per expert
 MAX_LINE_BYTES = 16 * 2**20  # a record of 61 MoE layers x 256 experts is about 1 MB
 MAX_RECORDS = 1_000_000  # logged steps

@@ -69,6 +69,9 @@ _LAYER_RENAMES = {
     "mlp.experts.down_weight": "mlp.experts.down_proj",
 }
 _MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight")
+# Stored in FP32 whatever the checkpoint's dtype, as in DeepSeek-V3's release (and as vLLM and transformers
+# keep it): the routing bias. Rounded to BF16 (up to 3.9e-4) it sends tokens to other experts.
+_FP32_ALWAYS = re.compile(r"\.mlp\.gate\.e_score_correction_bias$")
 
 
 class HFWeightError(ValueError):
@@ -102,6 +105,22 @@ def dequantize_fp8_blockwise(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.
 
 
 # ------------------------------------------------------------------------- naming
+def stored_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint stores Hugging Face tensor `name` in when its weights are `dtype`:
+    FP32 for the routing bias (`e_score_correction_bias`), `dtype` for the rest."""
+    return torch.float32 if _FP32_ALWAYS.search(name) else dtype
+
+
+def write_hf_config(folder: Path, config, dtype: torch.dtype, token_ids: Optional[dict] = None, fp8: bool = False,
+                 extra: Optional[dict] = None) -> Path:
+    """config.json of `config` (`DSV3Config.to_hf_dict`: DeepSeek-V3's release fields, both RoPE forms),
+    with `torch_dtype` from `dtype`; `extra` fields added."""
+    values = config.to_hf_dict(str(dtype).removeprefix("torch."), token_ids, fp8)
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps({**values, **(extra or {})}, indent=2) + "\n")
+    return path
+
+
 def _layer_sub(sub: str) -> str:
     return _LAYER_RENAMES.get(sub, sub)
 
@@ -217,8 +236,8 @@ def export_hf_weights(model: nn.Module, fused_experts: bool = False) -> dict[str
 
 def save_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], fused_experts: bool = False,
                        max_shard_bytes: int = 4 * 2**30, write_config: bool = True) -> list[Path]:
-    """Write safetensors shards + model.safetensors.index.json (+ config.json from `to_hf()`).
-    Returns the shard paths. RAM beyond the model: one shard."""
+    """Write safetensors shards + model.safetensors.index.json (+ config.json, `write_hf_config`); the
+    routing bias in FP32. Returns the shard paths. RAM beyond the model: one shard."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -236,6 +255,7 @@ def save_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], fused_ex
         shards[-1], sizes[-1] = {}, 0
 
     for name, tensor in iter_hf_weights(model, fused_experts):
+        tensor = tensor.to(stored_dtype(name, tensor.dtype))
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             flush()
@@ -246,7 +266,8 @@ def save_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], fused_ex
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if write_config:
-        model.config.to_hf().save_pretrained(str(out))
+        write_hf_config(out, model.config, model.embed_tokens.weight.dtype if model.embed_tokens is not None
+                     else torch.float32)
     return files
 
 
@@ -491,4 +512,4 @@ def load_hf_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: 
 
 __all__ = ["HFWeightError", "LoadResult", "MTPCopyMismatchWarning", "WeightPlacement", "dequantize_fp8_blockwise",
            "export_hf_weights", "hf_name", "iter_hf_weights", "load_hf_checkpoint", "load_hf_weights",
-           "place_weights", "save_hf_checkpoint"]
+           "place_weights", "save_hf_checkpoint", "stored_dtype", "write_hf_config"]

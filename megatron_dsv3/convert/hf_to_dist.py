@@ -12,8 +12,9 @@
 3. The shards are read front to back, one tensor at a time: FP8 weights are dequantised with
    their `weight_scale_inv` (128x128 blocks, partial at the edges), cast to `--dtype`, and
    written as a chunk of our tensor (per-expert weights as the expert's slice of the fused
-   expert tensor). MTP module k is Hugging Face layer num_hidden_layers + k; its embedding and
-   head copies are compared with the main ones (the MTP module shares those, report 2.2).
+   expert tensor); the routing bias stays FP32 whatever `--dtype` (`hf.stored_dtype`). MTP
+   module k is Hugging Face layer num_hidden_layers + k; its embedding and head copies are
+   compared with the main ones (the MTP module shares those, report 2.2).
 
 Peak memory is a tensor or two (the MTP copy check holds the copy and the main tensor), not the
 model and not a shard (BENCHMARKS.md).
@@ -57,13 +58,13 @@ def read_json(path: Union[str, os.PathLike], what: str) -> dict:
 
 
 def config_from_json(values: dict, path: Union[str, os.PathLike]) -> DSV3Config:
-    """DSV3Config from the fields of a Hugging Face config.json; ConfigError names a missing or
-    malformed field."""
-    rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"{path}: rope_parameters / rope_scaling must be an object, got {rope!r}"[:300])
+    """DSV3Config from the fields of a Hugging Face config.json (RoPE in transformers 5's
+    `rope_parameters`, DeepSeek's `rope_theta` + `rope_scaling`, or both); ConfigError names a missing
+    or malformed field."""
     try:
         return DSV3Config.from_hf(types.SimpleNamespace(**values))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except (KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"{path} is not a DeepseekV3 config.json ({type(error).__name__}: {error})") from None
 
@@ -113,7 +114,7 @@ def hf_to_dist(hf_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], dt
     writer = DistWriter(out, max_file_bytes, replace=replace)
     try:
         for key, slot in placement.slots.items():
-            writer.declare(f"model.{key}", slot.target.shape, dtype)
+            writer.declare(f"model.{key}", slot.target.shape, hf.stored_dtype(slot.fused, dtype))
         order = sorted(placement.targets, key=lambda n: (str(entries[n].path), entries[n].begin))
         for number, name in enumerate(order, 1):
             slot, part = placement.targets[name]

@@ -2,6 +2,7 @@
 from megatron_dsv3.data.corpus import ensure_default_dataset, stdlib_files
 from megatron_dsv3.data.datasets import (
     build_datasets,
+    build_iterators,
     build_train_iterator,
     micro_batch_indices,
     parse_blend,
@@ -10,7 +11,7 @@ from megatron_dsv3.data.indexed import DataError, prepare, token_stats, validate
 from megatron_dsv3.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
 __all__ = [
-    "ByteTokenizer", "DataError", "HFTokenizer", "TokenizerError", "build_datasets",
+    "ByteTokenizer", "DataError", "HFTokenizer", "TokenizerError", "build_datasets", "build_iterators",
     "build_train_iterator", "ensure_default_dataset", "load_tokenizer", "micro_batch_indices",
     "parse_blend", "prepare", "stdlib_files", "token_stats",
     "validate_prefix",

@@ -4,10 +4,11 @@ defaults and checks), and the data-parallel iterator.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -16,7 +17,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron_dsv3.data.corpus import ensure_default_dataset
 from megatron_dsv3.data.dali import dali_batches
 from megatron_dsv3.parallel import comm
-from megatron_dsv3.data.indexed import DataError, validate_prefix
+from megatron_dsv3.data.indexed import DataError, open_prefix, validate_prefix
 from megatron_dsv3.data.tokenizer import load_tokenizer
 
 def _is_weight(item) -> bool:
@@ -108,17 +109,37 @@ def build_datasets(data, seq_length: int, num_samples: int, seed: int, vocab_siz
     return _build(data, prefixes, weights, seq_length, num_samples, seed)
 
 
-def _build(data, prefixes, weights, seq_length, num_samples, seed):
+def _build(data, prefixes, weights, seq_length, num_samples, seed, valid_samples: Optional[int] = None):
+    """(train, valid); the valid split indexes `valid_samples` samples (default: data.valid_samples,
+    else a tenth of `num_samples`)."""
     config = _gpt_config(data, prefixes, weights, seq_length, seed)
     has_valid = config.split_matrix[1] is not None
-    valid_samples = data.valid_samples or max(1, num_samples // 10)
+    valid_samples = valid_samples or data.valid_samples or max(1, num_samples // 10)
     sizes = [num_samples, valid_samples if has_valid else 0, 0]
+    _check_split_parts(data.split, config.split_matrix, prefixes, sizes)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     with _single_process_rank():
         train, valid, _ = builder.build()
     if train is None or len(train) == 0:
         raise DataError(f"data.split {data.split!r} leaves no training samples")
     return train, valid
+
+
+def _check_split_parts(split: str, split_matrix, prefixes: list[str], sizes: list[int]) -> None:
+    """Refuse a split part that is asked for samples but gets no token of a prefix (Megatron's index
+    builder would repeat its empty epochs forever): the documents [round(begin * n), round(end * n))
+    of each prefix's n, as Megatron cuts them."""
+    for prefix in prefixes:
+        dataset = open_prefix(prefix)  # kept while its memory-mapped lengths are read
+        lengths = dataset.sequence_lengths
+        for name, part, size in zip(("training", "validation", "test"), split_matrix, sizes):
+            if part is None or not size:
+                continue
+            begin, end = (int(round(bound * float(len(lengths)))) for bound in part)
+            if int(lengths[begin:end].sum()) == 0:
+                raise DataError(f"data.split {split!r} leaves no {name} samples: its {name} part of {prefix!r} "
+                                f"(documents {begin}..{end} of {len(lengths)}) holds no token; give that part more "
+                                "weight or more documents")
 
 
 def micro_batch_indices(
@@ -147,7 +168,21 @@ def _megatron_batches(dataset, index_fn) -> Iterator[dict]:
         n += 1
 
 
-def build_train_iterator(
+def build_train_iterator(data, seq_length: int, micro_batch_size: int, global_batch_size: int, dp_rank: int,
+                         dp_size: int, seed: int, vocab_size: int, start_sample: int = 0,
+                         num_samples: Optional[int] = None) -> Iterator[dict]:
+    """Endless `{"tokens", "labels"}` LongTensor[mbs, seq] micro-batches of the `data` section
+    (`run_config.DataSection`) for one DP rank.
+
+    `start_sample` is the number of samples already consumed (by all ranks): a resumed run
+    passes it to continue exactly where it stopped. `num_samples` (default: about one epoch)
+    is how many samples Megatron indexes; past it the iterator wraps around.
+    """
+    return build_iterators(data, seq_length, micro_batch_size, global_batch_size, dp_rank, dp_size, seed,
+                           vocab_size, start_sample, num_samples)[0]
+
+
+def build_iterators(
     data,
     seq_length: int,
     micro_batch_size: int,
@@ -158,14 +193,13 @@ def build_train_iterator(
     vocab_size: int,
     start_sample: int = 0,
     num_samples: Optional[int] = None,
-) -> Iterator[dict]:
-    """Endless `{"tokens", "labels"}` LongTensor[mbs, seq] micro-batches of the `data` section
-    (`run_config.DataSection`) for one DP rank.
-
-    `start_sample` is the number of samples already consumed (by all ranks): a resumed run
-    passes it to continue exactly where it stopped. `num_samples` (default: about one epoch)
-    is how many samples Megatron indexes; past it the iterator wraps around.
-    """
+    eval_iters: int = 0,
+) -> tuple[Iterator[dict], Optional[Callable[[], Iterator[dict]]]]:
+    """`build_train_iterator`'s iterator, and with `eval_iters` > 0 the held-out batches: a function
+    returning a new iterator over the first `eval_iters` global batches of the valid split (this DP
+    rank's micro-batches of them, as the training ones are cut), the same ones at every evaluation.
+    They are read from the Megatron dataset whatever `data.backend`; DataError when the split
+    gives them no sample."""
     if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise DataError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} of {dp_size}")
     if global_batch_size % (micro_batch_size * dp_size):
@@ -176,13 +210,23 @@ def build_train_iterator(
     prefixes, weights, tokens = resolve_prefixes(data, seq_length, vocab_size)
     if num_samples is None:
         num_samples = max(global_batch_size, sum(tokens) // seq_length - len(prefixes))
-    train, _ = _build(data, prefixes, weights, seq_length, num_samples, seed)
+    valid_samples = max(data.valid_samples or 0, eval_iters * global_batch_size) or None
+    train, valid = _build(data, prefixes, weights, seq_length, num_samples, seed, valid_samples)
 
     def index_fn(n):
         return micro_batch_indices(
             n, start_sample, global_batch_size, micro_batch_size, dp_rank, dp_size
         )
 
-    if data.backend == "dali":
-        return dali_batches(train, index_fn, micro_batch_size)
-    return _megatron_batches(train, index_fn)
+    batches = (dali_batches(train, index_fn, micro_batch_size) if data.backend == "dali"
+               else _megatron_batches(train, index_fn))
+    if eval_iters <= 0:
+        return batches, None
+    if valid is None or len(valid) == 0:
+        raise DataError(f"data.split {data.split!r} leaves no validation samples: give its second number weight")
+    micro_batches = eval_iters * global_batch_size // (micro_batch_size * dp_size)
+
+    def valid_index_fn(n):
+        return micro_batch_indices(n, 0, global_batch_size, micro_batch_size, dp_rank, dp_size)
+
+    return batches, lambda: itertools.islice(_megatron_batches(valid, valid_index_fn), micro_batches)

@@ -17,6 +17,7 @@ _EOD_NAMES = (
     "<｜end▁of▁sentence｜>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>"
 )
 _PAD_NAMES = ("<｜▁pad▁｜>", "<pad>", "<|pad|>", "[PAD]")
+_BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>")
 
 
 MAX_TOKENIZER_BYTES = 256 * 2**20  # DeepSeek-V3's tokenizer.json is 7.5 MiB
@@ -31,6 +32,7 @@ class _MegatronAdapter(MegatronTokenizerBase):
 
     eod_id: int
     pad_id: Optional[int]
+    bos_id: Optional[int] = None  # what a Hugging Face export's config.json names (bos_token_id)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -125,6 +127,7 @@ class HFTokenizer(_MegatronAdapter):
         if self.eod_id is None:
             raise TokenizerError(f"tokenizer {path} has none of the end tokens {_EOD_NAMES}")
         self.pad_id = self._first_token(_PAD_NAMES)
+        self.bos_id = self._first_token(_BOS_NAMES)
 
     def _first_token(self, names) -> Optional[int]:
         for name in names:

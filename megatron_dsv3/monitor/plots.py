@@ -68,11 +68,14 @@ def mtp_depth_keys(records: list[dict], stat: str) -> list[str]:
 
 
 def loss_plot(records: list[dict]) -> Optional[bytes]:
-    """Loss, MTP loss (the logged step's) and each depth's MTP loss (mean since the previous logged
-    step) against the step."""
-    curves = [(k, *series(records, k)) for k in ("loss", "mtp_loss", *mtp_depth_keys(records, "loss"))]
+    """Loss, MTP loss (the logged step's), each depth's MTP loss (mean since the previous logged
+    step) and the validation loss and MTP loss (the held-out split's, at each evaluation) against the step."""
+    keys = ("loss", "mtp_loss", *mtp_depth_keys(records, "loss"), "valid/loss", "valid/mtp_loss")
+    curves = [(k, *series(records, k)) for k in keys]
+    labels = {"valid/loss": "validation loss", "valid/mtp_loss": "validation MTP loss"}
     return _step_curves(curves, "Loss and MTP loss", "cross-entropy (nats)", height=3.6,
-                        label=lambda name: f"{name} (mean since the previous log)" if name.startswith("mtp/") else name,
+                        label=lambda name: labels.get(name, f"{name} (mean since the previous log)"
+                                                      if name.startswith("mtp/") else name),
                         dashed=lambda name: name.startswith("mtp/"))
 
 

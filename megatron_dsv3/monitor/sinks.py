@@ -209,6 +209,8 @@ CONSOLE_FIELDS = (  # key, format of the console line
     ("lr", "lr {:.1e}"),
     ("moe/max_vio_mean", "maxvio {:.2f}"),
     ("mtp/acceptance", "mtp acc {:.2f}"),
+    ("valid/loss", "valid loss {:.3f}"),  # an evaluation's record (Trainer.evaluate)
+    ("valid/mtp_loss", "valid mtp {:.3f}"),
 )
 
 
@@ -238,7 +240,7 @@ class ConsoleSink:
             self._max_vio = scalars.get(self.max_vio_key, self._max_vio)
             return
         metrics = dict(scalars)
-        if self._max_vio is not None:
+        if self._max_vio is not None and "loss" in metrics:  # a training record, not an evaluation's
             metrics.setdefault("moe/max_vio_mean", self._max_vio)
         stream = self.stream or sys.stdout
         print(format_console_line(step, metrics, self.total_steps), file=stream, flush=True)
