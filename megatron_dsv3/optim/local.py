@@ -73,13 +73,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip by the norm of the whole model's gradient (every stage, every shard, each counted
     once: by its primary replica, and not on a DualPipe mirror copy); returns that norm before
     clipping."""
-    square = torch.zeros(1, dtype=torch.float64)
+    square = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)  # summed where the grads are
     for p in model.parameters():
         if p.grad is not None and is_primary(p) and not getattr(p, "mirror_copy", 0):
-            square += p.grad.double().pow(2).sum().cpu()
+            square += p.grad.double().pow(2).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         comm.all_reduce(square, groups.world_group())
-    norm = float(square.sqrt())
+    norm = float(square.sqrt())  # the one host read
     if max_norm > 0 and norm > max_norm:
         for p in model.parameters():
             if p.grad is not None:

@@ -112,7 +112,8 @@ class ZeRO1Optimizer:
         data-parallel ranks, clip by the global norm, update this rank's slice and all-gather the
         parameters. Returns the norm before clipping."""
         copies = [p.main_grad for p in self.model.parameters() if getattr(p, "pipeline_copy", None) is not None]
-        all_reduce_flat(copies, groups.embedding_group())
+        if copies:  # only the first and last stages are in the embedding group (Megatron asserts elsewhere)
+            all_reduce_flat(copies, groups.embedding_group())
         sum_mirrored(self.model, self.mirror, "main_grad")
         for group in self.megatron.param_groups:  # what Megatron's OptimizerParamScheduler would set
             group["lr"] = lr * group.get("lr_mult", 1.0)

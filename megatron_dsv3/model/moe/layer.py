@@ -85,7 +85,7 @@ class DeepSeekMoE(nn.Module):
 
     def routed(self, received: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         """FFN_i of every received row, by its expert i (unweighted)."""
-        return self.experts(received, exchange.tokens_per_expert)
+        return self.experts(received, exchange.tokens_per_expert, exchange.rows_per_expert)
 
     def combine(self, out: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         """The all-to-all back: the expert outputs of this rank's pairs, in `route`'s sorted order."""
