@@ -150,10 +150,13 @@ class MemoryTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ kinds
     def register(self, tensors, kind: str) -> None:
-        """Give the storages of `tensors` (of any kind so far) the fixed kind `kind`."""
+        """Give the storages of `tensors` the fixed kind `kind`, unless they have one already (the
+        local optimizer's parameter groups are the model's parameters)."""
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor) and tensor.device == self.device:
-                self._set_kind(self._record(tensor), kind, fixed=True)
+                record = self._record(tensor)
+                if record.kind not in FIXED:
+                    self._set_kind(record, kind, fixed=True)
 
     def register_training_state(self, model: nn.Module, optimizer) -> None:
         """The model's parameters and buffers, their gradients (main_grad: Megatron's DDP buffers) and
