@@ -52,22 +52,25 @@ _lock = threading.Lock()
 _depth = 0
 _undo_stack: list[tuple[str, Callable[[], None]]] = []
 
-# CUDA's autocast lists (autocast_mode.cpp): run in the autocast dtype / in FP32 (the last group
-# only when no dtype is given).
-LOWER_PRECISION = ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv", "addr",
-                   "mv", "linear", "chain_matmul", "prelu", "scaled_dot_product_attention", "grouped_mm",
-                   "_grouped_mm")
+# CUDA's autocast lists (aten/src/ATen/autocast_mode.cpp: AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
+# AT_FORALL_FP32_SET_OPT_DTYPE), by the names the code calls: run in the autocast dtype / in FP32
+# (the last group only when no dtype is given).
+LOWER_PRECISION = ("matmul", "__matmul__", "__rmatmul__", "einsum", "mm", "mv", "vecdot", "linear", "addmm", "addmv",
+                   "addr", "addbmm", "baddbmm", "bmm", "chain_matmul", "multi_dot", "prelu",
+                   "scaled_dot_product_attention")
 FLOAT32 = ("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
-           "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "group_norm", "norm", "normalize",
-           "cosine_similarity", "nll_loss", "cross_entropy", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss",
-           "mse_loss", "binary_cross_entropy_with_logits", "cdist", "pdist", "renorm", "logsumexp")
-FLOAT32_UNLESS_DTYPE = ("softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum")
+           "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "group_norm", "norm",
+           "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "cross_entropy",
+           "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+           "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
+           "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp")
+FLOAT32_UNLESS_DTYPE = ("prod", "softmax", "log_softmax", "cumprod", "cumsum", "vector_norm", "matrix_norm", "sum")
 
 
 def _functions(names: tuple[str, ...]) -> set:
     found = set()
     for name in names:
-        for namespace in (torch, torch.Tensor, F, torch._C._nn):
+        for namespace in (torch, torch.Tensor, F, torch.linalg, torch._C._nn):
             function = getattr(namespace, name, None)
             if callable(function):
                 found.add(function)

@@ -207,7 +207,8 @@ class MemoryTracker(TorchDispatchMode):
         return tensor
 
     def _enter_module(self, module: nn.Module, args) -> None:
-        self.modules.append(id(module))
+        if torch._C._current_autograd_node() is None:  # not a recomputation, which may stop midway
+            self.modules.append(id(module))
 
     def _leave_module(self, module: nn.Module, args, output) -> None:
         if id(module) in self.modules:  # a forward that raised left its name: drop it too

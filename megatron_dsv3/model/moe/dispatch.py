@@ -31,6 +31,13 @@ from megatron_dsv3.parallel import comm
 from megatron_dsv3.parallel.collectives import all_to_all, copy_to_group
 
 
+def inverse(permutation: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation, so that undoing one is a gather: `index_select` keeps only its index
+    for backward, where `index_copy` would keep the whole source alive (autograd saves it)."""
+    return torch.empty_like(permutation).scatter_(0, permutation, torch.arange(permutation.numel(),
+                                                                               device=permutation.device))
+
+
 class _GatherTokens(torch.autograd.Function):
     """All-gather dim 0 over TP; backward keeps this rank's slice (downstream grads are replicated)."""
 
@@ -49,6 +56,7 @@ class Permutation:
     """Where permute put each (token, slot) pair: undone by `unpermute`."""
 
     order: torch.Tensor  # [pairs]: sorted position -> pair (token * top_k + slot)
+    unorder: torch.Tensor  # [pairs]: pair -> sorted position (order's inverse)
     counts_E: torch.Tensor  # [experts] pairs per expert, on the device
     local_tokens: int
     top_k: int
@@ -63,6 +71,7 @@ class Exchange:
     input_splits: Optional[list[int]] = None
     output_splits: Optional[list[int]] = None
     regroup: Optional[torch.Tensor] = None
+    ungroup: Optional[torch.Tensor] = None  # regroup's inverse
     rows_per_expert: Optional[list[int]] = None  # tokens_per_expert on the host, where the host has it
 
 
@@ -106,7 +115,7 @@ class TokenDispatcher:
         # Not torch.bincount: on CUDA it reads the largest id on the host to size its output.
         counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=flat_experts.device).index_add_(
             0, flat_experts, torch.ones_like(flat_experts))
-        return x_TH.index_select(0, order // top_k), Permutation(order, counts_E, x_TH.shape[0], top_k)
+        return x_TH.index_select(0, order // top_k), Permutation(order, inverse(order), counts_E, x_TH.shape[0], top_k)
 
     def dispatch(self, x_sorted: torch.Tensor, permutation: Permutation) -> tuple[torch.Tensor, Exchange]:
         """The rows of this rank's experts, grouped by local expert (identity without EP)."""
@@ -130,7 +139,7 @@ class TokenDispatcher:
         regroup = torch.argsort(block_expert[row_block], stable=True)
         rows_per_expert = [sum(column) for column in zip(*received_counts)]
         return received.index_select(0, regroup), Exchange(recv_counts.sum(0), input_splits, output_splits, regroup,
-                                                           rows_per_expert)
+                                                           inverse(regroup), rows_per_expert)
 
     def read_counts(self, send_counts: torch.Tensor, recv_counts: torch.Tensor,
                     pairs: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -154,12 +163,12 @@ class TokenDispatcher:
         """Expert outputs back to the ranks their tokens came from, in `dispatch`'s input order."""
         if exchange.regroup is None:
             return out
-        out = torch.empty_like(out).index_copy(0, exchange.regroup, out)
+        out = out.index_select(0, exchange.ungroup)
         return all_to_all(out, exchange.input_splits, exchange.output_splits, self.ep_group)
 
     def unpermute(self, out_sorted: torch.Tensor, permutation: Permutation) -> torch.Tensor:
         """[pairs sorted by expert, hidden] -> [tokens, top_k, hidden] (all tokens, under TP too)."""
-        out_pairs = torch.empty_like(out_sorted).index_copy(0, permutation.order, out_sorted)
+        out_pairs = out_sorted.index_select(0, permutation.unorder)
         out_TKH = out_pairs.view(permutation.local_tokens, permutation.top_k, -1)
         if self.tp_size > 1:
             out_TKH = _GatherTokens.apply(out_TKH, self.tp_group)

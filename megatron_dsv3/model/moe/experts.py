@@ -135,7 +135,10 @@ class RoutedExperts(nn.Module):
         first_padded_row = torch.cumsum(padded_counts, 0) - padded_counts
         row = first_padded_row[expert_of_token] + (torch.arange(x_NH.shape[0], device=x_NH.device)
                                                    - first_of_expert[expert_of_token])
-        padded_MH = x_NH.new_zeros(sum(padded_E), x_NH.shape[1]).index_copy(0, row, x_NH)
+        # the padded rows gathered from x and one zero row: index_copy would keep x alive for backward
+        source = torch.full((sum(padded_E),), x_NH.shape[0], device=x_NH.device).index_copy(0, row, torch.arange(
+            x_NH.shape[0], device=x_NH.device))
+        padded_MH = torch.cat([x_NH, x_NH.new_zeros(1, x_NH.shape[1])]).index_select(0, source)
         gate, up = self.batched_matmul.grouped(padded_MH, self.gate_up_weight, padded_E,
                                                label="routed experts gate_up").chunk(2, dim=-1)
         out_MH = recomputed(self.selective_recompute,
