@@ -122,7 +122,8 @@ def test_a_rehearsal_reports_json_of_a_fixed_shape(tmp_path, monkeypatch, capsys
     assert sum(memory["peak_by_kind"].values()) == memory["peak_bytes"] > 0
     assert set(memory["peak_where"]) == {"op", "phase", "module", "code"}
     assert memory["start_by_kind"]["parameters"] > 0 and memory["start_by_kind"]["activations"] == 0
-    assert set(report["estimate"]) == {"parameters", "gradients", "optimizer", "activations", "reserve", "total"}
+    assert set(report["estimate"]) == {"parameters", "gradients", "optimizer", "activations", "transient", "reserve",
+                                       "total"}
     assert isinstance(report["wall_s"], float) and all(isinstance(n, int) for n in memory["host_reads"].values())
 
 

@@ -66,18 +66,21 @@ class Rehearsal:
     def table(self) -> str:
         est = self.estimate
         estimated = {"parameters": est.params, "gradients": est.grads, "optimizer": est.optimizer,
-                     "activations": est.activations} if est else {}
+                     "activations": est.activations, "other": est.transient} if est else {}
         peak, start = self.memory.peak_by_kind, self.memory.start_by_kind
+        most = self.memory.max_by_kind
         lines = [f"rehearsal of rank {self.rank}/{self.world} (pipeline rank {self.place.pipeline_rank}, stages "
                  f"{list(self.place.stages)}, {len(self.place.layers)} decoder layers; expert rank "
                  f"{self.place.expert_rank}, data rank {self.place.data_rank}): {self.schedule} over "
                  f"{self.micro_batches} micro-batches, routing {self.routing}; {self.wall_s / 60:.1f} min",
-                 f"{'GiB':<15}{'at peak':>10}{'step start':>12}{'estimate':>10}"]
+                 f"{'GiB':<15}{'at peak':>10}{'step start':>12}{'own max':>10}{'estimate':>10}"]
         for kind in KINDS:
             shown = f"{estimated[kind] / GIB:>10.2f}" if kind in estimated else f"{'':>10}"
-            lines.append(f"{kind:<15}{peak[kind] / GIB:>10.2f}{start.get(kind, 0) / GIB:>12.2f}{shown}")
+            lines.append(f"{kind:<15}{peak[kind] / GIB:>10.2f}{start.get(kind, 0) / GIB:>12.2f}"
+                         f"{most.get(kind, 0) / GIB:>10.2f}{shown}")
         total_est = f"{(est.total - est.reserve) / GIB:>10.2f}" if est else ""
-        lines.append(f"{'total':<15}{self.memory.peak_bytes / GIB:>10.2f}{sum(start.values()) / GIB:>12.2f}{total_est}")
+        lines.append(f"{'total':<15}{self.memory.peak_bytes / GIB:>10.2f}{sum(start.values()) / GIB:>12.2f}"
+                     f"{'':>10}{total_est}")
         if self.memory.peak_where:
             lines.append(f"peak at {self.memory.peak_where.describe()}")
         if self.capacity_gib is not None:
@@ -100,7 +103,8 @@ class Rehearsal:
                 "memory": self.memory.to_dict(),
                 "estimate": None if est is None else {"parameters": est.params, "gradients": est.grads,
                                                       "optimizer": est.optimizer, "activations": est.activations,
-                                                      "reserve": est.reserve, "total": est.total},
+                                                      "transient": est.transient, "reserve": est.reserve,
+                                                      "total": est.total},
                 "capacity_gib": self.capacity_gib, "reserve_gib": self.reserve_gib, "fits": self.fits,
                 "wall_s": self.wall_s}
 
@@ -126,7 +130,7 @@ def rehearse(run: RunConfig, rank: int, world: int, ranks_per_node: int, routing
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-    estimate = plan.memory(reserve_gib) if capacity_gib is not None else plan.memory()
+    estimate = plan.memory(reserve_gib, pipeline_rank=place.pipeline_rank)
     return Rehearsal(rank=rank, world=world, routing=assumption.name, schedule=plan.schedule.name,
                      micro_batches=plan.micro_batches, place=place, memory=memory, estimate=estimate,
                      capacity_gib=capacity_gib, reserve_gib=reserve_gib, wall_s=time.perf_counter() - start)

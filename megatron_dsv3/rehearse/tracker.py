@@ -64,6 +64,7 @@ class MemoryReport:
     peak_where: Optional[Where]
     start_by_kind: dict[str, int]  # when the step began: what build left
     end_by_kind: dict[str, int]
+    max_by_kind: dict[str, int]  # each kind's own most over the step (not at one moment)
     host_reads: dict[str, int]  # code line -> reads of device values there
     ops: int
     # what held the bytes near the peak (within PEAK_DETAIL of it): "kind: module (op)" -> bytes,
@@ -73,7 +74,7 @@ class MemoryReport:
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "peak_bytes": self.peak_bytes, "peak_by_kind": self.peak_by_kind,
                 "peak_where": None if self.peak_where is None else self.peak_where.__dict__,
-                "start_by_kind": self.start_by_kind, "end_by_kind": self.end_by_kind,
+                "start_by_kind": self.start_by_kind, "end_by_kind": self.end_by_kind, "max_by_kind": self.max_by_kind,
                 "host_reads": self.host_reads, "ops": self.ops, "peak_origins": self.peak_origins}
 
 
@@ -98,6 +99,7 @@ class MemoryTracker(TorchDispatchMode):
         self.bytes = dict.fromkeys(KINDS, 0)
         self.total = self.peak = 0
         self.peak_by_kind = dict(self.bytes)
+        self.max_by_kind = dict(self.bytes)
         self.peak_where: Optional[Where] = None
         self.start_by_kind: dict[str, int] = {}
         self.in_step = False
@@ -141,6 +143,7 @@ class MemoryTracker(TorchDispatchMode):
     def step(self) -> Iterator[None]:
         """The span whose peak is reported; what is live when it starts is `start_by_kind`."""
         self.start_by_kind, self.peak, self.peak_where, self.in_step = dict(self.bytes), 0, None, True
+        self.max_by_kind = dict(self.bytes)
         self._detailed_peak = 0
         self._new_peak(None)
         try:
@@ -179,6 +182,7 @@ class MemoryTracker(TorchDispatchMode):
             record = self.live[key] = _Storage(storage.nbytes(), "other", self._origin)
             record.finalizer = weakref.finalize(storage, self._free, key)
             self.bytes["other"] += record.nbytes
+            self.max_by_kind["other"] = max(self.max_by_kind["other"], self.bytes["other"])
             self.by_origin["other", record.origin] += record.nbytes
             self.total += record.nbytes
         return record
@@ -188,6 +192,7 @@ class MemoryTracker(TorchDispatchMode):
             return  # the step only moves other -> communication -> activations
         self.bytes[record.kind] -= record.nbytes
         self.bytes[kind] += record.nbytes
+        self.max_by_kind[kind] = max(self.max_by_kind[kind], self.bytes[kind])
         self.by_origin[record.kind, record.origin] -= record.nbytes
         self.by_origin[kind, record.origin] += record.nbytes
         record.kind = kind
@@ -261,7 +266,7 @@ class MemoryTracker(TorchDispatchMode):
         """A device value read on the host (.item(), float(), bool()). On meta it has no value: a
         floating one (a loss, a norm) reads as NaN; any other one (a size, a flag) cannot be
         rehearsed, since only the dispatcher's split sizes come from the routing assumption."""
-        if self.in_step:
+        if self.in_step and tensor.device == self.device:
             self.host_reads[_code_line(inside_libraries=True)] += 1
         if not tensor.is_meta:
             return func(tensor)
@@ -289,7 +294,8 @@ class MemoryTracker(TorchDispatchMode):
         origins = {f"{kind}: {origin}": b for (kind, origin), b in self.peak_origins.most_common()
                    if kind not in FIXED}
         return MemoryReport(str(self.device), self.peak, self.peak_by_kind, self.peak_where, self.start_by_kind,
-                            dict(self.bytes), dict(self.host_reads.most_common()), self.ops, origins)
+                            dict(self.bytes), dict(self.max_by_kind), dict(self.host_reads.most_common()), self.ops,
+                            origins)
 
 
 def _tensors(value) -> list[torch.Tensor]:
