@@ -4,6 +4,7 @@ does not fit the preset's GPU (exit 2), and reports JSON of a fixed shape."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,8 +47,6 @@ def test_meta_rehearsal_counts_the_bytes_a_real_cpu_step_allocates():
     cases = json.dumps([SMALL + overrides for overrides in SCHEDULES.values()])
     worker = str(ROOT / "tests" / "helpers" / "rehearse_worker.py")
     real = _reports(run_ranks(2, [worker, "run", TINY, cases], timeout=300))
-    import subprocess  # the rehearsals run in a process of their own, as dsv3-launch does
-
     done = subprocess.run([sys.executable, worker, "rehearse", "2", TINY, cases], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -105,6 +104,10 @@ def test_a_peak_over_the_gpu_memory_is_refused_with_exit_2(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "refused: rank 0" in err and "over the 0.005 GiB of the GPU" in err, err
     assert "aten." in err and "filled by" in err and "optimizer" in err, err
+    assert launch_main([TINY, *overrides, "--rehearse", "--rank", "1"]) == 2  # a world of one rank
+    assert "--rank 1 is not a rank of the world of 1 ranks" in capsys.readouterr().err
+    assert launch_main([TINY, *overrides, "--rehearse", "--routing", "skewed"]) == 2
+    assert "--routing 'skewed' is not 'balanced' or 'maxvio=X'" in capsys.readouterr().err
     # the preflight's opt-in check refuses the job the same way, before any script is written
     assert launch_main([TINY, *overrides, "--dry-run", "--skip-memory-check", "--rehearsal-check"]) == 2
     assert "refused: rank 0" in capsys.readouterr().err

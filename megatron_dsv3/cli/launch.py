@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_dsv3.config import ConfigError
 from megatron_dsv3.launch.preflight import PreflightError, preflight
 from megatron_dsv3.launch.presets import gpu_memory_gib, load_preset
 from megatron_dsv3.launch.render import render_sbatch
@@ -59,7 +58,7 @@ def pipeline_heads(run: RunConfig) -> list[int]:
 
 
 def run_rehearsals(run: RunConfig, ranks: list[int], routing: str) -> list:
-    """Each rank rehearsed; RehearsalError / RoutingError / ValueError propagate."""
+    """Each rank rehearsed (RehearsalError: the step failed; RoutingError, PreflightError: refused)."""
     preset = load_preset(run.launch.env_preset)
     capacity = gpu_memory_gib(preset)
     reserve = float(preset.get("reserve_gib", 0)) if capacity is not None else 0.0
@@ -67,14 +66,8 @@ def run_rehearsals(run: RunConfig, ranks: list[int], routing: str) -> list:
 
 
 def rehearse_main(run: RunConfig, ranks: list[int], routing: str, as_json: bool) -> int:
-    try:
-        rehearsals = run_rehearsals(run, ranks, routing)
-    except (RoutingError, ValueError, ConfigError, PreflightError) as error:
-        print(f"dsv3-launch: refused: {error}", file=sys.stderr)
-        return 2
-    except RehearsalError as error:
-        print(f"dsv3-launch: the rehearsed step failed: {error}", file=sys.stderr)
-        return 1
+    """Print the rehearsals of `ranks`; 2 when one does not fit."""
+    rehearsals = run_rehearsals(run, ranks, routing)
     if as_json:
         print(json.dumps([r.to_dict() for r in rehearsals], indent=1))
     else:

@@ -23,18 +23,14 @@ Shims (what `megatron_dsv3.compat.applied()` lists while active):
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_dsv3.compat.active import mark, unmark
+from megatron_dsv3.compat.active import ShimSet
 
-_lock = threading.Lock()
-_depth = 0
-_undo_stack: list[tuple[str, Callable[[], None]]] = []
 
 
 # ----------------------------------------------------------------------------- shims
@@ -223,59 +219,8 @@ _SHIMS: list[tuple[str, Callable[[], Callable[[], None]]]] = [
 
 
 # ------------------------------------------------------------------------------ API
-def apply() -> list[str]:
-    """Activate the shims (only without CUDA). Returns the names activated by this call."""
-    global _depth
-    with _lock:
-        _depth += 1
-        if _depth > 1 or torch.cuda.is_available():
-            return []
-        names = []
-        try:
-            for name, shim in _SHIMS:
-                _undo_stack.append((name, shim()))
-                mark(name)
-                names.append(name)
-        except BaseException:
-            _depth -= 1
-            _undo_all()
-            raise
-        return names
-
-
-def undo() -> None:
-    """Deactivate what the matching `apply()` activated (the outermost one restores everything)."""
-    global _depth
-    with _lock:
-        if _depth == 0:
-            return
-        _depth -= 1
-        if _depth == 0:
-            _undo_all()
-
-
-def _undo_all() -> None:
-    errors = []
-    while _undo_stack:
-        name, restore = _undo_stack.pop()
-        try:
-            restore()
-        except Exception as error:  # keep restoring the rest, report at the end
-            errors.append(error)
-        unmark(name)
-    if errors:
-        raise errors[0]
-
-
-@contextlib.contextmanager
-def cpu_shims():
-    """Context manager form of `apply()` / `undo()`; restores everything even on exceptions."""
-    apply()
-    try:
-        yield
-    finally:
-        undo()
-
-
-def active() -> bool:
-    return bool(_undo_stack)
+_SET = ShimSet(_SHIMS, lambda: not torch.cuda.is_available())
+apply = _SET.apply  # activate the shims (only without CUDA); returns the names this call activated
+undo = _SET.undo  # deactivate what the matching apply() activated
+active = _SET.active
+cpu_shims = _SET.scope  # apply() ... undo() as a context manager

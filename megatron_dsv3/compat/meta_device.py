@@ -42,15 +42,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_dsv3.compat.active import mark, unmark
+from megatron_dsv3.compat.active import ShimSet
 from megatron_dsv3.fp8 import backends
 from megatron_dsv3.compat.megatron_cpu import (CUDARedirectMode, _shim_cuda_factories, _shim_current_device,
                                                _shim_rng_tracker, _shim_synchronize)
 
 META = torch.device("meta")
-_lock = threading.Lock()
-_depth = 0
-_undo_stack: list[tuple[str, Callable[[], None]]] = []
 
 # CUDA's autocast lists (aten/src/ATen/autocast_mode.cpp: AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
 # AT_FORALL_FP32_SET_OPT_DTYPE), by the names the code calls: run in the autocast dtype / in FP32
@@ -301,60 +298,9 @@ _SHIMS: list[tuple[str, Callable[[], Callable[[], None]]]] = [
 ]
 
 
-def apply() -> list[str]:
-    """Activate the shims (with or without CUDA: a rehearsal runs on meta either way). Returns the
-    names activated by this call; nested calls activate nothing more."""
-    global _depth
-    with _lock:
-        _depth += 1
-        if _depth > 1:
-            return []
-        names = []
-        try:
-            for name, shim in _SHIMS:
-                _undo_stack.append((name, shim()))
-                mark(name)
-                names.append(name)
-        except BaseException:
-            _depth -= 1
-            _undo_all()
-            raise
-        return names
-
-
-def undo() -> None:
-    """Deactivate what the matching `apply()` activated (the outermost one restores everything)."""
-    global _depth
-    with _lock:
-        if _depth == 0:
-            return
-        _depth -= 1
-        if _depth == 0:
-            _undo_all()
-
-
-def _undo_all() -> None:
-    errors = []
-    while _undo_stack:
-        name, restore = _undo_stack.pop()
-        try:
-            restore()
-        except Exception as error:  # keep restoring the rest, report at the end
-            errors.append(error)
-        unmark(name)
-    if errors:
-        raise errors[0]
-
-
-@contextlib.contextmanager
-def meta_shims():
-    """Context manager form of `apply()` / `undo()`; restores everything even on exceptions."""
-    apply()
-    try:
-        yield
-    finally:
-        undo()
-
-
-def active() -> bool:
-    return bool(_undo_stack)
+# ------------------------------------------------------------------------------ API
+_SET = ShimSet(_SHIMS)
+apply = _SET.apply  # activate the shims (with or without CUDA); returns the names this call activated
+undo = _SET.undo  # deactivate what the matching apply() activated
+active = _SET.active
+meta_shims = _SET.scope  # apply() ... undo() as a context manager

@@ -50,22 +50,21 @@ def average_gradients(model: nn.Module, mirror: Optional[dist.ProcessGroup] = No
             p.grad = torch.zeros_like(p)
     if shared:  # only the first and last stages hold it
         all_reduce_flat([p.grad for p in shared], groups.embedding_group())
-    sum_mirrored(model, mirror, "grad")
+    sum_mirrored(model, mirror)
 
 
 @torch.no_grad()
-def sum_mirrored(model: nn.Module, mirror: Optional[dist.ProcessGroup], attr: str) -> None:
+def sum_mirrored(model: nn.Module, mirror: Optional[dist.ProcessGroup]) -> None:
     """DualPipe (report section 3.2.1): the two ranks of `mirror` hold the same stages, each having
-    run half of the micro-batches through them; the sum of their gradients (`attr`: "grad", or
-    Megatron's "main_grad") is every micro-batch's, and keeps the two copies equal after the step."""
+    run half of the micro-batches through them; the sum of their gradients is every micro-batch's,
+    and keeps the two copies equal after the step (ZeRO-1 sums its main-gradient buffers itself)."""
     if mirror is None:
         return
     params = list(model.parameters())
-    if attr == "grad":
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-    all_reduce_flat([getattr(p, attr) for p in params], mirror)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_flat([p.grad for p in params], mirror)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megatron_dsv3.compat.meta_device import meta_shims
 from megatron_dsv3.memory import GIB, MemoryEstimate
 from megatron_dsv3.parallel import comm
-from megatron_dsv3.plan import make_plan
+from megatron_dsv3.plan import PlanError, make_plan
 from megatron_dsv3.rehearse.routing import parse_routing
 from megatron_dsv3.rehearse.step import RankPlace, measure_step
 from megatron_dsv3.rehearse.tracker import KINDS, MemoryReport
@@ -121,7 +121,7 @@ def rehearse(run: RunConfig, rank: int, world: int, ranks_per_node: int, routing
     plan = dataclasses.replace(plan, device="meta")  # meta stands for the run's device
     assumption = parse_routing(routing, plan.model.num_experts_per_token)
     if not 0 <= rank < world:
-        raise ValueError(f"--rank {rank} is not a rank of the world of {world}")
+        raise PlanError(f"--rank {rank} is not a rank of the world of {world} ranks")
     start = time.perf_counter()
     dist.init_process_group(comm.REHEARSAL_BACKEND, store=FakeStore(), rank=rank, world_size=world)
     try:
