@@ -168,3 +168,19 @@ def test_meta_shims_place_cuda_on_meta_and_cast_like_cuda_autocast():
     assert compat.applied() == []
     with pytest.raises(RuntimeError):
         torch.autocast("meta")
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])
+def test_memory_estimate_counts_what_the_rehearsal_measures(schedule):
+    """memory.py against the rehearsed ranks of a small FP32 run: the weights, gradients and optimizer
+    state exactly, the most activations held within 3% (BENCHMARKS.md "Rehearsal" has the 671B's)."""
+    run = _tiny(["parallel.pipeline=2", f"parallel.schedule={schedule}", "train.global_batch_size=8",
+                 "parallel.distributed_optimizer=true"])
+    for rank in (0, 1):
+        rehearsal = rehearse(run, rank=rank, world=2, ranks_per_node=2)
+        memory, estimate = rehearsal.memory, rehearsal.estimate
+        assert estimate.pipeline_rank == rehearsal.place.pipeline_rank == rank
+        assert memory.start_by_kind["parameters"] == pytest.approx(estimate.params, rel=1e-3)
+        assert memory.start_by_kind["gradients"] == pytest.approx(estimate.grads, rel=1e-3)
+        assert memory.start_by_kind["optimizer"] == pytest.approx(estimate.optimizer, rel=1e-3)
+        assert memory.max_by_kind["activations"] == pytest.approx(estimate.activations, rel=0.03), (schedule, rank)
