@@ -97,10 +97,10 @@ class RunPlan:
     device: str  # "cuda" or "cpu"
     optimizer: str  # "zero1" (Megatron's distributed optimizer) or "local"
 
-    def memory(self, reserve_gib: float = 0.0) -> MemoryEstimate:
-        """Per-GPU memory estimate of the most loaded rank (`memory.py`)."""
+    def memory(self, reserve_gib: float = 0.0, pipeline_rank: Optional[int] = None) -> MemoryEstimate:
+        """Per-GPU memory estimate (`memory.py`) of `pipeline_rank`, else of the most loaded one."""
         return estimate_memory(self.model, self.layout, self.schedule, self.run.train, reserve_gib,
-                               distributed_optimizer=self.optimizer == "zero1")
+                               distributed_optimizer=self.optimizer == "zero1", pipeline_rank=pipeline_rank)
 
     def describe(self) -> str:
         layout, train = self.layout, self.run.train

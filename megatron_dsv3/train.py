@@ -192,10 +192,8 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         """Process groups, data (checked before any compute), model, schedule, optimizer."""
-        run, plan, layout, schedule = self.run, self.plan, self.plan.layout, self.plan.schedule
-        initialize_parallel(layout.tensor, layout.pipeline, layout.expert, timeout_s=run.parallel.timeout_s)
-        # The schedule's forward/backward function, called as Megatron-Core's is.
-        self.forward_backward_func = schedule.forward_backward_func()
+        run, plan = self.run, self.plan
+        self.build_parallel()
         self.resumed_from, notes = ckpt.agree_on_resume(self.ckpt_dir) if run.checkpoint.resume else (None, [])
         for note in notes:
             _log(f"checkpoint: {note}")
@@ -209,14 +207,28 @@ class Trainer:
         # the training micro-batches, and a function giving the held-out ones of an evaluation
         self.batches, self.valid_batches = build_iterators(
             run.data, train.seq_length, train.micro_batch_size, train.global_batch_size,
-            groups.rank(groups.dp_group()), layout.data, train.seed, plan.model.vocab_size,
+            groups.rank(groups.dp_group()), plan.layout.data, train.seed, plan.model.vocab_size,
             start_sample=self.consumed_samples, eval_iters=train.eval_iters if train.eval_interval else 0)
+        self.build_model()
+
+    def build_parallel(self) -> None:
+        """Megatron-Core's process groups and the schedule's forward/backward function."""
+        layout = self.plan.layout
+        initialize_parallel(layout.tensor, layout.pipeline, layout.expert, timeout_s=self.run.parallel.timeout_s)
+        # The schedule's forward/backward function, called as Megatron-Core's is.
+        self.forward_backward_func = self.plan.schedule.forward_backward_func()
+
+    def build_model(self) -> None:
+        """This rank's model stages on `plan.device`, their chunks, DualPipe's mirror, the optimizer.
+        On meta (a rehearsal) the model is built there directly and never initialised."""
+        run, plan, layout, schedule, train = self.run, self.plan, self.plan.layout, self.plan.schedule, self.run.train
         torch.manual_seed(train.seed)
         # This rank's model stages (two under DualPipe/DualPipeV) in one module, a chunk per stage.
         pp_rank = groups.rank(groups.pp_group())
         stages = schedule.rank_stages(layout.pipeline, pp_rank)
-        self.model = build_model(plan.model, seed=train.seed, stages=stages,
-                                 num_stages=schedule.num_stages(layout.pipeline)).to(plan.device)
+        with torch.device("meta") if plan.device == "meta" else contextlib.nullcontext():
+            self.model = build_model(plan.model, seed=train.seed, stages=stages,
+                                     num_stages=schedule.num_stages(layout.pipeline)).to(plan.device)
         self.model.recompute = train.recompute
         self.chunks = [ScheduledModel(self.model, layout.tensor, layout.pipeline, torch.bfloat16 if train.bf16
                                       else torch.float32, stage=s) for s in stages]  # the dtype crossing stages
@@ -257,7 +269,6 @@ class Trainer:
         if self.is_rank0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.ckpt_dir / "run_config.yaml").write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
-        self.routers = self.model.routers()  # this pipeline stage's
         # every stage's MoE layer numbers, for one tracker of all
         per_stage = comm.all_gather_object([m.layer_number for m in self.model.moe_layers()], groups.pp_group())
         all_moe = sorted({n for numbers in per_stage for n in numbers})  # DualPipe's mirrors hold the same
@@ -275,25 +286,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
-        """Forward and backward over the micro-batches, the optimizer step, the routing-bias step."""
+        """The step on the device (`device_step`), then its losses and expert loads on the host."""
+        lr, mtp_weight, gamma = self.step_values()
+        stage_losses, grad_norm, loads = self.device_step(lr, mtp_weight, gamma)
+        lm, mtp, balance = reduce_losses(stage_losses)
+        for moe, load in zip(self.model.moe_layers(), loads):
+            self.tracker.update(moe.layer_number, load, moe.router.expert_bias, moe.router.routing_entropy)
+        self.step += 1
+        self.consumed_samples += self.run.train.global_batch_size
+        return StepResult(lm, mtp, balance, grad_norm, lr, gamma, mtp_weight)
+
+    def step_values(self) -> tuple[float, float, float]:
+        """This step's learning rate, MTP weight lambda and routing-bias rate gamma, from their schedules."""
         train, model_config = self.run.train, self.plan.model
         tokens_seen = self.step * train.global_batch_size * train.seq_length
         lr = learning_rate(self.step, train.steps, train.lr, train.min_lr, train.warmup_steps)
         mtp_weight = scheduled(train.mtp_loss_weight_schedule, tokens_seen, model_config.mtp_loss_weight)
         gamma = scheduled(train.bias_update_rate_schedule, tokens_seen, model_config.bias_update_rate)
+        return lr, mtp_weight, gamma
+
+    def device_step(self, lr: float, mtp_weight: float, gamma: float) -> tuple[list[float], float, list[torch.Tensor]]:
+        """Forward and backward over the micro-batches, the optimizer step, the routing-bias step:
+        what a rehearsal (`megatron_dsv3.rehearse`) runs on meta. Returns this stage's losses, the
+        gradient norm and each MoE layer's load of the global batch."""
+        train = self.run.train
         self.optimizer.zero_grad()
         stage_losses = forward_backward(self.forward_backward_func, self.chunks, self.batches, self.plan.micro_batches,
                                         train.micro_batch_size, train.seq_length, train.bf16, mtp_weight)
         grad_norm = self.optimizer.step(lr)  # reduce over replicas, clip, update
-        lm, mtp, balance = reduce_losses(stage_losses)
         # the load of every token through these stages: DualPipe's mirror ran half of them
-        loads = update_expert_bias(self.routers, gamma, groups.dp_group() if self.mirror is None
+        loads = update_expert_bias(self.model.routers(), gamma, groups.dp_group() if self.mirror is None
                                    else groups.dp_mirror_group())
-        for moe, load in zip(self.model.moe_layers(), loads):
-            self.tracker.update(moe.layer_number, load, moe.router.expert_bias, moe.router.routing_entropy)
-        self.step += 1
-        self.consumed_samples += train.global_batch_size
-        return StepResult(lm, mtp, balance, grad_norm, lr, gamma, mtp_weight)
+        return stage_losses, grad_norm, loads
 
     def check(self, result: StepResult) -> None:
         """Stop on a NaN or exploding loss (every rank sees the same reduced values). A NaN/Inf that

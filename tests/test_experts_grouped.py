@@ -155,7 +155,7 @@ def test_gpu_dispatch_and_grouped_experts_run_without_host_syncs_and_match_the_c
     assert torch.isfinite(gpu.gate_up_weight.grad).all() and gpu.gate_up_weight.grad.dtype == torch.float32
 
 
-def _padded_forward(self, x_NH, counts_E):
+def _padded_forward(self, x_NH, counts_E, rows_per_expert=None):
     return padded_reference(self, x_NH, counts_E)
 
 

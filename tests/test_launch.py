@@ -257,14 +257,23 @@ def test_recompute_and_fp8_shrink_activations():
     assert act["selective", "tile"] < act["selective", "none"]
 
 
-def test_dualpipe_holds_twice_the_parameters_and_one_more_micro_batch():
+def test_dualpipe_holds_two_stages_per_rank_and_one_more_micro_batch():
+    """DualPipe's rank r holds 1F1B's stages r and PP-1-r (rank 0 one embedding for both ends, as
+    DSV3Model keeps one); the estimate is of the rank needing the most, not an average."""
     config = DSV3Config.preset("deepseek-v3-671b")
     train = v3_run().train
     layout = ParallelLayout(tensor=1, pipeline=16, expert=64, data=128)
-    one_f = estimate_memory(config, layout, get_schedule("1f1b"), train)
+
+    def params(schedule: str, rank: int) -> float:
+        return estimate_memory(config, layout, get_schedule(schedule), train, pipeline_rank=rank).params
+
+    embedding = 2 * count_params(config).embedding  # BF16 weights
+    assert params("dualpipe", 0) == pytest.approx(params("1f1b", 0) + params("1f1b", 15) - embedding)
+    assert params("dualpipe", 5) == pytest.approx(params("1f1b", 5) + params("1f1b", 10))
     dual = estimate_memory(config, layout, get_schedule("dualpipe"), train)
-    assert dual.params == pytest.approx(2 * one_f.params)
-    assert (dual.micro_batches_in_flight, one_f.micro_batches_in_flight) == (17, 16)
+    assert dual.params == max(params("dualpipe", r) for r in range(16))
+    first = estimate_memory(config, layout, get_schedule("1f1b"), train, pipeline_rank=0)
+    assert (dual.micro_batches_in_flight, first.micro_batches_in_flight) == (17, 16)
 
 
 def test_bf16_moments_and_zero1_shrink_optimizer_states():

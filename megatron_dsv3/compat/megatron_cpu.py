@@ -23,28 +23,24 @@ Shims (what `megatron_dsv3.compat.applied()` lists while active):
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_dsv3.compat.active import mark, unmark
+from megatron_dsv3.compat.active import ShimSet
 
-_lock = threading.Lock()
-_depth = 0
-_undo_stack: list[tuple[str, Callable[[], None]]] = []
 
 
 # ----------------------------------------------------------------------------- shims
-def _shim_current_device() -> Callable[[], None]:
+def _shim_current_device(target: str = "cpu") -> Callable[[], None]:
     # megatron/core/models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding.__init__,
     # yarn_rotary_pos_embedding.py, tensor_parallel/layers.py (GPU init path),
     # dist_checkpointing/strategies/state_dict_saver.py and async_utils.py all call
     # torch.cuda.current_device() to place tensors; the CPU build raises there.
     original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_device = lambda: torch.device(target)
 
     def undo() -> None:
         torch.cuda.current_device = original
@@ -146,11 +142,15 @@ def _is_cuda(device: Any) -> bool:
 
 
 def _cuda_type_name(name: str) -> str:
-    return name if ".cuda." in name or not name.startswith("torch.") else name.replace("torch.", "torch.cuda.", 1)
+    """torch.FloatTensor (CPU) or torch.meta.FloatTensor -> torch.cuda.FloatTensor."""
+    if ".cuda." in name or not name.startswith("torch."):
+        return name
+    return "torch.cuda." + name.removeprefix("torch.").removeprefix("meta.")
 
 
-class CUDAToCPUMode(TorchFunctionMode):
-    """Sends tensors that Megatron-Core places on CUDA to the CPU instead.
+class CUDARedirectMode(TorchFunctionMode):
+    """Sends tensors that Megatron-Core places on CUDA to `target` instead (the CPU; `meta` in a
+    rehearsal, `meta_device.py`).
 
     The distributed optimizer accepts only parameters whose `type()` is a torch.cuda.* name
     (optimizer/distrib_optimizer.py `_build_model_and_main_param_groups`, and
@@ -160,27 +160,31 @@ class CUDAToCPUMode(TorchFunctionMode):
     Torch function modes are per thread: the redirect covers the thread that entered the shims
     (Megatron's checkpoint writer processes and other threads are not covered)."""
 
+    def __init__(self, target: str = "cpu"):
+        super().__init__()
+        self.target = torch.device(target)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = torch.device("cpu")
+            kwargs["device"] = self.target
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return _cuda_type_name(func(*args))
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], torch.device("cpu"), *args[2:])
+            args = (args[0], self.target, *args[2:])
         return func(*args, **kwargs)
 
 
-def _shim_cuda_factories() -> Callable[[], None]:
+def _shim_cuda_factories(mode: Optional[CUDARedirectMode] = None) -> Callable[[], None]:
     # megatron/core/pipeline_parallel/schedules.py (forward_backward_no_pipelining & co:
     #   total_num_tokens = torch.zeros([], device="cuda")),
     # megatron/core/optimizer/optimizer.py (FP32Optimizer / MixedPrecisionOptimizer constructors:
     #   torch.tensor(..., device='cuda')), dist_checkpointing/exchange_utils.py (.cuda(),
     #   empty_like(device="cuda")) and state_dict_saver.py (torch.tensor(device='cuda')).
-    # Tensor.type(): see CUDAToCPUMode.
-    mode = CUDAToCPUMode()
+    # Tensor.type(): see CUDARedirectMode.
+    mode = mode or CUDARedirectMode()
     mode.__enter__()
 
     def undo() -> None:
@@ -215,59 +219,8 @@ _SHIMS: list[tuple[str, Callable[[], Callable[[], None]]]] = [
 
 
 # ------------------------------------------------------------------------------ API
-def apply() -> list[str]:
-    """Activate the shims (only without CUDA). Returns the names activated by this call."""
-    global _depth
-    with _lock:
-        _depth += 1
-        if _depth > 1 or torch.cuda.is_available():
-            return []
-        names = []
-        try:
-            for name, shim in _SHIMS:
-                _undo_stack.append((name, shim()))
-                mark(name)
-                names.append(name)
-        except BaseException:
-            _depth -= 1
-            _undo_all()
-            raise
-        return names
-
-
-def undo() -> None:
-    """Deactivate what the matching `apply()` activated (the outermost one restores everything)."""
-    global _depth
-    with _lock:
-        if _depth == 0:
-            return
-        _depth -= 1
-        if _depth == 0:
-            _undo_all()
-
-
-def _undo_all() -> None:
-    errors = []
-    while _undo_stack:
-        name, restore = _undo_stack.pop()
-        try:
-            restore()
-        except Exception as error:  # keep restoring the rest, report at the end
-            errors.append(error)
-        unmark(name)
-    if errors:
-        raise errors[0]
-
-
-@contextlib.contextmanager
-def cpu_shims():
-    """Context manager form of `apply()` / `undo()`; restores everything even on exceptions."""
-    apply()
-    try:
-        yield
-    finally:
-        undo()
-
-
-def active() -> bool:
-    return bool(_undo_stack)
+_SET = ShimSet(_SHIMS, lambda: not torch.cuda.is_available())
+apply = _SET.apply  # activate the shims (only without CUDA); returns the names this call activated
+undo = _SET.undo  # deactivate what the matching apply() activated
+active = _SET.active
+cpu_shims = _SET.scope  # apply() ... undo() as a context manager

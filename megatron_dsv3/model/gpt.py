@@ -127,9 +127,12 @@ class DSV3Model(nn.Module):
     def init_weights(self, seed: int) -> None:
         """N(0, init_std) for every matrix, ones for norms. Each parameter draws from its own
         generator keyed by (seed, name, shard), so tensor- and expert-parallel shards differ and
-        the result does not depend on construction order."""
+        the result does not depend on construction order. Meta parameters (a rehearsal's: shapes
+        without data) are left as they are: drawing their values would materialise them."""
         tp_rank, ep_rank = groups.rank(groups.tp_group()), groups.rank(groups.ep_group())
         for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
             if param.dim() == 1:
                 param.fill_(1.0)
                 continue

@@ -50,22 +50,21 @@ def average_gradients(model: nn.Module, mirror: Optional[dist.ProcessGroup] = No
             p.grad = torch.zeros_like(p)
     if shared:  # only the first and last stages hold it
         all_reduce_flat([p.grad for p in shared], groups.embedding_group())
-    sum_mirrored(model, mirror, "grad")
+    sum_mirrored(model, mirror)
 
 
 @torch.no_grad()
-def sum_mirrored(model: nn.Module, mirror: Optional[dist.ProcessGroup], attr: str) -> None:
+def sum_mirrored(model: nn.Module, mirror: Optional[dist.ProcessGroup]) -> None:
     """DualPipe (report section 3.2.1): the two ranks of `mirror` hold the same stages, each having
-    run half of the micro-batches through them; the sum of their gradients (`attr`: "grad", or
-    Megatron's "main_grad") is every micro-batch's, and keeps the two copies equal after the step."""
+    run half of the micro-batches through them; the sum of their gradients is every micro-batch's,
+    and keeps the two copies equal after the step (ZeRO-1 sums its main-gradient buffers itself)."""
     if mirror is None:
         return
     params = list(model.parameters())
-    if attr == "grad":
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-    all_reduce_flat([getattr(p, attr) for p in params], mirror)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_flat([p.grad for p in params], mirror)
 
 
 @torch.no_grad()
@@ -73,13 +72,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip by the norm of the whole model's gradient (every stage, every shard, each counted
     once: by its primary replica, and not on a DualPipe mirror copy); returns that norm before
     clipping."""
-    square = torch.zeros(1, dtype=torch.float64)
+    square = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)  # summed where the grads are
     for p in model.parameters():
         if p.grad is not None and is_primary(p) and not getattr(p, "mirror_copy", 0):
-            square += p.grad.double().pow(2).sum().cpu()
+            square += p.grad.double().pow(2).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         comm.all_reduce(square, groups.world_group())
-    norm = float(square.sqrt())
+    norm = float(square.sqrt())  # the one host read
     if max_norm > 0 and norm > max_norm:
         for p in model.parameters():
             if p.grad is not None:

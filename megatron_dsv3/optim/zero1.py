@@ -32,8 +32,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megatron_dsv3.optim.local import MOMENTS, AdamW, all_reduce_flat, sum_mirrored
-from megatron_dsv3.parallel import groups
+from megatron_dsv3.optim.local import MOMENTS, AdamW, all_reduce_flat
+from megatron_dsv3.parallel import comm, groups
 
 
 def mark_for_megatron(model: nn.Module) -> None:
@@ -108,12 +108,15 @@ class ZeRO1Optimizer:
             self.megatron.zero_grad()
 
     def step(self, lr: float) -> float:
-        """Sum the embedding copies' gradients over the embedding group, reduce-scatter over
-        data-parallel ranks, clip by the global norm, update this rank's slice and all-gather the
-        parameters. Returns the norm before clipping."""
+        """Sum the embedding copies' gradients over the embedding group and DualPipe's two copies'
+        over the mirror group, reduce-scatter over data-parallel ranks, clip by the global norm,
+        update this rank's slice and all-gather the parameters. Returns the norm before clipping."""
         copies = [p.main_grad for p in self.model.parameters() if getattr(p, "pipeline_copy", None) is not None]
-        all_reduce_flat(copies, groups.embedding_group())
-        sum_mirrored(self.model, self.mirror, "main_grad")
+        if copies:  # only the first and last stages are in the embedding group (Megatron asserts elsewhere)
+            all_reduce_flat(copies, groups.embedding_group())
+        if self.mirror is not None:  # DualPipe's two copies: sum the main gradients where they live,
+            for buffer in self.ddp.buffers + self.ddp.expert_parallel_buffers:  # not in a flat copy of them
+                comm.all_reduce(buffer.grad_data, self.mirror)
         for group in self.megatron.param_groups:  # what Megatron's OptimizerParamScheduler would set
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)  # 0 for norms

@@ -23,13 +23,17 @@ import torch
 import torch.distributed as dist
 
 Group = Optional[dist.ProcessGroup]
+# torch's fake process group, answering every collective without communicating, for CPU and meta
+# tensors: a rehearsal's (megatron_dsv3/rehearse), where meta stands for the GPU.
+REHEARSAL_BACKEND = "cpu:fake,meta:fake"
 
 
 def device_of(group: Group) -> torch.device:
     """Where the backend of `group` (None: the default group) moves tensors."""
-    if dist.get_backend(group) == dist.Backend.NCCL:
+    backend = dist.get_backend(group)
+    if backend == dist.Backend.NCCL:
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("meta") if backend == REHEARSAL_BACKEND else torch.device("cpu")
 
 
 def all_reduce(tensor: torch.Tensor, group: Group = None, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -11,13 +11,17 @@ that DualPipe's overlapped step can run them one at a time):
   (experts)
   combine   undo the regroup, all-to-all back                                   (communication)
   unpermute unsort, all-gather over TP -> [tokens, top_k, hidden]               (compute)
-Without expert parallelism nothing here reads a device value on the host (the experts' GEMM
-sizes are their business: see experts.py); the all-to-all needs its split sizes there.
+The host reads the step's data in one place, `read_counts`: the rows each rank sends to and
+receives from each expert, which size the all-to-alls (and, handed on in `Exchange`, the experts'
+GEMMs). Without expert parallelism nothing here reads a device value on the host (the experts'
+GEMM sizes are then their business: see experts.py). A rehearsal (megatron_dsv3/rehearse) sets
+`assumed_routing` and these counts come from its routing assumption instead: the one place a
+rehearsal differs from a run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -25,6 +29,13 @@ import torch.distributed as dist
 from megatron_dsv3.parallel import groups
 from megatron_dsv3.parallel import comm
 from megatron_dsv3.parallel.collectives import all_to_all, copy_to_group
+
+
+def inverse(permutation: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation, so that undoing one is a gather: `index_select` keeps only its index
+    for backward, where `index_copy` would keep the whole source alive (autograd saves it)."""
+    return torch.empty_like(permutation).scatter_(0, permutation, torch.arange(permutation.numel(),
+                                                                               device=permutation.device))
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -45,6 +56,7 @@ class Permutation:
     """Where permute put each (token, slot) pair: undone by `unpermute`."""
 
     order: torch.Tensor  # [pairs]: sorted position -> pair (token * top_k + slot)
+    unorder: torch.Tensor  # [pairs]: pair -> sorted position (order's inverse)
     counts_E: torch.Tensor  # [experts] pairs per expert, on the device
     local_tokens: int
     top_k: int
@@ -59,6 +71,16 @@ class Exchange:
     input_splits: Optional[list[int]] = None
     output_splits: Optional[list[int]] = None
     regroup: Optional[torch.Tensor] = None
+    ungroup: Optional[torch.Tensor] = None  # regroup's inverse
+    rows_per_expert: Optional[list[int]] = None  # tokens_per_expert on the host, where the host has it
+
+
+class RoutingAssumption(Protocol):
+    """Routing counts without routing: a rehearsal's stand-in for the router's choices."""
+
+    def pair_counts(self, pairs: int, num_experts: int, local_experts: range) -> list[int]:
+        """How many of one rank's `pairs` (token, slot) pairs go to each expert, every rank alike;
+        `local_experts` are this rank's."""
 
 
 class TokenDispatcher:
@@ -67,6 +89,7 @@ class TokenDispatcher:
         self.ep_size, self.tp_size = groups.size(ep_group), groups.size(tp_group)
         self.num_experts = num_experts
         self.experts_per_rank = num_experts // self.ep_size
+        self.assumed_routing: Optional[RoutingAssumption] = None  # set by a rehearsal only
 
     def run(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
             experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -92,12 +115,13 @@ class TokenDispatcher:
         # Not torch.bincount: on CUDA it reads the largest id on the host to size its output.
         counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=flat_experts.device).index_add_(
             0, flat_experts, torch.ones_like(flat_experts))
-        return x_TH.index_select(0, order // top_k), Permutation(order, counts_E, x_TH.shape[0], top_k)
+        return x_TH.index_select(0, order // top_k), Permutation(order, inverse(order), counts_E, x_TH.shape[0], top_k)
 
     def dispatch(self, x_sorted: torch.Tensor, permutation: Permutation) -> tuple[torch.Tensor, Exchange]:
         """The rows of this rank's experts, grouped by local expert (identity without EP)."""
         if self.ep_size == 1:
-            return x_sorted, Exchange(permutation.counts_E)
+            rows = None if self.assumed_routing is None else self._assumed_counts(x_sorted.shape[0])[1][0]
+            return x_sorted, Exchange(permutation.counts_E, rows_per_expert=rows)
         return self.exchange(x_sorted, permutation.counts_E)
 
     def exchange(self, x_sorted: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, Exchange]:
@@ -105,26 +129,46 @@ class TokenDispatcher:
         send_counts = counts_E.view(self.ep_size, self.experts_per_rank)  # [dest rank, local expert]
         recv_counts = torch.empty_like(send_counts)
         comm.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [source rank, local expert]
-        input_splits = send_counts.sum(1).tolist()
-        output_splits = recv_counts.sum(1).tolist()
+        sent, received_counts = self.read_counts(send_counts, recv_counts, x_sorted.shape[0])
+        input_splits, output_splits = [sum(row) for row in sent], [sum(row) for row in received_counts]
         received = all_to_all(x_sorted, output_splits, input_splits, self.ep_group)
         # Received rows are ordered (source rank, local expert); the experts want (local expert, source rank).
         block_expert = torch.arange(self.experts_per_rank, device=x_sorted.device).repeat(self.ep_size)
         row_block = torch.repeat_interleave(torch.arange(block_expert.numel(), device=x_sorted.device),
-                                            recv_counts.flatten())
+                                            recv_counts.flatten(), output_size=sum(output_splits))
         regroup = torch.argsort(block_expert[row_block], stable=True)
-        return received.index_select(0, regroup), Exchange(recv_counts.sum(0), input_splits, output_splits, regroup)
+        rows_per_expert = [sum(column) for column in zip(*received_counts)]
+        return received.index_select(0, regroup), Exchange(recv_counts.sum(0), input_splits, output_splits, regroup,
+                                                           inverse(regroup), rows_per_expert)
+
+    def read_counts(self, send_counts: torch.Tensor, recv_counts: torch.Tensor,
+                    pairs: int) -> tuple[list[list[int]], list[list[int]]]:
+        """The host's one read of the step's data: the rows this rank sends to each (rank, local
+        expert) and receives from each (rank, local expert), of its `pairs` sorted rows. A
+        rehearsal answers from `assumed_routing`."""
+        if self.assumed_routing is not None:
+            return self._assumed_counts(pairs)
+        sent, received = torch.stack([send_counts, recv_counts]).tolist()  # one device-to-host copy
+        return sent, received
+
+    def _assumed_counts(self, pairs: int) -> tuple[list[list[int]], list[list[int]]]:
+        """`read_counts` under the routing assumption: every rank sends its pairs alike."""
+        per_rank = self.experts_per_rank
+        mine = range(groups.rank(self.ep_group) * per_rank, (groups.rank(self.ep_group) + 1) * per_rank)
+        counts = self.assumed_routing.pair_counts(pairs, self.num_experts, mine)
+        sent = [counts[r * per_rank:(r + 1) * per_rank] for r in range(self.ep_size)]
+        return sent, [counts[mine.start:mine.stop] for _ in range(self.ep_size)]
 
     def combine(self, out: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         """Expert outputs back to the ranks their tokens came from, in `dispatch`'s input order."""
         if exchange.regroup is None:
             return out
-        out = torch.empty_like(out).index_copy(0, exchange.regroup, out)
+        out = out.index_select(0, exchange.ungroup)
         return all_to_all(out, exchange.input_splits, exchange.output_splits, self.ep_group)
 
     def unpermute(self, out_sorted: torch.Tensor, permutation: Permutation) -> torch.Tensor:
         """[pairs sorted by expert, hidden] -> [tokens, top_k, hidden] (all tokens, under TP too)."""
-        out_pairs = torch.empty_like(out_sorted).index_copy(0, permutation.order, out_sorted)
+        out_pairs = out_sorted.index_select(0, permutation.unorder)
         out_TKH = out_pairs.view(permutation.local_tokens, permutation.top_k, -1)
         if self.tp_size > 1:
             out_TKH = _GatherTokens.apply(out_TKH, self.tp_group)

@@ -93,14 +93,17 @@ class SegmentMatmul:
         return (x_MK.is_cuda and x_MK.dtype == torch.bfloat16 and _grouped_mm_op() is not None
                 and x_MK.shape[1] % 8 == 0 and w_ENK.shape[1] % 8 == 0)
 
-    def segments(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def segments(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor,
+                 rows_E: Optional[list[int]] = None) -> torch.Tensor:
+        """`rows_E`: counts_E on the host when the caller has it (the dispatcher read it), else read here."""
         dtype = torch.get_autocast_dtype(x_MK.device.type) if torch.is_autocast_enabled(x_MK.device.type) else x_MK.dtype
         x_MK, w_ENK = x_MK.to(dtype), w_ENK.to(dtype)  # autocast's cast for mm, done here for both paths
         if self.uses_grouped_mm(x_MK, w_ENK):
             ends_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # on the device: no host sync
             return _GroupedMatmulFn.apply(x_MK, w_ENK, ends_E)
         with torch.autocast(x_MK.device.type, enabled=False):
-            return _SegmentMatmulFn.apply(x_MK, w_ENK, counts_E.tolist())  # the GEMM sizes: one sync per call
+            rows_E = counts_E.tolist() if rows_E is None else rows_E  # the GEMM sizes: one sync per call
+            return _SegmentMatmulFn.apply(x_MK, w_ENK, rows_E)
 
 
 bf16_batched_matmul = SegmentMatmul()  # the default, FP32 and BF16 alike (the name layer.py imports)
@@ -119,38 +122,48 @@ class RoutedExperts(nn.Module):
         self.down_weight.expert_parallel = True
         self.selective_recompute = False  # keep the SwiGLU inputs, recompute its output in backward
 
-    def forward(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x [tokens sorted by local expert, hidden], counts [local experts] -> [tokens, hidden]."""
+    def forward(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor,
+                rows_per_expert: Optional[list[int]] = None) -> torch.Tensor:
+        """x [tokens sorted by local expert, hidden], counts [local experts] -> [tokens, hidden].
+        `rows_per_expert`: the counts on the host, when the dispatcher has read them."""
         if x_NH.shape[0] == 0:  # keep every parameter in the graph so gradients stay defined
             return x_NH + 0 * (self.gate_up_weight.sum() + self.down_weight.sum())
         if hasattr(self.batched_matmul, "grouped"):
-            return self._forward_padded_to_tile(x_NH, tokens_per_expert)
+            return self._forward_padded_to_tile(x_NH, tokens_per_expert, rows_per_expert)
         if hasattr(self.batched_matmul, "segments"):
             matmul = self.batched_matmul.segments
         else:
             matmul = self._segment_by_segment
-        gate, up = matmul(x_NH, self.gate_up_weight, tokens_per_expert).chunk(2, dim=-1)
+        gate, up = matmul(x_NH, self.gate_up_weight, tokens_per_expert, rows_per_expert).chunk(2, dim=-1)
         return recomputed(self.selective_recompute,
-                          lambda g, u: matmul(F.silu(g) * u, self.down_weight, tokens_per_expert), gate, up)
+                          lambda g, u: matmul(F.silu(g) * u, self.down_weight, tokens_per_expert, rows_per_expert),
+                          gate, up)
 
-    def _segment_by_segment(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _segment_by_segment(self, x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor,
+                            rows_E: Optional[list[int]] = None) -> torch.Tensor:
         """A plain batched callable, called once per expert on its segment ([1, rows, K])."""
+        rows_E = counts_E.tolist() if rows_E is None else rows_E
         return torch.cat([self.batched_matmul(x_e[None], w_e[None])[0]
-                          for x_e, w_e in zip(x_MK.split(counts_E.tolist()), w_ENK.unbind(0))])
+                          for x_e, w_e in zip(x_MK.split(rows_E), w_ENK.unbind(0))])
 
-    def _forward_padded_to_tile(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _forward_padded_to_tile(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor,
+                                rows_per_expert: Optional[list[int]] = None) -> torch.Tensor:
         """Each expert's rows zero-padded to a multiple of `row_multiple`, one GEMM per expert."""
         multiple = self.batched_matmul.row_multiple
-        counts_E = tokens_per_expert.tolist()  # the GEMM sizes: one host sync per layer
+        # the GEMM sizes: one host sync per layer, unless the dispatcher read them
+        counts_E = tokens_per_expert.tolist() if rows_per_expert is None else rows_per_expert
         padded_E = [-(-n // multiple) * multiple for n in counts_E]
         padded_counts = torch.tensor(padded_E, device=x_NH.device)
         expert_of_token = torch.repeat_interleave(
-            torch.arange(self.num_local_experts, device=x_NH.device), tokens_per_expert)
+            torch.arange(self.num_local_experts, device=x_NH.device), tokens_per_expert, output_size=x_NH.shape[0])
         first_of_expert = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
         first_padded_row = torch.cumsum(padded_counts, 0) - padded_counts
         row = first_padded_row[expert_of_token] + (torch.arange(x_NH.shape[0], device=x_NH.device)
                                                    - first_of_expert[expert_of_token])
-        padded_MH = x_NH.new_zeros(sum(padded_E), x_NH.shape[1]).index_copy(0, row, x_NH)
+        # the padded rows gathered from x and one zero row: index_copy would keep x alive for backward
+        source = torch.full((sum(padded_E),), x_NH.shape[0], device=x_NH.device).index_copy(0, row, torch.arange(
+            x_NH.shape[0], device=x_NH.device))
+        padded_MH = torch.cat([x_NH, x_NH.new_zeros(1, x_NH.shape[1])]).index_select(0, source)
         gate, up = self.batched_matmul.grouped(padded_MH, self.gate_up_weight, padded_E,
                                                label="routed experts gate_up").chunk(2, dim=-1)
         out_MH = recomputed(self.selective_recompute,

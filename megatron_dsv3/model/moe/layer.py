@@ -85,7 +85,7 @@ class DeepSeekMoE(nn.Module):
 
     def routed(self, received: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         """FFN_i of every received row, by its expert i (unweighted)."""
-        return self.experts(received, exchange.tokens_per_expert)
+        return self.experts(received, exchange.tokens_per_expert, rows_per_expert=exchange.rows_per_expert)
 
     def combine(self, out: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         """The all-to-all back: the expert outputs of this rank's pairs, in `route`'s sorted order."""
@@ -96,7 +96,8 @@ class DeepSeekMoE(nn.Module):
         """Unsort, weight by the gates and sum over the top-k, add the shared experts (eq. 12);
         attach the balance loss's gradient."""
         per_slot_TKH = self.dispatcher.unpermute(out_sorted, permutation)
-        out = (per_slot_TKH * gates_TK.unsqueeze(-1).to(x_BSH.dtype)).sum(dim=1).view_as(x_BSH)
+        # CUDA's autocast sums in FP32: back to the input's dtype, or the residual stream turns FP32
+        out = (per_slot_TKH * gates_TK.unsqueeze(-1).to(x_BSH.dtype)).sum(dim=1).to(x_BSH.dtype).view_as(x_BSH)
         if shared_BSH is not None:
             out = out + shared_BSH
         if balance_loss is not None:
