@@ -34,10 +34,14 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from test_hostile_inputs import SMALL, crafted_copy  # noqa: E402  (the crafted folder, shared)
-from test_train import RankServer, _wait_for  # noqa: E402  (the job server's client, shared)
+from helpers.crafted_checkpoint import crafted_copy  # noqa: E402
+from helpers.rank_server import RankServer  # noqa: E402
+from helpers.run_dirs import wait_for  # noqa: E402
 
 ROOT = HERE.parent
+SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "logging.interval=1",
+         "train.warmup_steps=2", "logging.jsonl=false", "logging.console=true", "logging.wandb=false",
+         "parallel.timeout_s=60"]
 
 
 def _train(capsys, run: Path, *extra: str) -> tuple[int, str, str]:
@@ -212,7 +216,7 @@ def test_converters_refuse_an_output_with_files_and_replace_removes_the_old_ones
     assert main(["dist-to-hf", str(source), str(out), "--max-file-gb", "0.001", "--replace"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted({*index["weight_map"].values(), "config.json",
-                                                           "model.safetensors.index.json"})
+                                                           "model.safetensors.index.json", "README.md"})  # byte tokenizer note
     assert "model-00009-of-00009.safetensors" not in os.listdir(out) and "mine" not in (out / "config.json").read_text()
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder is no data to lose
@@ -243,11 +247,11 @@ def test_a_second_run_on_a_locked_folder_is_refused_while_the_first_trains_on(tm
     seen = {}
 
     def second_run(pids: list[int], logs: list[Path]) -> None:
-        _wait_for(r"^step 2/", logs[0])
+        wait_for(r"^step 2/", logs[0])
         code, out, err = _train(capsys, run, "train.steps=3")
         seen["second"] = (code, err)
         steps = len(re.findall(r"^step \d+/", logs[0].read_text(), re.M))
-        _wait_for(rf"^step {steps + 2}/", logs[0])  # the first run trains on
+        wait_for(rf"^step {steps + 2}/", logs[0])  # the first run trains on
         os.kill(pids[0], signal.SIGTERM)
 
     codes, logs = server.run(1, argv, run / "logs", timeout=180, on_start=second_run)
@@ -336,7 +340,7 @@ def test_a_rank_stalled_inside_a_save_ends_the_run_within_the_stall_limit(tmp_pa
             time.sleep(0.005)
         os.kill(pids[1], signal.SIGSTOP)
         start = time.monotonic()
-        _wait_for(r"outlasted", logs[0], timeout=120)
+        wait_for(r"outlasted", logs[0], timeout=120)
         waited["s"] = time.monotonic() - start
         os.kill(pids[1], signal.SIGKILL)
 
@@ -352,7 +356,7 @@ def test_ctrl_c_saves_and_exits_130_and_the_rerun_resumes(tmp_path, capsys, serv
     argv = [*SMALL, "train.steps=100000", "checkpoint.save_interval=0", f"checkpoint.dir={run / 'ckpt'}"]
 
     def ctrl_c(pids: list[int], logs: list[Path]) -> None:
-        _wait_for(r"^step 2/", logs[0])
+        wait_for(r"^step 2/", logs[0])
         os.kill(pids[0], signal.SIGINT)
 
     codes, logs = server.run(1, argv, run / "logs", timeout=120, on_start=ctrl_c)

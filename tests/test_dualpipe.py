@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import run_ranks
-from test_parallel import WORKER, assert_step_matches
+from helpers.distributed import run_ranks
+from helpers.rank_server import RankServer
+from helpers.run_dirs import load_checkpoint, metric_records
+from helpers.step_check import WORKER, assert_step_matches
 
 from megatron_dsv3 import registry
 from megatron_dsv3.pipeline import get_schedule, simulate
@@ -238,8 +240,6 @@ def test_megatron_keywords_are_accepted_and_others_refused_by_name():
 # ----------------------------------------------------------------------------- dsv3-train
 @pytest.fixture(scope="module")
 def train_ranks(tmp_path_factory):
-    from test_train import RankServer
-
     server = RankServer(tmp_path_factory.mktemp("dualpipe_rank_server"))
     yield server
     server.close()
@@ -255,8 +255,6 @@ def test_a_1f1b_checkpoint_resumes_under_dualpipe_and_dualpipev(tmp_path, train_
     """Saved at step 2 by 1F1B on two pipeline ranks; steps 3 and 4 resumed under DualPipe (PP2, two
     copies of the model) and DualPipeV (PP2, four stages) give 1F1B's losses (1e-5 relative) and grad
     norms (1e-4), and their step-4 checkpoints (DualPipe's mirrored copy saved once) hold its weights."""
-    from test_train import _load_checkpoint, _records
-
     def run(name: str, *extra: str) -> Path:
         run_dir = tmp_path / name
         argv = [*TRAIN, f"checkpoint.dir={run_dir / 'ckpt'}", "parallel.pipeline=2", "train.steps=4",
@@ -266,8 +264,8 @@ def test_a_1f1b_checkpoint_resumes_under_dualpipe_and_dualpipev(tmp_path, train_
         return run_dir
 
     source = run("1f1b", "parallel.schedule=1f1b")
-    reference = {r["step"]: r for r in _records(source)}
-    ref_tensors, _, _ = _load_checkpoint(source / "ckpt" / "iter_0000004")
+    reference = {r["step"]: r for r in metric_records(source)}
+    ref_tensors, _, _ = load_checkpoint(source / "ckpt" / "iter_0000004")
     for schedule in ("dualpipe", "dualpipev"):
         target = tmp_path / schedule / "ckpt"
         target.mkdir(parents=True)
@@ -276,12 +274,12 @@ def test_a_1f1b_checkpoint_resumes_under_dualpipe_and_dualpipev(tmp_path, train_
         resumed = run(schedule, f"parallel.schedule={schedule}")
         log = (resumed / "logs" / "rank0.log").read_text()
         assert "resumed from step 2" in log and f"{schedule} over 4 micro-batches" in log
-        got = {r["step"]: r for r in _records(resumed)}
+        got = {r["step"]: r for r in metric_records(resumed)}
         assert sorted(got) == [3, 4]
         for step in (3, 4):
             assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), (schedule, step)
             assert got[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4)
-        tensors, _, common = _load_checkpoint(resumed / "ckpt" / "iter_0000004")
+        tensors, _, common = load_checkpoint(resumed / "ckpt" / "iter_0000004")
         assert common["optimizer_steps"] == 4 and tensors.keys() == ref_tensors.keys()
         for name, value in ref_tensors.items():
             torch.testing.assert_close(tensors[name], value, rtol=0, atol=1e-5, msg=f"{schedule}: {name}")
@@ -291,9 +289,7 @@ def test_a_1f1b_checkpoint_resumes_under_dualpipe_and_dualpipev(tmp_path, train_
 def test_the_671b_example_recipe_trains_a_few_steps(tmp_path, train_ranks):
     """examples/671b-2048xh800.yaml as written, shrunk only where a CPU cannot hold it: the tiny shape
     with 4 layers, 2 gloo ranks (pipeline 2, expert 1), 4 micro-batches of 1 x 32 tokens, 2 steps, the
-    embedded corpus, BF16 off. DualPipe, ZeRO-1, FP8 tiles, selective recompute and BF16 moments stay."""
-    from test_train import _records
-
+    embedded corpus, BF16 off. DualPipe, ZeRO-1, FP8 tiles, full recomputation and BF16 moments stay."""
     run_dir = tmp_path / "671b"
     argv = ["--config", "examples/671b-2048xh800.yaml", "model.preset=tiny", "model.overrides.num_layers=4",
             "parallel.pipeline=2", "parallel.expert=1", "train.micro_batch_size=1", "train.global_batch_size=4",
@@ -304,7 +300,7 @@ def test_the_671b_example_recipe_trains_a_few_steps(tmp_path, train_ranks):
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "dualpipe over 4 micro-batches" in logs[0] and "Megatron DistributedOptimizer (ZeRO-1" in logs[0]
     assert "fp8: " in logs[0]
-    losses = [r["loss"] for r in _records(run_dir)]
+    losses = [r["loss"] for r in metric_records(run_dir)]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses) and losses[1] < losses[0]
 
 

@@ -7,8 +7,8 @@ subprocess with a hard timeout and must be refused in under BOMB_LIMIT_S. Entry 
 dsv3-train, dsv3-launch, dsv3-torchrun, dsv3-convert (all four directions), dsv3-report,
 dsv3-schedule, dsv3-prepare.
 
-The damaged and crafted checkpoints built here (`crafted_copy`, `damaged_copy`) are also used by
-tests/test_checkpoint_safety.py.
+The crafted checkpoint that would run a command is built by tests/helpers/crafted_checkpoint.py,
+which tests/test_checkpoint_safety.py shares.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import psutil
 import pytest
 import torch
 
+from helpers.crafted_checkpoint import crafted_copy
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LIMIT_S = 60  # any in-process case: a refusal takes well under a second or two; past this it hangs
@@ -37,36 +39,6 @@ SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_
 
 
 # ----------------------------------------------------------------------------- checkpoints to damage
-def crafted_copy(source: Path, target: Path, marker: Path, key: str = "model.embed_tokens.weight") -> Path:
-    """A copy of checkpoint `source` whose `.metadata` uses only allow-listed classes but declares
-    `key` as a byte item (with the tensor's `size` attribute, which Megatron-Core's shape check
-    reads) stored in a pickle appended to a shard: unpickling it touches `marker`."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
-
-    from megatron_dsv3.checkpoint import metadata_guard
-
-    class RunsACommand:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    shutil.copytree(source, target)
-    meta = metadata_guard.read_metadata(target)
-    payload = pickle.dumps(RunsACommand())
-    shard = sorted(target.glob("*.distcp"))[0]
-    offset = shard.stat().st_size
-    with open(shard, "ab") as f:
-        f.write(payload)
-    declared = BytesStorageMetadata()
-    declared.size = meta.state_dict_metadata[key].size  # passes Megatron-Core's shape check on the way
-    meta.state_dict_metadata[key] = declared
-    meta.storage_data = {i: v for i, v in meta.storage_data.items() if i.fqn != key}
-    meta.storage_data[MetadataIndex(key)] = _StorageInfo(shard.name, offset, len(payload))
-    (target / ".metadata").write_bytes(pickle.dumps(meta))
-    (target / "manifest.json").unlink()  # as a sharer of checkpoints would: no checksum to trip over
-    return target
-
-
 def _rewrite_metadata(folder: Path, edit: Callable) -> None:
     from megatron_dsv3.checkpoint import metadata_guard
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from megatron.core.transformer.enums import LayerType
 
-from distributed import ROOT, free_port, run_ranks
+from helpers.distributed import ROOT, free_port, run_ranks
 from megatron_dsv3.megatron_lm import arguments
 from megatron_dsv3.megatron_lm.model import DualPipeLayout, dual_chunk_stages, expected, stage_types
 from megatron_dsv3.pipeline import get_schedule

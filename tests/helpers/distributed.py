@@ -6,6 +6,7 @@ every rank's output instead of blocking CI.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,10 +16,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Below Linux's ephemeral range (32768-60999 by default), where every outgoing connection and every
+# bind to port 0 takes its port: a port from here, free now, is not handed out to another socket
+# before the rank that listens on it binds (gloo's own connections would take it).
+PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now, from outside the ephemeral range."""
+    for port in random.sample(PORTS, 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port among 200 tried in {PORTS.start}-{PORTS.stop - 1} on 127.0.0.1")
 
 
 def run_ranks(world: int, argv: list[str], timeout: float = 180, collective_timeout: int = 60) -> list[str]:

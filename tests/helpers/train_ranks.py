@@ -22,15 +22,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distributed import free_port  # tests/helpers/distributed.py: this file runs as a script from here
 
 
 def _install_crash_on_save(n: int) -> None:
@@ -109,7 +104,7 @@ def _run_job(job: dict) -> None:
 
     ctx = multiprocessing.get_context("fork")
     os.makedirs(job["logdir"], exist_ok=True)
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(job, rank, port), daemon=False) for rank in range(job["nproc"])]
     for proc in procs:
         proc.start()
