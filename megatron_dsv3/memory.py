@@ -1,7 +1,7 @@
 """Analytic parameter counts and a per-GPU memory estimate for a DeepSeek-V3 layout.
 
 The estimate counts what dsv3-train allocates, checked against its rehearsal (`megatron_dsv3.rehearse`,
-which measures the program's own tensors on the meta device; BENCHMARKS.md "Rehearsal"):
+which measures the program's own tensors on the meta device; BENCHMARKS.md "Memory: rehearsal of one rank at full size"):
 
 - Parameters, gradients and optimizer states of the most loaded pipeline rank, from the stages the
   schedule puts on it (`Schedule.rank_stages`, `Schedule.stage_cut`): the first stage holds the

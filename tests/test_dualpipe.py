@@ -351,14 +351,13 @@ def _tiny_runner(stage: int, stages: int, segmented: bool, recompute: str = "non
     return model, runner, config
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("recompute", ["none", "selective"])
 @pytest.mark.parametrize("segmented", [False, True], ids=["whole", "pieces"])
 def test_a_split_backward_frees_the_graph_and_keeps_only_what_w_needs(segmented, recompute):
     """B of a micro-batch on the last stage: its input gradient now, no GEMM weight gradient; the bytes
     it still holds afterwards are its W store's alone (each GEMM's input and output gradient), without
     recomputation well under what the forward saved; W then frees them and gives the unsplit
-    backward's gradients. Under recomputation B replays the layers once and W replays nothing (the
-    store then holds more than the checkpoints the forward kept)."""
+    backward's gradients. Under selective recomputation B replays once and W replays nothing."""
     from helpers.activation_memory import ActivationBytes, tensors_in
 
     gradients = {}
@@ -391,6 +390,34 @@ def test_a_split_backward_frees_the_graph_and_keeps_only_what_w_needs(segmented,
     assert gradients[True][1].keys() == gradients[False][1].keys()
     for name, grad in gradients[False][1].items():
         torch.testing.assert_close(gradients[True][1][name], grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("segmented", [False, True], ids=["whole", "pieces"])
+def test_under_full_recomputation_b_takes_the_weight_gradients_and_keeps_nothing(segmented):
+    """A chunk that recomputes fully does not split: B of a micro-batch gives every weight gradient
+    the whole backward gives, bitwise, and holds nothing afterwards (a W store would hold each GEMM's
+    input and output gradient, more than the layer input the recomputation keeps); W does nothing."""
+    from helpers.activation_memory import ActivationBytes, tensors_in
+
+    gradients = {}
+    for split in (False, True):
+        model, runner, config = _tiny_runner(1, 2, segmented, "full")
+        assert not runner.splits
+        tracker = ActivationBytes(model.parameters(), lambda: tensors_in([runner.saved, runner.deferred]))
+        x = torch.randn(16, 1, config.hidden_size, generator=torch.Generator().manual_seed(2))
+        with tracker:
+            runner.forward(0, x)
+            dx = runner.backward(0, None, split=split)
+            assert tracker.now() == 0 and not runner.saved and not runner.deferred
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            runner.weight_grad(0)
+        assert {n: p.grad for n, p in model.named_parameters() if p.grad is not None}.keys() == grads.keys()
+        gradients[split] = (dx, grads)
+    assert any(".experts." in n for n in gradients[True][1]) and "lm_head.weight" in gradients[True][1]
+    torch.testing.assert_close(gradients[True][0], gradients[False][0], rtol=0, atol=0)
+    assert gradients[True][1].keys() == gradients[False][1].keys()
+    for name, grad in gradients[False][1].items():
+        torch.testing.assert_close(gradients[True][1][name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_a_sent_stage_output_keeps_only_its_graph_edge():

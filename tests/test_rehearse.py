@@ -173,7 +173,7 @@ def test_meta_shims_place_cuda_on_meta_and_cast_like_cuda_autocast():
 @pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])
 def test_memory_estimate_counts_what_the_rehearsal_measures(schedule):
     """memory.py against the rehearsed ranks of a small FP32 run: the weights, gradients and optimizer
-    state exactly, the most activations held within 3% (BENCHMARKS.md "Rehearsal" has the 671B's)."""
+    state exactly, the most activations held within 3% (BENCHMARKS.md "Memory: rehearsal of one rank at full size" has the 671B's)."""
     run = _tiny(["parallel.pipeline=2", f"parallel.schedule={schedule}", "train.global_batch_size=8",
                  "parallel.distributed_optimizer=true"])
     for rank in (0, 1):

@@ -27,7 +27,8 @@ experts go to a `WeightGradStore` with their inputs and output gradients
 the embedding and the router get their gradients there). The "W" op runs the store and hands each
 weight gradient to the weight's autograd edge, so Megatron's DDP hooks see it as they would see
 autograd's. A chunk with none of these GEMMs (a model of other layers) splits by retaining its
-graph for W instead.
+graph for W instead. Under full recomputation B is whole and W empty: the store would keep what
+the recomputation frees.
 
 Memory, as Megatron's `deallocate_output_tensor` and DeepSeek's `_free_tensors` free it: after a
 forward a chunk keeps the stage input and its output's graph edge; the output's data lives only
@@ -309,7 +310,8 @@ class ModelChunk:
     the output's data is freed once sent, as Megatron's `deallocate_output_tensor` does. A split
     backward (B) defers the weight GEMMs to a `WeightGradStore` and frees the graph; `weight_grad`
     (W) runs the store. A chunk none of whose GEMMs can defer (no `Linear` of this project: a model
-    of other layers) splits by retaining its graph for W instead.
+    of other layers) splits by retaining its graph for W instead. A chunk that recomputes fully
+    (`recompute: full`, Megatron's `recompute_granularity="full"`) does not split: B is whole, W empty.
 
     `forward_only`: no graph, nothing kept (evaluation, under torch.no_grad).
 
@@ -331,6 +333,11 @@ class ModelChunk:
             module = module.module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.defers = isinstance(module, torch.nn.Module) and can_defer(module)
+        # Under full recomputation a deferred W would keep every GEMM's input and output gradient
+        # from B to W, what the recomputation exists not to keep (a middle rank of the 671B example
+        # holds 8 such W's at once: 60 GiB in its rehearsal). There B takes the weight gradients too.
+        self.splits = not (getattr(module, "recompute", None) == "full"
+                           or getattr(self.config, "recompute_granularity", None) == "full")
         self.streams = streams or Streams(torch.device("cpu"))
         self.segmented = (not forward_only and cuttable(module)
                           and "return_schedule_plan" in inspect.signature(forward_step_func).parameters)
@@ -400,8 +407,10 @@ class ModelChunk:
 
     def backward_steps(self, mb: int, arrival: Arrival, split: bool) -> tuple[list[Step], Callable[[], Optional[torch.Tensor]]]:
         """Micro-batch `mb`'s backward as steps; `arrival` gives its output's gradient (None on the
-        last stage). `split`: the weight gradients wait for `weight_grad`."""
+        last stage). `split`: the weight gradients wait for `weight_grad` (unless the chunk
+        recomputes fully: `splits`)."""
         x, root, segmented = self.saved.pop(mb)
+        split = split and self.splits
         input_grad: dict[str, Any] = {}
 
         def start() -> tuple[torch.Tensor | GradientEdge, Optional[torch.Tensor]]:
@@ -435,7 +444,8 @@ class ModelChunk:
         return None if x is None else x.grad
 
     def weight_grad(self, mb: int) -> None:
-        self.deferred.pop(mb)()
+        if self.splits:  # otherwise B took them
+            self.deferred.pop(mb)()
 
 
 def _scalable(loss_func: Optional[Callable]) -> Optional[Callable]:
