@@ -166,7 +166,7 @@ class ChunkBuilder:
             parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
             rotary_base=args.rotary_base, vp_stage=vp_stage, pg_collection=pg_collection)
-        model.dsv3_stage = stage
+        model.stage = stage  # the model stage it runs: dualpipe.in_stage_order reads it
         check_mtp_layers(model)
         initialize_weights(model, args.seed)
         schedule = dual(args.pipeline_schedule)
@@ -236,7 +236,7 @@ def _draw(tensor: torch.Tensor, init: Any, seed: int, key: str) -> None:
 def describe(model: GPTModel) -> dict[str, Any]:
     """What a chunk holds: its model stage, whether it embeds / computes the loss / runs MTP, and
     its decoder layers (1-based numbers of the whole model)."""
-    return {"stage": getattr(model, "dsv3_stage", None), "embedding": bool(model.pre_process),
+    return {"stage": getattr(model, "stage", None), "embedding": bool(model.pre_process),
             "loss": bool(model.post_process), "mtp": bool(getattr(model, "mtp_process", False)),
             "layers": [layer.layer_number for layer in model.decoder.layers]}
 

@@ -480,6 +480,51 @@ def check_chunk_order(schedule: Schedule, pipeline: int, rank: int, model: list)
                              f"rank's chunks in the order {stages}")
 
 
+def in_stage_order(schedule: Schedule, pipeline: int, rank: int, model: list, data_iterator: Any) -> tuple[list, Any]:
+    """`model` in `schedule.rank_stages` order, and Megatron's per-chunk data iterators (a list) with
+    it, where every chunk tells its stage (a `stage` attribute) and they are this rank's stages in
+    another order: Megatron-LM builds a rank's MTP stage as its last virtual chunk, so the builder of
+    `megatron_dsv3.megatron_lm` gives DualPipe's ranks >= PP/2 their lower stage first. Otherwise
+    both are returned as given (`check_chunk_order` judges them)."""
+    stages = list(schedule.rank_stages(pipeline, rank))
+    told = [_wrapped_attr(chunk, "stage") for chunk in model]
+    if None in told or told == stages or sorted(told) != sorted(stages):
+        return model, data_iterator
+    picks = [told.index(stage) for stage in stages]
+    if isinstance(data_iterator, list):
+        data_iterator = [data_iterator[i] for i in picks]
+    return [model[i] for i in picks], data_iterator
+
+
+class InMicroBatchOrder:
+    """One chunk's data iterator under Megatron's virtual pipeline, which yields every micro-batch
+    of the step in order (0..M-1), read in the order the chunk runs its micro-batches (`order`):
+    DualPipe's second direction starts at M/2, and each of its stages runs half of them. Batches
+    read ahead wait for their turn; `finish` reads what is left of the step's M, where the chunk
+    read any, so the next step starts at its first batch."""
+
+    def __init__(self, iterator: Iterator, order: list[int], num_microbatches: int):
+        self.iterator, self.order, self.num_microbatches = iterator, iter(order), num_microbatches
+        self.ahead: dict[int, Any] = {}
+        self.read = 0  # batches taken from `iterator` this step
+
+    def __iter__(self) -> "InMicroBatchOrder":
+        return self
+
+    def __next__(self) -> Any:
+        mb = next(self.order)
+        while mb not in self.ahead:
+            self.ahead[self.read] = next(self.iterator)
+            self.read += 1
+        return self.ahead.pop(mb)
+
+    def finish(self) -> None:
+        if self.read:
+            for _ in range(self.read, self.num_microbatches):
+                next(self.iterator)
+        self.ahead.clear()
+
+
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -538,6 +583,7 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         group = groups.pp_group()
         pp, rank = groups.size(group), groups.rank(group)
         model = model if isinstance(model, list) else [model]
+        model, data_iterator = in_stage_order(schedule, pp, rank, model, data_iterator)
         check_chunk_order(schedule, pp, rank, model)
         config = get_attr_wrapped_model(model[0], "config")
         if getattr(config, "context_parallel_size", 1) > 1:
@@ -550,7 +596,8 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         order = {s: [op.forward[0] for op in op_lists.ranks[rank] if op.forward is not None and op.forward[1] == s]
                  for s in stages}
         if isinstance(data_iterator, list):  # Megatron's virtual pipeline: one iterator per chunk
-            data = dict(zip(stages, data_iterator))
+            data = {s: None if it is None else InMicroBatchOrder(it, order[s], num_microbatches)
+                    for s, it in zip(stages, data_iterator)}
         else:  # each micro-batch once, handed to each chunk in the order it runs them
             batches = [next(data_iterator) for _ in range(num_microbatches)]
             data = {s: iter([batches[mb] for mb in order[s]]) for s in stages}
@@ -564,6 +611,9 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         dtype = getattr(config, "pipeline_dtype", None) or torch.float32
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             run_ops(op_lists, rank, runners, Transport(op_lists, rank, group, shape, dtype, device), streams=streams)
+        for chunk_data in data.values():
+            if isinstance(chunk_data, InMicroBatchOrder):
+                chunk_data.finish()
         if not forward_only and getattr(config, "finalize_model_grads_func", None) is not None:
             num_tokens = None
             if config.calculate_per_token_loss:  # Megatron reads it on the last pipeline rank: every rank sums
