@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.p2p_communication import _batched_p2p_ops
 from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_attr_wrapped_model
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
@@ -309,7 +310,8 @@ class ModelChunk:
     the output's data is freed once sent, as Megatron's `deallocate_output_tensor` does. A split
     backward (B) defers the weight GEMMs to a `WeightGradStore` and frees the graph; `weight_grad`
     (W) runs the store. A chunk none of whose GEMMs can defer (no `Linear` of this project: a model
-    of other layers) splits by retaining its graph for W instead.
+    of other layers) splits by retaining its graph for W instead, unless it is a Megatron-Core model
+    (a `MegatronModule`, whose backward must run once): then B runs the whole backward.
 
     `forward_only`: no graph, nothing kept (evaluation, under torch.no_grad).
 
@@ -331,6 +333,12 @@ class ModelChunk:
             module = module.module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.defers = isinstance(module, torch.nn.Module) and can_defer(module)
+        # A chunk that cannot defer its GEMMs splits by retaining its graph and walking it twice, unless it
+        # is a Megatron-Core model (MegatronModule), whose backward must run once (Megatron's fused
+        # cross-entropy overwrites what it saved; gradient-accumulation fusion adds dW to main_grad
+        # during B): then B is the whole backward and W has nothing left.
+        self.retains = not self.defers and not (isinstance(module, torch.nn.Module) and any(
+            isinstance(m, MegatronModule) for m in module.modules()))
         self.streams = streams or Streams(torch.device("cpu"))
         self.segmented = (not forward_only and cuttable(module)
                           and "return_schedule_plan" in inspect.signature(forward_step_func).parameters)
@@ -424,11 +432,11 @@ class ModelChunk:
 
     def _backward_whole(self, mb: int, x: Optional[torch.Tensor], root: torch.Tensor | GradientEdge,
                         grad: Optional[torch.Tensor], split: bool) -> Optional[torch.Tensor]:
-        if split and not self.defers:  # W walks the retained graph
+        if split and self.retains:  # W walks the retained graph
             self.deferred[mb] = functools.partial(torch.autograd.backward, root, grad, inputs=self.params)
             return None if x is None else torch.autograd.grad(root, x, grad, retain_graph=True)[0]
         store = WeightGradStore()
-        with store.collecting() if split else contextlib.nullcontext():
+        with store.collecting() if split and self.defers else contextlib.nullcontext():
             torch.autograd.backward(root, grad)
         if split:
             self.deferred[mb] = store.flush
