@@ -122,15 +122,20 @@ EVALUATED = re.compile(r"loss at iteration 3(?: on (?:validation|test) set)? \| 
 @needs_training
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
-def test_pretrain_dual_schedules_pp2_with_mtp_and_evaluation_log_the_one_rank_losses(one_rank, schedule):
+def test_pretrain_dual_schedules_pp2_with_mtp_and_evaluation_log_the_one_rank_losses(one_rank, schedule, tmp_path):
     """DualPipeV and DualPipe on two pipeline ranks in Megatron-LM's own loop (its DDP, its
     finalize_model_grads with the dual sums, its evaluate() through the forward-only pass): the
     one-rank 1F1B run's LM, MTP and balance losses at every step and its validation and test losses.
     The 1-rank run's global batch of 4 comes as 4 micro-batches of 1 here (the schedules' rule:
     at least 2 x PP). The MTP stage is the plugin's MTP layer, on the ranks where the schedule
-    puts the last stage (DualPipeV: rank 0; DualPipe: both)."""
+    puts the last stage (DualPipeV: rank 0; DualPipe: both). DualPipe also saves a distributed
+    checkpoint, where its two copies of each stage must not both claim a tensor."""
+    save = ["--save", str(tmp_path), "--save-interval", "3"] if schedule == "dualpipe" else []
     logged, output = pretrain(2, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", schedule,
-                              "--micro-batch-size", "1")
+                              "--micro-batch-size", "1", *save)
+    if save:
+        assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+        assert (tmp_path / "iter_0000003" / "metadata.json").is_file()
     _agree(logged, one_rank[0])
     evaluated, reference = EVALUATED.findall(output), EVALUATED.findall(one_rank[1])
     assert len(evaluated) == len(reference) >= 1
