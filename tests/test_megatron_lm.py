@@ -68,11 +68,12 @@ def one_rank():
     return pretrain(1)
 
 
-def _agree(run: dict, reference: dict, names=("lm loss", "mtp_1 loss", "seq_load_balancing_loss")) -> None:
+def _agree(run: dict, reference: dict, names=("lm loss", "mtp_1 loss", "seq_load_balancing_loss"),
+           within: float = 1e-5) -> None:
     assert sorted(run) == sorted(reference) == [1, 2, 3]
     for step in reference:
         for name in names:
-            assert abs(run[step][name] - reference[step][name]) <= 1e-5, (step, name, run[step], reference[step])
+            assert abs(run[step][name] - reference[step][name]) <= within, (step, name, run[step], reference[step])
 
 
 @needs_training
@@ -133,6 +134,7 @@ def test_pretrain_dual_schedules_pp2_with_mtp_and_evaluation_log_the_one_rank_lo
     save = ["--save", str(tmp_path), "--save-interval", "3"] if schedule == "dualpipe" else []
     logged, output = pretrain(2, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", schedule,
                               "--micro-batch-size", "1", *save)
+    _agree(logged, one_rank[0], names=("grad norm",), within=1.1e-3)  # printed to 3 decimals; DualPipe's copies count once
     if save:
         assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
         assert (tmp_path / "iter_0000003" / "metadata.json").is_file()
