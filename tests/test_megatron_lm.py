@@ -7,8 +7,11 @@
   ranks under 1F1B PP2 (with full recompute), Megatron's interleaved schedule (PP2, two chunks
   per rank) and DP2 x EP2 with the distributed optimizer; the logged losses agree within 1e-5,
   and so does the balance loss.
+- the dual schedules in `pretrain()` (3.12 leg): DualPipeV and DualPipe on PP2, with MTP and
+  evaluation (DualPipe also saving a checkpoint), log the 1-rank run's losses within 1e-5.
 - the dual schedules' chunks (both legs): what each rank builds for DualPipeV and DualPipe on
-  PP2, the layer numbers, equal weights of every copy, and the refusal of chunks out of order.
+  PP2, the layer numbers, equal weights of every copy, and the refusal of chunks out of order;
+  how the executor reads Megatron's per-chunk data and splits a Megatron chunk's backward.
 - each patch with `patch --dry-run` against the file it patches.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from distributed import ROOT, free_port, run_ranks
 from megatron_dsv3.megatron_lm import arguments
 from megatron_dsv3.megatron_lm.model import DualPipeLayout, dual_chunk_stages, expected, stage_types
 from megatron_dsv3.pipeline import get_schedule
-from megatron_dsv3.pipeline.dualpipe import ModelChunk
+from megatron_dsv3.pipeline.dualpipe import InMicroBatchOrder, ModelChunk
 
 HAS_TRAINING = importlib.util.find_spec("megatron.training") is not None
 needs_training = pytest.mark.skipif(not HAS_TRAINING, reason=(
@@ -256,6 +259,22 @@ def test_dual_gradient_sums_around_megatrons_finalize(dual):
                 assert torch.equal(counts, sum(mirrored) if schedule == "dualpipe" else rank["load_before"][c][name])
     assert [r["shared"] for r in ranks] == ([[False, False], [True, True]] if schedule == "dualpipe" else
                                             [[False, False], [False, False]])
+
+
+def test_each_chunk_reads_megatrons_iterator_in_the_order_it_runs_its_micro_batches():
+    """Megatron's iterator of a chunk yields the step's micro-batches 0..3; a DualPipe stage of the
+    second direction runs 2 and 3: it gets those, and the next step starts at the next step's first.
+    A chunk that reads nothing (a middle stage) leaves its iterator alone."""
+    batches = iter(range(10))
+    second_direction = InMicroBatchOrder(batches, [2, 3], 4)
+    assert list(second_direction) == [2, 3]
+    second_direction.finish()
+    first_direction = InMicroBatchOrder(batches, [1, 0], 4)
+    assert [next(first_direction), next(first_direction)] == [5, 4]
+    first_direction.finish()
+    untouched = InMicroBatchOrder(batches, [0, 1], 4)
+    untouched.finish()
+    assert list(batches) == [8, 9]
 
 
 def _chunk(megatron: bool) -> torch.nn.Module:

@@ -17,8 +17,11 @@ in full, deferred weight gradient), so synthetic stages of fixed cost run throug
 (scripts/bench_pipeline.py). `ModelChunk` runs a Megatron-style model chunk (one model stage's
 module on this rank, wrapped or not: `set_input_tensor` and `config` are reached through
 Megatron's DDP / Float16Module as Megatron's own schedules reach them) through `forward_step_func`
-and Megatron-Core's `forward_step_calc_loss`. Before the first operation the chunks' order is
-checked where they tell their stage (`check_chunk_order`).
+and Megatron-Core's `forward_step_calc_loss`. Before the first operation chunks that tell their
+stage are put in the schedule's order (`in_stage_order`: Megatron-LM's `get_model` builds them in
+its own), and the order is checked (`check_chunk_order`). Data: one iterator for the rank, each
+micro-batch handed to each chunk in the order it runs them; or Megatron's one per chunk, each over
+all the step's micro-batches, read in that order (`InMicroBatchOrder`).
 
 B and W (zero-bubble): a "B" op computes the gradient of the stage's input, which the previous
 stage waits for, while the weight-gradient GEMMs of the model's linears, FP8 GEMMs and routed
