@@ -40,6 +40,9 @@ HAS_TRAINING = importlib.util.find_spec("megatron.training") is not None
 needs_training = pytest.mark.skipif(not HAS_TRAINING, reason=(
     "megatron.training (Megatron-LM's training loop) is not installed: the megatron-core 0.16 wheel ships "
     "megatron.core only (the 0.17+ wheels, on CI's Python 3.12 leg, ship it)"))
+MODELS_GPT = "megatron.training.models.gpt"  # 0.19's model builder (0.17 has no megatron.training.models)
+HAS_MODELS_GPT = HAS_TRAINING and importlib.util.find_spec("megatron.training.models") is not None \
+    and importlib.util.find_spec(MODELS_GPT) is not None
 ENTRY = "examples/megatron_lm/pretrain_dsv3.py"
 PATCHES = ROOT / "patches"
 FILES = Path(__file__).parent / "megatron_lm_files"
@@ -406,7 +409,7 @@ def test_gpt_builders_patch_applies_to_the_releases_it_names_only(name):
 def test_models_gpt_patch_applies_to_the_installed_megatron_training_and_nowhere_before_0_19():
     patch = PATCHES / "megatron-lm-0.19-models_gpt-spec-mtp.patch"
     assert not any(dry_run(patch, FILES / tag) for tag in ("core_v0.16.1", "core_v0.17.1", "core_v0.18.2"))
-    spec = importlib.util.find_spec("megatron.training.models.gpt") if HAS_TRAINING else None
+    spec = importlib.util.find_spec(MODELS_GPT) if HAS_MODELS_GPT else None
     if spec is None:
         pytest.skip("megatron/training/models/gpt.py is not installed (megatron-core < 0.19); "
                     "the 0.19 patch is checked where it is")
@@ -414,7 +417,7 @@ def test_models_gpt_patch_applies_to_the_installed_megatron_training_and_nowhere
     assert dry_run(patch, site)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("megatron.training.models.gpt") is None if HAS_TRAINING else True,
+@pytest.mark.skipif(not HAS_MODELS_GPT,
                     reason="megatron/training/models/gpt.py is not installed (megatron-core < 0.19)")
 @pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch is not installed")
 def test_patched_models_gpt_builds_our_mtp_from_either_spec(tmp_path):
