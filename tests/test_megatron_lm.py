@@ -7,8 +7,11 @@
   ranks under 1F1B PP2 (with full recompute), Megatron's interleaved schedule (PP2, two chunks
   per rank) and DP2 x EP2 with the distributed optimizer; the logged losses agree within 1e-5,
   and so does the balance loss.
+- the dual schedules in `pretrain()` (3.12 leg): DualPipeV and DualPipe on PP2, with MTP and
+  evaluation (DualPipe also saving a checkpoint), log the 1-rank run's losses within 1e-5.
 - the dual schedules' chunks (both legs): what each rank builds for DualPipeV and DualPipe on
-  PP2, the layer numbers, equal weights of every copy, and the refusal of chunks out of order.
+  PP2, the layer numbers, equal weights of every copy, and the refusal of chunks out of order;
+  how the executor reads Megatron's per-chunk data and splits a Megatron chunk's backward.
 - each patch with `patch --dry-run` against the file it patches.
 """
 from __future__ import annotations
@@ -23,17 +26,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.module import MegatronModule
 
 from helpers.distributed import ROOT, free_port, run_ranks
 from megatron_dsv3.megatron_lm import arguments
 from megatron_dsv3.megatron_lm.model import DualPipeLayout, dual_chunk_stages, expected, stage_types
 from megatron_dsv3.pipeline import get_schedule
+from megatron_dsv3.pipeline.dualpipe import InMicroBatchOrder, ModelChunk
 
 HAS_TRAINING = importlib.util.find_spec("megatron.training") is not None
 needs_training = pytest.mark.skipif(not HAS_TRAINING, reason=(
     "megatron.training (Megatron-LM's training loop) is not installed: the megatron-core 0.16 wheel ships "
     "megatron.core only (the 0.17+ wheels, on CI's Python 3.12 leg, ship it)"))
+MODELS_GPT = "megatron.training.models.gpt"  # 0.19's model builder (0.17 has no megatron.training.models)
+HAS_MODELS_GPT = HAS_TRAINING and importlib.util.find_spec("megatron.training.models") is not None \
+    and importlib.util.find_spec(MODELS_GPT) is not None
 ENTRY = "examples/megatron_lm/pretrain_dsv3.py"
 PATCHES = ROOT / "patches"
 FILES = Path(__file__).parent / "megatron_lm_files"
@@ -65,11 +74,12 @@ def one_rank():
     return pretrain(1)
 
 
-def _agree(run: dict, reference: dict, names=("lm loss", "mtp_1 loss", "seq_load_balancing_loss")) -> None:
+def _agree(run: dict, reference: dict, names=("lm loss", "mtp_1 loss", "seq_load_balancing_loss"),
+           within: float = 1e-5) -> None:
     assert sorted(run) == sorted(reference) == [1, 2, 3]
     for step in reference:
         for name in names:
-            assert abs(run[step][name] - reference[step][name]) <= 1e-5, (step, name, run[step], reference[step])
+            assert abs(run[step][name] - reference[step][name]) <= within, (step, name, run[step], reference[step])
 
 
 @needs_training
@@ -111,6 +121,39 @@ def test_pretrain_dp2_ep2_with_the_distributed_optimizer_logs_the_one_rank_losse
     logged, output = pretrain(2, "--expert-model-parallel-size", "2", "--use-distributed-optimizer")
     _agree(logged, one_rank[0])
     assert VALIDATION.findall(output)[0] == VALIDATION.findall(one_rank[1])[0]
+
+
+EVALUATED = re.compile(r"loss at iteration 3(?: on (?:validation|test) set)? \| lm loss value: (\S+) ")
+
+
+@needs_training
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+def test_pretrain_dual_schedules_pp2_with_mtp_and_evaluation_log_the_one_rank_losses(one_rank, schedule, tmp_path):
+    """DualPipeV and DualPipe on two pipeline ranks in Megatron-LM's own loop (its DDP, its
+    finalize_model_grads with the dual sums, its evaluate() through the forward-only pass): the
+    one-rank 1F1B run's LM, MTP and balance losses at every step and its validation and test losses.
+    The 1-rank run's global batch of 4 comes as 4 micro-batches of 1 here (the schedules' rule:
+    at least 2 x PP). The MTP stage is the plugin's MTP layer, on the ranks where the schedule
+    puts the last stage (DualPipeV: rank 0; DualPipe: both). DualPipe also saves a distributed
+    checkpoint, where its two copies of each stage must not both claim a tensor."""
+    save = ["--save", str(tmp_path), "--save-interval", "3"] if schedule == "dualpipe" else []
+    logged, output = pretrain(2, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", schedule,
+                              "--micro-batch-size", "1", *save)
+    _agree(logged, one_rank[0], names=("grad norm",), within=1.1e-3)  # printed to 3 decimals; DualPipe's copies count once
+    if save:
+        assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+        assert (tmp_path / "iter_0000003" / "metadata.json").is_file()
+    _agree(logged, one_rank[0])
+    evaluated, reference = EVALUATED.findall(output), EVALUATED.findall(one_rank[1])
+    assert len(evaluated) == len(reference) >= 1
+    assert all(abs(float(a) - float(b)) <= 1e-5 for a, b in zip(evaluated, reference)), (evaluated, reference)
+    mtp = "loss; MTP MegatronMLA + MegatronDeepSeekMoE"
+    if schedule == "dualpipev":
+        assert f"pipeline rank 0, chunk 1: model stage 3 of 4; decoder layers [4]; {mtp}" in output
+    else:
+        for rank in (0, 1):
+            assert f"pipeline rank {rank}, chunk 1: model stage 1 of 2; decoder layers [3, 4]; {mtp}" in output
 
 
 @needs_training
@@ -221,6 +264,58 @@ def test_dual_gradient_sums_around_megatrons_finalize(dual):
                                             [[False, False], [False, False]])
 
 
+def test_each_chunk_reads_megatrons_iterator_in_the_order_it_runs_its_micro_batches():
+    """Megatron's iterator of a chunk yields the step's micro-batches 0..3; a DualPipe stage of the
+    second direction runs 2 and 3: it gets those, and the next step starts at the next step's first.
+    A chunk that reads nothing (a middle stage) leaves its iterator alone."""
+    batches = iter(range(10))
+    second_direction = InMicroBatchOrder(batches, [2, 3], 4)
+    assert list(second_direction) == [2, 3]
+    second_direction.finish()
+    first_direction = InMicroBatchOrder(batches, [1, 0], 4)
+    assert [next(first_direction), next(first_direction)] == [5, 4]
+    first_direction.finish()
+    untouched = InMicroBatchOrder(batches, [0, 1], 4)
+    untouched.finish()
+    assert list(batches) == [8, 9]
+
+
+def _chunk(megatron: bool) -> torch.nn.Module:
+    """A model chunk without this project's deferrable GEMMs: a Megatron-Core model or a plain module."""
+    base = MegatronModule if megatron else torch.nn.Module
+
+    class Chunk(base):
+        def __init__(self):
+            super().__init__(*[TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)] * megatron)
+            self.linear = torch.nn.Linear(4, 4)
+
+        def set_input_tensor(self, tensors):
+            pass
+
+        def forward(self, x):
+            return self.linear(x).square().sum()
+
+    return Chunk()
+
+
+@pytest.mark.parametrize("megatron", [True, False])
+def test_dual_executor_splits_a_megatron_chunk_not_in_b_and_w(megatron):
+    """B (the input gradient) and W (the weight gradient) of a chunk with none of this project's
+    deferrable GEMMs: a Megatron-Core model (whose fused cross-entropy and gradient-accumulation
+    fusion must see one backward) gets its whole backward in B, any other module its weight
+    gradient in W from a retained graph; both end with the plain backward's gradient."""
+    chunk, x = _chunk(megatron), torch.randn(2, 4)
+    chunk(x).backward()
+    expected, chunk.linear.weight.grad = chunk.linear.weight.grad.clone(), None
+    step = lambda data, model: (model(next(data)), lambda out: (out, {"loss": out.detach()}))  # noqa: E731
+    runner = ModelChunk(chunk, 0, 1, step, iter([x]), 1)
+    runner.forward(0, None)
+    runner.backward(0, None, split=True)
+    assert (chunk.linear.weight.grad is not None) == megatron
+    runner.weight_grad(0)
+    torch.testing.assert_close(chunk.linear.weight.grad, expected)
+
+
 # ------------------------------------------------------------------ the entry point's flags
 def test_preset_flags_describe_the_preset_as_megatron_lm_flags():
     flags = arguments.preset_flags(__import__("megatron_dsv3").DSV3Config.preset("tiny", num_layers=4))
@@ -248,6 +343,19 @@ def test_schedule_defaults_and_refusals():
     assert "fewer than the 4 stages" in arguments.check(
         args(pipeline_schedule="dualpipev", num_layers=3, virtual_pipeline_model_parallel_size=2))
     assert "--spec a b: pretrain_dsv3.py builds" in arguments.check(args(spec=["a", "b"]))
+    dual_pp2 = dict(pipeline_schedule="dualpipe", virtual_pipeline_model_parallel_size=2, data_parallel_size=1)
+    assert arguments.check(args(**dual_pp2, overlap_grad_reduce=True)) == (
+        "--overlap-grad-reduce: --pipeline-schedule dualpipe reduces the gradients once after its step "
+        "(finalize_model_grads); leave the flag out")
+    assert arguments.check(args(**dual_pp2, global_batch_size=8, micro_batch_size=2)) is None
+    assert arguments.check(args(**dual_pp2, global_batch_size=4, micro_batch_size=2)) == (
+        "dualpipe needs at least 2 x PP = 4 micro-batches per step, got 2 (--global-batch-size 4 / "
+        "(--micro-batch-size 2 x 1 data-parallel ranks)); raise --global-batch-size or lower --micro-batch-size")
+    assert arguments.check(args(**dual_pp2, global_batch_size=8, micro_batch_size=2, eval_iters=1,
+                                eval_global_batch_size=10, eval_micro_batch_size=2)) == (
+        "evaluation: dualpipe needs an even number of micro-batches per step, got 5 (--eval-global-batch-size 10 / "
+        "(--eval-micro-batch-size 2 x 1 data-parallel ranks)); raise --eval-global-batch-size or lower "
+        "--eval-micro-batch-size")
     assert "rounds the correction range" in arguments.check(args(yarn_correction_range_round_to_int=False))
 
 
@@ -301,7 +409,7 @@ def test_gpt_builders_patch_applies_to_the_releases_it_names_only(name):
 def test_models_gpt_patch_applies_to_the_installed_megatron_training_and_nowhere_before_0_19():
     patch = PATCHES / "megatron-lm-0.19-models_gpt-spec-mtp.patch"
     assert not any(dry_run(patch, FILES / tag) for tag in ("core_v0.16.1", "core_v0.17.1", "core_v0.18.2"))
-    spec = importlib.util.find_spec("megatron.training.models.gpt") if HAS_TRAINING else None
+    spec = importlib.util.find_spec(MODELS_GPT) if HAS_MODELS_GPT else None
     if spec is None:
         pytest.skip("megatron/training/models/gpt.py is not installed (megatron-core < 0.19); "
                     "the 0.19 patch is checked where it is")
@@ -309,7 +417,7 @@ def test_models_gpt_patch_applies_to_the_installed_megatron_training_and_nowhere
     assert dry_run(patch, site)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("megatron.training.models.gpt") is None if HAS_TRAINING else True,
+@pytest.mark.skipif(not HAS_MODELS_GPT,
                     reason="megatron/training/models/gpt.py is not installed (megatron-core < 0.19)")
 @pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch is not installed")
 def test_patched_models_gpt_builds_our_mtp_from_either_spec(tmp_path):

@@ -20,6 +20,9 @@ megatron-core 0.19.2's `megatron.training` (torch 2.14.1, no GPU) and present in
   torch.cuda:stream-stand-ins
       torch.cuda.Stream / current_stream / stream: get_model builds the DDP wrappers inside a side
       stream; DDP's grad buffers wait on the current stream
+  torch.cuda:rng-state-stand-ins
+      torch.cuda.get_rng_state / set_rng_state read and set the CPU generator's state: a checkpoint
+      saves the CUDA generator's state (checkpointing.py `get_rng_state`) and a load sets it
   megatron.legacy.fused_kernels:load(no-nvcc)   (0.16 only: Megatron-LM's megatron/legacy)
       initialize.py loads its fused CUDA kernels through `nvcc -V` on every rank
 and everything of `megatron_cpu.cpu_shims()` (current_device, synchronize, the CPU RNG tracker,
@@ -90,6 +93,17 @@ def _shim_streams() -> Callable[[], None]:
     return undo
 
 
+def _shim_rng_state() -> Callable[[], None]:
+    saved = (torch.cuda.get_rng_state, torch.cuda.set_rng_state)
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+
+    def undo() -> None:
+        torch.cuda.get_rng_state, torch.cuda.set_rng_state = saved
+
+    return undo
+
+
 def _rebind(module_name: str, attribute: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
     module = importlib.import_module(module_name)
     original = getattr(module, attribute)
@@ -152,6 +166,7 @@ _SHIMS: list[tuple[str, Callable[[], Optional[Callable[[], None]]]]] = [
     ("megatron.training.initialize:_initialize_distributed(model-parallel-groups)", _shim_model_parallel_init),
     ("megatron.training.initialize:_set_random_seed(model-parallel-rng)", _shim_model_parallel_seed),
     ("torch.cuda:stream-stand-ins", _shim_streams),
+    ("torch.cuda:rng-state-stand-ins", _shim_rng_state),
     ("megatron.legacy.fused_kernels:load(no-nvcc)", _shim_fused_kernels),
 ]
 

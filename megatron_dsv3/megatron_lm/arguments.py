@@ -21,7 +21,7 @@ from megatron_dsv3.compat.megatron_training_cpu import CPU_FLAGS
 from megatron_dsv3 import registry
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.mcore.config import megatron_config_from_dsv3
-from megatron_dsv3.pipeline.schedule import ONE_F_ONE_B, Schedule, get as get_schedule
+from megatron_dsv3.pipeline.schedule import ONE_F_ONE_B, Schedule, ScheduleRefused, get as get_schedule
 
 INTERLEAVED = "interleaved"  # Megatron-Core's own interleaved 1F1B (virtual pipeline): not a registered schedule
 
@@ -156,6 +156,29 @@ def _check_missing_flags(missing: dict[str, Any]) -> None:
         warnings.warn(f"{dest}: no such flag in this Megatron-LM; its default {default!r} is the value asked for")
 
 
+def _micro_batch_problems(schedule: Schedule, args: argparse.Namespace) -> list[str]:
+    """The schedule's micro-batch rule (`Schedule.micro_batch_rule`) on the micro-batches of a
+    training step and, where Megatron-LM evaluates, of an evaluation step."""
+    dp = getattr(args, "data_parallel_size", None)
+    steps = [("", "--global-batch-size", getattr(args, "global_batch_size", None), "--micro-batch-size",
+              getattr(args, "micro_batch_size", None))]
+    evaluation = (getattr(args, "eval_global_batch_size", None) or steps[0][2],
+                  getattr(args, "eval_micro_batch_size", None) or steps[0][4])  # 0.19's flags; before, training's
+    if getattr(args, "eval_iters", 0) and evaluation != (steps[0][2], steps[0][4]):
+        steps.append(("evaluation: ", "--eval-global-batch-size", evaluation[0], "--eval-micro-batch-size", evaluation[1]))
+    problems = []
+    for what, batch_flag, batch, micro_flag, micro in steps:
+        if None in (dp, batch, micro):
+            continue
+        micro_batches = batch // (micro * dp)
+        try:
+            schedule.check(args.pipeline_model_parallel_size, micro_batches)
+        except ScheduleRefused as refused:
+            problems.append(f"{what}{refused} ({batch_flag} {batch} / ({micro_flag} {micro} x {dp} data-parallel "
+                            f"ranks)); raise {batch_flag} or lower {micro_flag}")
+    return problems
+
+
 def check(args: argparse.Namespace) -> Optional[str]:
     """What the entry point refuses in Megatron's parsed arguments, as one message (or None)."""
     problems = []
@@ -181,6 +204,10 @@ def check(args: argparse.Namespace) -> Optional[str]:
         if args.num_layers < schedule.num_stages(pp):
             problems.append(f"--num-layers {args.num_layers} is fewer than the "
                             f"{schedule.num_stages(pp)} stages of {args.pipeline_schedule} on PP={pp}")
+        if getattr(args, "overlap_grad_reduce", False):
+            problems.append(f"--overlap-grad-reduce: --pipeline-schedule {args.pipeline_schedule} reduces the "
+                            "gradients once after its step (finalize_model_grads); leave the flag out")
+        problems += _micro_batch_problems(schedule, args)
     if getattr(args, "yarn_correction_range_round_to_int", None) is False:
         problems.append("--no-yarn-correction-range-round-to-int: DeepSeek-V3's YaRN rounds the correction "
                         "range to whole dimensions (megatron_dsv3.model.rope)")

@@ -13,7 +13,9 @@ copies on other pipeline ranks it sums over its embedding group. Under the dual 
   Megatron's gradient norm leaves out, so each stage counts once.
 
 `finalize_model_grads(schedule, megatron_finalize)` wraps Megatron's function with these sums; the
-entry point puts it where Megatron-LM's `train()` takes it from.
+entry point puts it where Megatron-LM's `train()` takes it from. Being the step's last call before
+Megatron-LM logs it, it also brings the MTP losses to the rank that logs them
+(`mtp_metrics_to_the_last_rank`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import contextlib
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_dsv3.megatron_lm.arguments import dual
@@ -81,6 +84,23 @@ def sum_mirror_load(chunks: list, group: Any) -> None:
             module.local_tokens_per_expert.copy_(summed)
 
 
+def mtp_metrics_to_the_last_rank(mtp_layers: int, pipeline_group: Any) -> None:
+    """After a dual schedule's step, before Megatron-LM logs: Megatron logs the MTP losses on the
+    last pipeline rank from what its MTP layers put in `MTPLossLoggingHelper.tracker` on their own
+    rank, and sums them over no pipeline group (its MTP sits on the last rank). The dual schedules
+    run MTP on rank 0 (DualPipe also on rank PP-1, each copy half the micro-batches): every rank
+    gets the tracker's sums (zeros where no MTP ran), summed over the pipeline group when Megatron
+    reduces them. The tracker's keys: 0.19 keeps loss, correct and total counts; earlier releases
+    the loss alone, as "values"."""
+    tracker = MTPLossLoggingHelper.tracker
+    keys = (("loss_values", "correct_values", "total_values")
+            if hasattr(MTPLossLoggingHelper, "save_metrics_to_tracker") else ("values",))
+    for key in keys:
+        if key not in tracker:
+            tracker[key] = torch.zeros(mtp_layers, device=comm.device_of(pipeline_group))
+    tracker["reduce_group"] = pipeline_group
+
+
 def finalize_model_grads(schedule: str, megatron_finalize: Callable) -> Callable:
     """Megatron's `finalize_model_grads` (DP reduction, embedding group, expert-bias step, token
     scaling) with the dual schedules' sums around it; Megatron's own for the other schedules."""
@@ -96,6 +116,9 @@ def finalize_model_grads(schedule: str, megatron_finalize: Callable) -> Callable
         sum_rank_copies(model)
         if mirror is not None:
             sum_mirror_copies(model, mirror)
+        mtp_layers = get_attr_wrapped_model(model[0], "config").mtp_num_layers
+        if mtp_layers:  # not a gradient: the step's last call before Megatron-LM logs it
+            mtp_metrics_to_the_last_rank(mtp_layers, groups.pp_group())
         return result
 
     finalize.dsv3_schedule = schedule

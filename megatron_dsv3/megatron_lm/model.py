@@ -21,11 +21,14 @@ the pipeline layout, and DualPipe's two copies of a stage start equal.
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
@@ -166,13 +169,14 @@ class ChunkBuilder:
             parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
             rotary_base=args.rotary_base, vp_stage=vp_stage, pg_collection=pg_collection)
-        model.dsv3_stage = stage
+        model.stage = stage  # the model stage it runs: dualpipe.in_stage_order reads it
         check_mtp_layers(model)
         initialize_weights(model, args.seed)
         schedule = dual(args.pipeline_schedule)
         if schedule is not None and schedule.model_copies == 2 and pp_rank >= args.pipeline_model_parallel_size // 2:
             for param in model.parameters():  # the second copy of its stage: left out of Megatron's grad norm
                 param.shared = True
+            saved_by_first_copy(model)
         self.built.append(model)
         if len(self.built) == (args.virtual_pipeline_model_parallel_size or 1):
             check_placement(self.built, args.pipeline_schedule, args.pipeline_model_parallel_size, pp_rank)
@@ -181,6 +185,25 @@ class ChunkBuilder:
                     print(f"> megatron_dsv3: pipeline rank {pp_rank}, chunk {index}: {summary(chunk, stages)}",
                           flush=True)
         return model
+
+
+def saved_by_first_copy(model: GPTModel) -> None:
+    """Make DualPipe's second copy of a stage (pipeline ranks >= PP/2) a replica that is not the main
+    one in Megatron's distributed checkpoints: its sharded tensors (and the optimizer states made
+    from them) have the first copy's keys, offsets and values, and Megatron saves each tensor from
+    its main replica alone, so only the first copy claims it. Loading gives both copies the tensor."""
+    build = model.sharded_state_dict
+
+    @functools.wraps(build)
+    def sharded_state_dict(*args: Any, **kwargs: Any) -> dict:
+        state = build(*args, **kwargs)
+        for item in nested_values(state):
+            if isinstance(item, (ShardedTensor, ShardedObject, ShardedTensorFactory)):
+                replica = item.replica_id
+                item.replica_id = replica + 1 if isinstance(replica, int) else (replica[0] + 1, *replica[1:])
+        return state
+
+    model.sharded_state_dict = sharded_state_dict
 
 
 def _megatron_args() -> Any:
@@ -236,7 +259,7 @@ def _draw(tensor: torch.Tensor, init: Any, seed: int, key: str) -> None:
 def describe(model: GPTModel) -> dict[str, Any]:
     """What a chunk holds: its model stage, whether it embeds / computes the loss / runs MTP, and
     its decoder layers (1-based numbers of the whole model)."""
-    return {"stage": getattr(model, "dsv3_stage", None), "embedding": bool(model.pre_process),
+    return {"stage": getattr(model, "stage", None), "embedding": bool(model.pre_process),
             "loss": bool(model.post_process), "mtp": bool(getattr(model, "mtp_process", False)),
             "layers": [layer.layer_number for layer in model.decoder.layers]}
 

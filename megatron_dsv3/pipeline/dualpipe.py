@@ -17,8 +17,11 @@ in full, deferred weight gradient), so synthetic stages of fixed cost run throug
 (scripts/bench_pipeline.py). `ModelChunk` runs a Megatron-style model chunk (one model stage's
 module on this rank, wrapped or not: `set_input_tensor` and `config` are reached through
 Megatron's DDP / Float16Module as Megatron's own schedules reach them) through `forward_step_func`
-and Megatron-Core's `forward_step_calc_loss`. Before the first operation the chunks' order is
-checked where they tell their stage (`check_chunk_order`).
+and Megatron-Core's `forward_step_calc_loss`. Before the first operation chunks that tell their
+stage are put in the schedule's order (`in_stage_order`: Megatron-LM's `get_model` builds them in
+its own), and the order is checked (`check_chunk_order`). Data: one iterator for the rank, each
+micro-batch handed to each chunk in the order it runs them; or Megatron's one per chunk, each over
+all the step's micro-batches, read in that order (`InMicroBatchOrder`).
 
 B and W (zero-bubble): a "B" op computes the gradient of the stage's input, which the previous
 stage waits for, while the weight-gradient GEMMs of the model's linears, FP8 GEMMs and routed
@@ -65,6 +68,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.p2p_communication import _batched_p2p_ops
 from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_attr_wrapped_model
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
@@ -310,8 +314,10 @@ class ModelChunk:
     the output's data is freed once sent, as Megatron's `deallocate_output_tensor` does. A split
     backward (B) defers the weight GEMMs to a `WeightGradStore` and frees the graph; `weight_grad`
     (W) runs the store. A chunk none of whose GEMMs can defer (no `Linear` of this project: a model
-    of other layers) splits by retaining its graph for W instead. A chunk that recomputes fully
-    (`recompute: full`, Megatron's `recompute_granularity="full"`) does not split: B is whole, W empty.
+    of other layers) splits by retaining its graph for W instead, unless it is a Megatron-Core model
+    (a `MegatronModule`, whose backward must run once): then B runs the whole backward. A chunk that
+    recomputes fully (`recompute: full`, Megatron's `recompute_granularity="full"`) does not split
+    either: B is whole, W empty.
 
     `forward_only`: no graph, nothing kept (evaluation, under torch.no_grad).
 
@@ -338,6 +344,12 @@ class ModelChunk:
         # holds 8 such W's at once: 60 GiB in its rehearsal). There B takes the weight gradients too.
         self.splits = not (getattr(module, "recompute", None) == "full"
                            or getattr(self.config, "recompute_granularity", None) == "full")
+        # A chunk that cannot defer its GEMMs splits by retaining its graph and walking it twice, unless it
+        # is a Megatron-Core model (MegatronModule), whose backward must run once (Megatron's fused
+        # cross-entropy overwrites what it saved; gradient-accumulation fusion adds dW to main_grad
+        # during B): then B is the whole backward and W has nothing left.
+        self.retains = not self.defers and not (isinstance(module, torch.nn.Module) and any(
+            isinstance(m, MegatronModule) for m in module.modules()))
         self.streams = streams or Streams(torch.device("cpu"))
         self.segmented = (not forward_only and cuttable(module)
                           and "return_schedule_plan" in inspect.signature(forward_step_func).parameters)
@@ -433,11 +445,11 @@ class ModelChunk:
 
     def _backward_whole(self, mb: int, x: Optional[torch.Tensor], root: torch.Tensor | GradientEdge,
                         grad: Optional[torch.Tensor], split: bool) -> Optional[torch.Tensor]:
-        if split and not self.defers:  # W walks the retained graph
+        if split and self.retains:  # W walks the retained graph
             self.deferred[mb] = functools.partial(torch.autograd.backward, root, grad, inputs=self.params)
             return None if x is None else torch.autograd.grad(root, x, grad, retain_graph=True)[0]
         store = WeightGradStore()
-        with store.collecting() if split else contextlib.nullcontext():
+        with store.collecting() if split and self.defers else contextlib.nullcontext():
             torch.autograd.backward(root, grad)
         if split:
             self.deferred[mb] = store.flush
@@ -488,6 +500,51 @@ def check_chunk_order(schedule: Schedule, pipeline: int, rank: int, model: list)
             raise ValueError(f"{schedule.name}: pipeline rank {rank} runs stages {stages} of 0..{last}, so its chunk "
                              f"{index} must run stage {stage} ({should}), but it has {', '.join(wrong)}: pass the "
                              f"rank's chunks in the order {stages}")
+
+
+def in_stage_order(schedule: Schedule, pipeline: int, rank: int, model: list, data_iterator: Any) -> tuple[list, Any]:
+    """`model` in `schedule.rank_stages` order, and Megatron's per-chunk data iterators (a list) with
+    it, where every chunk tells its stage (a `stage` attribute) and they are this rank's stages in
+    another order: Megatron-LM builds a rank's MTP stage as its last virtual chunk, so the builder of
+    `megatron_dsv3.megatron_lm` gives DualPipe's ranks >= PP/2 their lower stage first. Otherwise
+    both are returned as given (`check_chunk_order` judges them)."""
+    stages = list(schedule.rank_stages(pipeline, rank))
+    told = [_wrapped_attr(chunk, "stage") for chunk in model]
+    if None in told or told == stages or sorted(told) != sorted(stages):
+        return model, data_iterator
+    picks = [told.index(stage) for stage in stages]
+    if isinstance(data_iterator, list):
+        data_iterator = [data_iterator[i] for i in picks]
+    return [model[i] for i in picks], data_iterator
+
+
+class InMicroBatchOrder:
+    """One chunk's data iterator under Megatron's virtual pipeline, which yields every micro-batch
+    of the step in order (0..M-1), read in the order the chunk runs its micro-batches (`order`):
+    DualPipe's second direction starts at M/2, and each of its stages runs half of them. Batches
+    read ahead wait for their turn; `finish` reads what is left of the step's M, where the chunk
+    read any, so the next step starts at its first batch."""
+
+    def __init__(self, iterator: Iterator, order: list[int], num_microbatches: int):
+        self.iterator, self.order, self.num_microbatches = iterator, iter(order), num_microbatches
+        self.ahead: dict[int, Any] = {}
+        self.read = 0  # batches taken from `iterator` this step
+
+    def __iter__(self) -> "InMicroBatchOrder":
+        return self
+
+    def __next__(self) -> Any:
+        mb = next(self.order)
+        while mb not in self.ahead:
+            self.ahead[self.read] = next(self.iterator)
+            self.read += 1
+        return self.ahead.pop(mb)
+
+    def finish(self) -> None:
+        if self.read:
+            for _ in range(self.read, self.num_microbatches):
+                next(self.iterator)
+        self.ahead.clear()
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -548,6 +605,7 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         group = groups.pp_group()
         pp, rank = groups.size(group), groups.rank(group)
         model = model if isinstance(model, list) else [model]
+        model, data_iterator = in_stage_order(schedule, pp, rank, model, data_iterator)
         check_chunk_order(schedule, pp, rank, model)
         config = get_attr_wrapped_model(model[0], "config")
         if getattr(config, "context_parallel_size", 1) > 1:
@@ -560,7 +618,8 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         order = {s: [op.forward[0] for op in op_lists.ranks[rank] if op.forward is not None and op.forward[1] == s]
                  for s in stages}
         if isinstance(data_iterator, list):  # Megatron's virtual pipeline: one iterator per chunk
-            data = dict(zip(stages, data_iterator))
+            data = {s: None if it is None else InMicroBatchOrder(it, order[s], num_microbatches)
+                    for s, it in zip(stages, data_iterator)}
         else:  # each micro-batch once, handed to each chunk in the order it runs them
             batches = [next(data_iterator) for _ in range(num_microbatches)]
             data = {s: iter([batches[mb] for mb in order[s]]) for s in stages}
@@ -574,6 +633,9 @@ def make_forward_backward(schedule: Schedule) -> ForwardBackward:
         dtype = getattr(config, "pipeline_dtype", None) or torch.float32
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             run_ops(op_lists, rank, runners, Transport(op_lists, rank, group, shape, dtype, device), streams=streams)
+        for chunk_data in data.values():
+            if isinstance(chunk_data, InMicroBatchOrder):
+                chunk_data.finish()
         if not forward_only and getattr(config, "finalize_model_grads_func", None) is not None:
             num_tokens = None
             if config.calculate_per_token_loss:  # Megatron reads it on the last pipeline rank: every rank sums
