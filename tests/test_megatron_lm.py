@@ -12,7 +12,8 @@
 - the dual schedules' chunks (both legs): what each rank builds for DualPipeV and DualPipe on
   PP2, the layer numbers, equal weights of every copy, and the refusal of chunks out of order;
   how the executor reads Megatron's per-chunk data and splits a Megatron chunk's backward.
-- each patch with `patch --dry-run` against the file it patches.
+- each patch with `patch --dry-run` against the file it patches: the installed 0.19 wheel's, and with
+  MEGATRON_LM_REPO (a clone of Megatron-LM) each release's.
 """
 from __future__ import annotations
 
@@ -41,11 +42,15 @@ needs_training = pytest.mark.skipif(not HAS_TRAINING, reason=(
     "megatron.training (Megatron-LM's training loop) is not installed: the megatron-core 0.16 wheel ships "
     "megatron.core only (the 0.17+ wheels, on CI's Python 3.12 leg, ship it)"))
 MODELS_GPT = "megatron.training.models.gpt"  # 0.19's model builder (0.17 has no megatron.training.models)
+MODELS_GPT_PATH = "megatron/training/models/gpt.py"  # in a Megatron-LM tree and in the 0.19 wheels
 HAS_MODELS_GPT = HAS_TRAINING and importlib.util.find_spec("megatron.training.models") is not None \
     and importlib.util.find_spec(MODELS_GPT) is not None
 ENTRY = "examples/megatron_lm/pretrain_dsv3.py"
 PATCHES = ROOT / "patches"
-FILES = Path(__file__).parent / "megatron_lm_files"
+# A git clone of NVIDIA/Megatron-LM with its core_v* tags: the gpt_builders.py the patches change lies at
+# the root of a Megatron-LM checkout, which no wheel ships (not copied here: Megatron-LM's code).
+MEGATRON_LM_REPO = os.environ.get("MEGATRON_LM_REPO")
+TAGS = ("core_v0.16.1", "core_v0.17.1", "core_v0.18.2", "core_v0.19.0")
 TINY = ["--dsv3-preset", "tiny", "--num-layers", "4", "--mtp-num-layers", "1", "--seed", "1234",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--train-iters", "3",
         "--lr", "1e-3", "--lr-decay-style", "constant", "--mock-data", "--tokenizer-type", "NullTokenizer",
@@ -397,23 +402,47 @@ GPT_BUILDERS = {"megatron-lm-0.16-0.17-gpt_builders-spec-mtp.patch": ("core_v0.1
                 "megatron-lm-0.18-gpt_builders-spec-mtp.patch": ("core_v0.18.2",)}
 
 
+def tag_tree(tag: str, paths: tuple[str, ...], into: Path) -> Path:
+    """`paths` of Megatron-LM at `tag`, from the MEGATRON_LM_REPO clone, in a folder under `into`
+    (a file the tag lacks is left out)."""
+    tree = into / tag
+    for path in paths:
+        shown = subprocess.run(["git", "-C", MEGATRON_LM_REPO, "show", f"{tag}:{path}"], capture_output=True)
+        if shown.returncode == 0:
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_bytes(shown.stdout)
+    tree.mkdir(parents=True, exist_ok=True)
+    return tree
+
+
+needs_megatron_lm_repo = pytest.mark.skipif(not MEGATRON_LM_REPO, reason=(
+    "set MEGATRON_LM_REPO to a git clone of NVIDIA/Megatron-LM with its core_v0.16-0.19 tags: the files "
+    "these patches change are not in any wheel"))
+
+
 @pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch is not installed")
+@needs_megatron_lm_repo
 @pytest.mark.parametrize("name", sorted(GPT_BUILDERS))
-def test_gpt_builders_patch_applies_to_the_releases_it_names_only(name):
-    tags = sorted(p.name for p in FILES.iterdir() if p.is_dir())
-    applies = {tag: dry_run(PATCHES / name, FILES / tag) for tag in tags}
-    assert applies == {tag: tag in GPT_BUILDERS[name] for tag in tags}
+def test_gpt_builders_patch_applies_to_the_releases_it_names_only(name, tmp_path):
+    applies = {tag: dry_run(PATCHES / name, tag_tree(tag, ("gpt_builders.py",), tmp_path)) for tag in TAGS}
+    assert applies == {tag: tag in GPT_BUILDERS[name] for tag in TAGS}
 
 
 @pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch is not installed")
-def test_models_gpt_patch_applies_to_the_installed_megatron_training_and_nowhere_before_0_19():
+@needs_megatron_lm_repo
+def test_models_gpt_patch_applies_to_the_release_it_names_only(tmp_path):
     patch = PATCHES / "megatron-lm-0.19-models_gpt-spec-mtp.patch"
-    assert not any(dry_run(patch, FILES / tag) for tag in ("core_v0.16.1", "core_v0.17.1", "core_v0.18.2"))
-    spec = importlib.util.find_spec(MODELS_GPT) if HAS_MODELS_GPT else None
-    if spec is None:
-        pytest.skip("megatron/training/models/gpt.py is not installed (megatron-core < 0.19); "
-                    "the 0.19 patch is checked where it is")
-    site = Path(spec.origin).parents[3]
+    applies = {tag: dry_run(patch, tag_tree(tag, (MODELS_GPT_PATH,), tmp_path)) for tag in TAGS}
+    assert applies == {tag: tag == "core_v0.19.0" for tag in TAGS}
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch is not installed")
+@pytest.mark.skipif(not HAS_MODELS_GPT, reason=(
+    "megatron/training/models/gpt.py is not installed (megatron-core < 0.19): the 0.19 patch is checked "
+    "on the Python 3.12 leg, where it is"))
+def test_models_gpt_patch_applies_to_the_installed_megatron_training():
+    patch = PATCHES / "megatron-lm-0.19-models_gpt-spec-mtp.patch"
+    site = Path(importlib.util.find_spec(MODELS_GPT).origin).parents[3]
     assert dry_run(patch, site)
 
 
