@@ -39,6 +39,7 @@ from helpers.rank_server import RankServer  # noqa: E402
 from helpers.run_dirs import wait_for  # noqa: E402
 
 ROOT = HERE.parent
+pytestmark = pytest.mark.slow  # nearly every case trains, saves and damages a checkpoint (10-30 s each)
 SMALL = ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "logging.interval=1",
          "train.warmup_steps=2", "logging.jsonl=false", "logging.console=true", "logging.wandb=false",
          "parallel.timeout_s=60"]

@@ -294,7 +294,8 @@ def _first_batch_loss(reference, dataset: str, cache: Path) -> float:
     return torch.stack(losses).mean().item()
 
 
-@pytest.mark.parametrize("layout", [pytest.param(["parallel.tensor=2", "parallel.expert=2"], marks=pytest.mark.slow),
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.expert=2"],
                                     ["parallel.pipeline=2"]], ids=["tp2xep2", "pp2"])
 def test_dsv3_train_starts_from_the_converted_weights(layout, hf_bf16, dist_bf16, reference, dataset, tmp_path):
     run_dir = tmp_path / "run"

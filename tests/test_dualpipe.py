@@ -102,6 +102,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,pipeline,expert,world,micro,optimizer,hook", [
     ("dualpipe", 2, 1, 2, 2, "local", False), ("dualpipe", 4, 1, 4, 1, "local", False),
     ("dualpipev", 2, 1, 2, 2, "local", False), ("dualpipev", 4, 1, 4, 1, "local", True),
@@ -136,6 +137,7 @@ def reference_evaluation(reference, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,optimizer", [("dualpipe", "local"), ("dualpipev", "distributed")],
                          ids=["DualPipe-PP2", "DualPipeV-PP2-ZeRO1"])
 def test_forward_only_pass_equals_the_single_process_forward_and_changes_nothing(reference_evaluation, tmp_path,
@@ -250,6 +252,7 @@ TRAIN = ["train.seq_length=32", "train.micro_batch_size=1", "train.global_batch_
          "parallel.timeout_s=60", "checkpoint.save_timeout_s=120", "model.overrides.num_layers=4"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_1f1b_checkpoint_resumes_under_dualpipe_and_dualpipev(tmp_path, train_ranks):
     """Saved at step 2 by 1F1B on two pipeline ranks; steps 3 and 4 resumed under DualPipe (PP2, two

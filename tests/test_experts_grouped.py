@@ -247,6 +247,7 @@ def _ep2_rank(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ep2_all_to_all_with_segments_equals_the_padded_reference(tmp_path):
     from helpers.distributed import run_ranks
 

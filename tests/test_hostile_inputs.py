@@ -273,6 +273,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_yaml_alias_bombs_are_refused_in_under_5_s(tmp_path):
     """About 10^9 values once expanded, as a section, in model.overrides, in launch.env_overrides (all

@@ -40,6 +40,7 @@ def _saved_model(ckpt_dir: Path) -> dict:
     return ckpt.load_common(ckpt.checkpoint_path(ckpt_dir, int((ckpt_dir / "latest").read_text())))["model_config"]
 
 
+@pytest.mark.slow
 def test_a_yarn_override_from_the_command_line_trains(tmp_path, cache, capsys):
     code, out, err = _train(capsys, *SMALL, f"data.cache_dir={cache}", f"checkpoint.dir={tmp_path / 'ckpt'}",
                             "model.overrides.yarn={factor: 4.0, original_max_position_embeddings: 16, beta_fast: 1e1}")

@@ -211,6 +211,7 @@ def dual(request, tmp_path_factory) -> tuple[str, list[dict]]:
     return request.param, [torch.load(out / f"rank-{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_dual_chunks_built_for_megatron_get_model(dual):
     """Each rank's two GPTModel chunks hold the stages the schedule needs, with whole-model layer
     numbers; a parameter held by several chunks (DualPipe's copies of a stage, the MTP stage's

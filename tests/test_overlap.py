@@ -211,6 +211,7 @@ def _ep2_rank(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ep2_pair_issues_the_tables_order_and_equals_the_plain_step(tmp_path):
     from helpers.distributed import run_ranks

@@ -33,15 +33,16 @@ def reference(tmp_path_factory):
     return out, torch.load(out / "rank0.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tensor,pipeline,expert,world,optimizer", [
     (2, 1, 1, 2, "local"), (1, 1, 2, 2, "local"), (1, 1, 1, 2, "local"),
-    pytest.param(2, 1, 2, 4, "local", marks=pytest.mark.slow),
+    (2, 1, 2, 4, "local"),
     (1, 2, 1, 2, "local"), (1, 3, 1, 3, "local"),
-    pytest.param(1, 2, 2, 4, "local", marks=pytest.mark.slow),
+    (1, 2, 2, 4, "local"),
     (1, 1, 1, 2, "distributed"),
-    pytest.param(2, 1, 2, 4, "distributed", marks=pytest.mark.slow),
-    pytest.param(1, 2, 2, 4, "distributed", marks=pytest.mark.slow)],
+    (2, 1, 2, 4, "distributed"),
+    (1, 2, 2, 4, "distributed")],
     ids=["TP2", "EP2", "DP2", "TP2xEP2xDP2", "PP2", "PP3", "PP2xEP2xDP2",
          "ZeRO1-DP2", "ZeRO1-TP2xEP2xDP2", "ZeRO1-PP2xEP2xDP2"])
 def test_one_step_matches_single_process(reference, tensor, pipeline, expert, world, optimizer):
@@ -73,6 +74,7 @@ def test_node_limited_routing_bounds_destination_nodes(tmp_path):
         assert max(nodes[4]) > 2  # the same count detects tokens spread over more nodes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pipeline_activations_cross_stages_in_the_training_dtype(tmp_path):
     """Two stages, 4 micro-batches of 2 x 16 tokens: stage 0 sends each activation [s, b, h] and

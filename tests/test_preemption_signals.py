@@ -57,6 +57,7 @@ def test_repeated_process_group_sigusr1_saves_exits_75_and_resumes(tmp_path, sav
     assert f"resumed from step {int(saved.group(2))}" in resumed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_killed_trainer_leaves_no_checkpoint_writer_or_resource_tracker(tmp_path):
     """The writer's Manager dies with its trainer (PR_SET_PDEATHSIG); the multiprocessing resource

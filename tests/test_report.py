@@ -216,6 +216,7 @@ _IMAGE_PROBE = ("<script>window.addEventListener('load', () => { const i = [...d
                 "i.filter(x => !x.complete || x.naturalWidth === 0).length; });</script>")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_headless_chromium_renders_the_page_with_all_its_images(run_dir, tmp_path):
     page = tmp_path / "report.html"

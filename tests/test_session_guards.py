@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,6 +47,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_the_session_skips_system_tests_isolates_home_and_fails_on_a_leftover_process(tmp_path):
     inner, out = tmp_path / "inner", tmp_path / "out"
     inner.mkdir()

@@ -100,6 +100,7 @@ def _start_rank_server_early(request):
 
 
 # ----------------------------------------------------------------------------- 1. resume exactness
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path, capsys):
     """8 steps straight vs 4 + 4 with a restart: steps 5-8 have bitwise-equal losses and grad norms,
     and the final checkpoints hold bitwise-equal weights, routing biases and Adam moments."""
@@ -177,6 +178,7 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, c
 
 
 # ----------------------------------------------------------------------------- 3. another layout
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_checkpoint_from_two_expert_parallel_ranks_resumes_on_other_layouts(tmp_path, capsys, ranks):
     """Saved by 2 gloo ranks with expert=2 at step 2; resumed on 1 rank, on 2 ranks with tensor=2 and
@@ -458,6 +460,7 @@ def test_resolved_config_is_saved_beside_checkpoints_and_round_trips(tmp_path, c
 
 
 # ----------------------------------------------------------------------------- 8. recomputation
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_recompute_modes_train_to_the_same_losses_under_tp2_ep2(tmp_path, ranks):
     """Selective and full recomputation replay tensor-parallel regions (selective) and whole layers
@@ -543,6 +546,7 @@ def test_a_registered_schedule_drives_training_the_plan_and_the_memory_estimate(
 
 
 # ----------------------------------------------------------------------------- 9. ZeRO-1
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zero1_trains_like_the_local_optimizer_and_its_checkpoints_resume_anywhere(tmp_path, capsys, ranks):
     """Megatron-Core's DDP + distributed optimizer on DP2: each rank holds about half the Adam
@@ -603,6 +607,7 @@ def test_zero1_trains_like_the_local_optimizer_and_its_checkpoints_resume_anywhe
             torch.testing.assert_close(moments[name], value, rtol=1e-4, atol=1e-9, msg=f"{run_dir.name}: {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zero1_bf16_weights_keep_fp32_masters_through_a_resume(tmp_path, capsys, ranks):
     """train.param_dtype=bfloat16: BF16 weights, FP32 master slices in Megatron's optimizer. The
@@ -641,6 +646,7 @@ def test_zero1_bf16_weights_keep_fp32_masters_through_a_resume(tmp_path, capsys,
     assert any(not torch.equal(w, w.bfloat16().float()) for w in weights), "the checkpoint holds BF16-rounded weights"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zero1_with_bf16_moments_matches_the_local_optimizer_with_half_the_moments_per_rank(tmp_path, ranks):
     """train.bf16_adam_moments under ZeRO-1 (without Transformer Engine: our AdamW inside Megatron's
@@ -863,6 +869,7 @@ def test_resume_refuses_another_model_and_names_the_fields(change, field, tmp_pa
     assert code == 0 and "resumed from step 2" in out, err[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_stalled_rank_fails_the_job_within_the_collective_timeout(tmp_path, ranks):
     """SIGSTOP one of two ranks mid-run: the other leaves its collective after parallel.timeout_s

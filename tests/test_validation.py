@@ -57,6 +57,7 @@ def one_rank(ranks, cache, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [
     pytest.param(["parallel.pipeline=1"], id="dp2"),
     pytest.param(["parallel.pipeline=2"], id="pp2-1f1b"),
