@@ -35,6 +35,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from helpers.crafted_checkpoint import crafted_copy  # noqa: E402
+from helpers.distributed import free_port  # noqa: E402
 from helpers.rank_server import RankServer  # noqa: E402
 from helpers.run_dirs import wait_for  # noqa: E402
 
@@ -382,7 +383,8 @@ def test_plain_torchrun_kill_9_of_rank_0_mid_save_leaves_no_process(tmp_path):
     and the resource tracker die with rank 0; torchrun ends the other rank. Nothing stays."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = tmp_path / "torchrun.log"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_dsv3.train",
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "megatron_dsv3.train",
             *SMALL, "parallel.expert=2", "train.steps=100000", "checkpoint.save_interval=1",
             f"checkpoint.dir={tmp_path / 'ckpt'}"]
     with log.open("w") as out:  # a file: an orphan holding a pipe would keep a reader waiting
@@ -396,11 +398,14 @@ def test_plain_torchrun_kill_9_of_rank_0_mid_save_leaves_no_process(tmp_path):
             assert torchrun.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             for process in _descendants(torchrun.pid):
                 seen.setdefault(process.pid, process)
-            ranks = {p.pid: p for p in psutil.Process(torchrun.pid).children()}
-            rank0 = next((p for p in ranks.values() if p.environ().get("RANK") == "0"), None)
-            if rank0 is not None and re.search(r"^step 2/", log.read_text(), re.M):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    writer = next((c for c in rank0.children() if c.cmdline() == rank0.cmdline()), None)
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # a child starting or ending
+                rank0 = next((p for p in psutil.Process(torchrun.pid).children() if p.environ().get("RANK") == "0"),
+                             None)
+                if rank0 is not None and re.search(r"^step 2/", log.read_text(), re.M):
+                    # the writer once it writes into the checkpoint folder: past its start, where it asks
+                    # for a death signal (stopped before that, it would have none to receive)
+                    writer = next((c for c in rank0.children() if c.cmdline() == rank0.cmdline() and any(
+                        Path(f.path).is_relative_to(tmp_path / "ckpt") for f in c.open_files())), None)
             time.sleep(0.002)
         writer.send_signal(signal.SIGSTOP)  # mid-save for as long as it takes
         for process in _descendants(torchrun.pid):
